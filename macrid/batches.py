@@ -1,0 +1,97 @@
+"""Prepared dataset -> CSR user bags -> sparse batches. Never imports the model.
+
+A batch of B users is `indices (N,)` item ids and `offsets (B+1,)`, the layout
+of `torch.nn.functional.embedding_bag`: user b owns indices[offsets[b]:offsets[b+1]].
+No dense B x M matrix is ever built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from macrid import lake
+from macrid.errors import DataError
+from macrid.prepare import dataset_uri
+
+
+@dataclass(frozen=True)
+class CSR:
+    """Users' item bags: row r holds indices[indptr[r]:indptr[r+1]]."""
+
+    indptr: np.ndarray  # (U+1,) int64
+    indices: np.ndarray  # (N,) int64
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.indptr) - 1
+
+    @classmethod
+    def from_lists(cls, column: pa.ChunkedArray) -> "CSR":
+        arr = column.combine_chunks()
+        offsets = np.asarray(arr.offsets, dtype=np.int64)
+        values = np.asarray(arr.values, dtype=np.int64)
+        return cls(offsets - offsets[0], values[offsets[0]:offsets[-1]])
+
+    def take(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows -> (indices (N,), offsets (B+1,)) as int64 tensors."""
+        starts, ends = self.indptr[rows], self.indptr[rows + 1]
+        lengths = ends - starts
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # gather all rows' spans at once: position p of the batch maps to starts[row] + (p - offsets[row])
+        row_of = np.repeat(np.arange(len(rows)), lengths)
+        idx = self.indices[starts[row_of] + np.arange(offsets[-1]) - offsets[:-1][row_of]]
+        return torch.from_numpy(idx), torch.from_numpy(offsets)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Validation or test users: fold-in bags are the input, held-out bags the targets."""
+
+    user_idx: np.ndarray  # (U,)
+    foldin: CSR
+    heldout: CSR
+
+
+@dataclass(frozen=True)
+class Dataset:
+    meta: dict
+    n_items: int
+    train: CSR
+    val: HeldOut
+    test: HeldOut
+
+
+def load_dataset(lake_root: str, name: str) -> Dataset:
+    uri = dataset_uri(lake_root, name)
+    if not lake.exists(f"{uri}/_meta.json"):
+        raise DataError(
+            f"{uri}: no _meta.json, so this is not a complete prepared dataset; "
+            f"run `python jobs/prepare.py ... --lake {lake_root} --name {name}` first"
+        )
+    meta = lake.read_json(f"{uri}/_meta.json")
+    train = CSR.from_lists(lake.read_table(f"{uri}/train", ["items"])["items"])
+    return Dataset(meta, int(meta["n_items"]), train, _heldout(f"{uri}/val"), _heldout(f"{uri}/test"))
+
+
+def _heldout(uri: str) -> HeldOut:
+    t = lake.read_table(uri)
+    if t.num_rows == 0:
+        raise DataError(f"{uri}: the split is empty; re-run jobs/prepare.py with a larger --heldout")
+    return HeldOut(t["user_idx"].to_numpy(), CSR.from_lists(t["foldin"]), CSR.from_lists(t["heldout"]))
+
+
+def iter_batches(
+    csr: CSR, batch_size: int, rng: np.random.Generator | None = None
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """Yield (rows (B,), indices (N,), offsets (B+1,)); users shuffled when `rng` is given."""
+    order = rng.permutation(csr.n_rows) if rng is not None else np.arange(csr.n_rows)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        indices, offsets = csr.take(rows)
+        yield rows, indices, offsets

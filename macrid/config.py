@@ -1,0 +1,153 @@
+"""Typed, frozen configuration. TOML files and `--set section.key=value` overrides.
+
+A misspelled key is an error, never a silent default: every dict is checked
+against the dataclass fields before it is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from macrid.errors import ConfigError
+
+MODELS = ("macridvae", "multvae", "multdae")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "macridvae"  # one of MODELS
+    K: int = 7  # concepts (MacridVAE only; 1 for the Mult* baselines)
+    D: int = 100  # dimension of one component / of the item representations
+    tau: float = 0.1  # cosine temperature, Eq. 6 and the decoder
+    sigma0: float = 0.1  # prior std, Eq. 7
+    dropout: float = 0.5  # input dropout
+    gumbel: bool = True  # relaxed Gumbel-softmax concept sample in training (else the softmax)
+    hidden: int = 100  # Mult* encoder hidden width; the paper's 2*M*d budget keeps it = D
+
+    def __post_init__(self) -> None:
+        if self.name not in MODELS:
+            raise ConfigError(f"model.name={self.name!r} is unknown; use one of {MODELS}")
+        if self.K < 1 or self.D < 1:
+            raise ConfigError(f"model.K and model.D must be >= 1 (got K={self.K}, D={self.D})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must lie in [0, 1)")
+        if self.tau <= 0 or self.sigma0 <= 0:
+            raise ConfigError("model.tau and model.sigma0 must be > 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0  # L2 on all parameters (Adam's coupled form = lam*||w||^2/2 in the loss)
+    batch_size: int = 500  # users per optimizer step (global, across all workers)
+    epochs: int = 50
+    beta: float = 0.2  # KL weight cap (Eq. 5)
+    anneal_epochs: float = 10.0  # beta rises linearly from 0 to its cap over this many epochs
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ConfigError("optim.batch_size and optim.epochs must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr={self.lr} must be > 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    lake: str = "lake"  # root of the lake: a local folder (object storage comes with the lake module)
+    dataset: str = "synthetic"  # <lake>/datasets/<dataset>
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = ""  # run folder name under <lake>/runs/; empty = <dataset>-<model>-<timestamp>
+    seed: int = 98765
+    num_workers: int = 1
+    threads: int = 0  # torch intra-op threads per worker; 0 = the CPUs Ray gives the worker
+    eval_every: int = 1  # validate every this many epochs
+    patience: int = 0  # stop after this many validations without improvement; 0 = never
+    progress: bool = True  # progress bar while training
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "Config":
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(raw) - set(sections)
+        if unknown:
+            raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; known: {sorted(sections)}")
+        built = {}
+        for f in dataclasses.fields(cls):
+            section_cls = f.default_factory  # the dataclass itself
+            values = raw.get(f.name, {})
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: [{f.name}] must be a table of key = value")
+            known = {g.name for g in dataclasses.fields(section_cls)}
+            bad = set(values) - known
+            if bad:
+                raise ConfigError(
+                    f"{source}: unknown key(s) {sorted(f'{f.name}.{b}' for b in bad)}; "
+                    f"known keys of [{f.name}]: {sorted(known)}"
+                )
+            try:
+                built[f.name] = section_cls(**{k: _coerce(section_cls, k, v, source, f.name) for k, v in values.items()})
+            except TypeError as e:
+                raise ConfigError(f"{source}: [{f.name}]: {e}") from e
+        return cls(**built)
+
+
+def _coerce(section_cls: type, key: str, value: Any, source: str, section: str) -> Any:
+    """Check a value against the field's declared type (int accepted for float)."""
+    default = next(f for f in dataclasses.fields(section_cls) if f.name == key).default
+    want = type(default)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{source}: {section}.{key}={value!r} should be {want.__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'optim.lr=3e-4' -> ('optim', 'lr', 0.0003). Values are parsed as TOML scalars, else strings."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. optim.lr=3e-4")
+    path, value = text.split("=", 1)
+    section, key = path.strip().split(".", 1)
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return section, key, parsed
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- TOML file <- overrides, validated once."""
+    raw: dict[str, dict[str, Any]] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist; see configs/ for examples") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})[key] = value
+    return Config.from_dict(raw, source=source + (" + overrides" if overrides else ""))

@@ -1,0 +1,72 @@
+"""Fold-in evaluation: score held-out users from their fold-in items, rank all items, compare with targets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from macrid.batches import CSR, HeldOut
+from macrid.metrics import independence, mean_se, ndcg_at_k, recall_at_k, targets_mask, top_k
+
+# (indices (N,), offsets (B+1,)) -> (scores (B, M), representations (B, K, D) or None)
+Scorer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+KS = {"ndcg": (100,), "recall": (20, 50)}
+
+
+def evaluate(scorer: Scorer, split: HeldOut, n_items: int, batch_size: int = 1000) -> dict:
+    """Returns {"ndcg@100": (mean, se), "recall@20": ..., "recall@50": ..., "independence": ..., "users": n}."""
+    per_user: dict[str, list[np.ndarray]] = {f"{m}@{k}": [] for m, ks in KS.items() for k in ks}
+    reps = []
+    k_max = max(k for ks in KS.values() for k in ks)
+    skipped = 0
+    for start in range(0, split.foldin.n_rows, batch_size):
+        rows = np.arange(start, min(start + batch_size, split.foldin.n_rows))
+        f_idx, f_off = split.foldin.take(rows)
+        t_idx, t_off = split.heldout.take(rows)
+        with torch.no_grad():
+            scores, rep = scorer(f_idx, f_off)
+        scores = scores.float().clone()  # (B, M)
+        f_rows = torch.repeat_interleave(torch.arange(len(rows)), f_off.diff())
+        scores[f_rows, f_idx] = -torch.inf  # fold-in items never count
+        n_targets = t_off.diff()  # (B,)
+        keep = n_targets > 0
+        skipped += int((~keep).sum())
+        hits = targets_mask(top_k(scores, k_max), t_idx, t_off, n_items)[keep]  # (B', k_max)
+        n_targets = n_targets[keep]
+        for k in KS["ndcg"]:
+            per_user[f"ndcg@{k}"].append(ndcg_at_k(hits, n_targets, k).numpy())
+        for k in KS["recall"]:
+            per_user[f"recall@{k}"].append(recall_at_k(hits, n_targets, k).numpy())
+        if rep is not None:
+            reps.append(rep.reshape(-1, rep.shape[-1]).numpy())
+    result: dict = {name: mean_se(np.concatenate(v)) for name, v in per_user.items()}
+    result["users"] = int(sum(len(v) for v in per_user["ndcg@100"]))
+    result["users_without_targets"] = skipped
+    if reps:
+        result["independence"] = independence(np.concatenate(reps))
+    return result
+
+
+def torch_scorer(model: torch.nn.Module) -> Scorer:
+    """Scores of a macrid model in evaluation mode (concept mode, z = mu, no dropout)."""
+    model.eval()
+
+    def score(indices: torch.Tensor, offsets: torch.Tensor):
+        out = model(indices, offsets)
+        return out.log_scores, out.mu
+
+    return score
+
+
+def dense_rows(indices: torch.Tensor, offsets: torch.Tensor, n_items: int) -> torch.Tensor:
+    """CSR batch -> dense (B, M) 0/1 matrix. For the closed-form baselines only (small M)."""
+    B = len(offsets) - 1
+    x = torch.zeros(B, n_items)
+    x[torch.repeat_interleave(torch.arange(B), offsets.diff()), indices] = 1.0
+    return x
+
+
+def train_matrix_counts(train: CSR, n_items: int) -> np.ndarray:
+    return np.bincount(train.indices, minlength=n_items).astype(np.float64)

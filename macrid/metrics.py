@@ -1,0 +1,66 @@
+"""Ranking metrics exactly as MultVAE computes them, plus the independence score of Sec. 3.4.
+
+Conventions (written down because papers differ):
+- scores of fold-in items are set to -inf before ranking, so they never count;
+- ties are broken by the lower item index (a stable sort), so results are deterministic;
+- NDCG@k = DCG@k / IDCG where IDCG sums 1/log2(r+2) over r < min(k, #targets);
+- Recall@k = hits in the top k / min(k, #targets);
+- users with no targets are skipped (they carry no signal) and counted separately.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, M) -> (B, k) item indices, highest first, ties to the lower index."""
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def targets_mask(ranked: torch.Tensor, heldout_idx: torch.Tensor, heldout_off: torch.Tensor, n_items: int) -> torch.Tensor:
+    """(B, k) ranked items + CSR targets -> (B, k) bool, True where the ranked item is a target."""
+    B = len(heldout_off) - 1
+    rows = torch.repeat_interleave(torch.arange(B), heldout_off.diff())
+    is_target = torch.zeros(B, n_items, dtype=torch.bool)
+    is_target[rows, heldout_idx] = True
+    return torch.gather(is_target, 1, ranked)
+
+
+def ndcg_at_k(hits: torch.Tensor, n_targets: torch.Tensor, k: int) -> torch.Tensor:
+    """hits (B, >=k) bool in rank order, n_targets (B,) -> (B,) NDCG@k."""
+    discount = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))  # (k,)
+    dcg = (hits[:, :k].double() * discount).sum(1)
+    idcg = torch.cumsum(discount, 0)[(n_targets.clamp(1, k) - 1)]
+    return dcg / idcg
+
+
+def recall_at_k(hits: torch.Tensor, n_targets: torch.Tensor, k: int) -> torch.Tensor:
+    """(B,) hits@k / min(k, #targets)."""
+    return hits[:, :k].double().sum(1) / n_targets.clamp(1, k).double()
+
+
+def independence(reps: np.ndarray) -> float:
+    """1 - 2/(d(d-1)) * sum_{i<j} |corr_ij| over the d dimensions of a set of representations (Sec. 3.4).
+
+    reps: (n, d). Constant dimensions have no defined correlation and count as independent.
+    """
+    x = np.asarray(reps, dtype=np.float64)
+    d = x.shape[1]
+    if d < 2:
+        return 1.0
+    x = x - x.mean(0)
+    std = x.std(0)
+    ok = std > 1e-12
+    corr = np.zeros((d, d))
+    xs = x[:, ok] / std[ok]
+    corr[np.ix_(ok, ok)] = xs.T @ xs / len(x)
+    upper = np.abs(corr[np.triu_indices(d, k=1)])
+    return float(1.0 - upper.mean())
+
+
+def mean_se(values: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error (std / sqrt(n)), as MultVAE reports."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std() / np.sqrt(len(v)))

@@ -1,0 +1,118 @@
+"""MacridVAE (Ma et al., NeurIPS 2019, Eq. 1-7) and its baselines MultVAE / MultDAE (Liang et al. 2018).
+
+Every model maps a sparse batch of user bags to `Output`: unnormalised log
+scores over all M items plus the per-user KL. The loss lives in `loss.py`;
+nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from macrid.config import ModelConfig
+from macrid.mixture import mixture_scores
+
+
+@dataclass
+class Output:
+    log_scores: torch.Tensor  # (B, M) log p(i | u) up to a per-user constant
+    kl: torch.Tensor  # (B,) KL(q(z|x) || p(z)), zeros for MultDAE
+    mu: torch.Tensor  # (B, K, D) the users' representations (K = 1 for Mult*)
+
+
+def _bag_rows(offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """offsets (B+1,) -> the user row of each of the N non-zeros, (N,)."""
+    return torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff(), output_size=n)
+
+
+class MacridVAE(nn.Module):
+    def __init__(self, n_items: int, K: int = 7, D: int = 100, tau: float = 0.1, sigma0: float = 0.1,
+                 dropout: float = 0.5, gumbel: bool = True):
+        super().__init__()
+        self.K, self.D, self.tau, self.sigma0, self.dropout, self.gumbel = K, D, tau, sigma0, dropout, gumbel
+        self.h = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, D)))  # item embeddings h_i
+        self.t = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, D)))  # context embeddings t_i
+        self.t_bias = nn.Parameter(torch.zeros(D))
+        self.m = nn.Parameter(nn.init.xavier_uniform_(torch.empty(K, D)))  # prototypes m_k
+        self.f_nn = nn.Linear(D, 2 * D)  # shared across the K components, Eq. 7
+
+    def concept_logits(self) -> torch.Tensor:
+        """s_ik = cos(h_i, m_k) / tau, Eq. 6. Returns (M, K)."""
+        return F.normalize(self.h, dim=1) @ F.normalize(self.m, dim=1).T / self.tau
+
+    def concepts(self) -> torch.Tensor:
+        """c_i: a relaxed one-hot Gumbel-softmax sample in training, the softmax in evaluation. (M, K)."""
+        logits = self.concept_logits()
+        if self.training and self.gumbel:
+            return F.gumbel_softmax(logits, tau=1.0, hard=False, dim=1)
+        return torch.softmax(logits, dim=1)
+
+    def encode(self, indices: torch.Tensor, offsets: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 7 on a sparse batch. Returns mu (B, K, D) with unit norm, and ln(var / sigma0^2) (B, K, D)."""
+        B, N, K, D = len(offsets) - 1, len(indices), self.K, self.D
+        rows = _bag_rows(offsets, N)  # (N,)
+        c_x = c[indices]  # (N, K): x_ui * c_ik for the user's items
+        norm = torch.zeros(B, K).index_add(0, rows, c_x.square()).sqrt().clamp_min(1e-12)  # (B, K)
+        w = F.dropout(c_x / norm[rows], self.dropout, self.training)  # (N, K)
+        # One embedding_bag over K*B bags (concept-major): bag k*B+b sums w[n,k] * t_i over user b's items.
+        bag_idx = indices.repeat(K)  # (K*N,)
+        bag_off = (offsets[:-1].unsqueeze(0) + N * torch.arange(K).unsqueeze(1)).reshape(-1)  # (K*B,)
+        pooled = F.embedding_bag(bag_idx, self.t, bag_off, mode="sum", per_sample_weights=w.T.reshape(-1))
+        pooled = pooled.view(K, B, D).transpose(0, 1)  # (B, K, D)
+        a, b = self.f_nn(torch.tanh(pooled + self.t_bias)).split(D, dim=-1)  # (B, K, D) each
+        return F.normalize(a, dim=-1), -b
+
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> Output:
+        c = self.concepts()  # (M, K)
+        mu, lnvar = self.encode(indices, offsets, c)  # (B, K, D)
+        z = mu
+        if self.training:
+            z = mu + torch.randn_like(mu) * self.sigma0 * torch.exp(0.5 * lnvar)  # (B, K, D)
+        scores = mixture_scores(F.normalize(z, dim=-1), F.normalize(self.h, dim=1), c, self.tau)  # (B, M)
+        # The authors' KL against N(0, sigma0^2) drops the mu^2 term, because mu is normalised.
+        kl = 0.5 * (-lnvar + lnvar.exp() - 1.0).sum(dim=(1, 2))  # (B,)
+        return Output(scores.log(), kl, mu)
+
+
+class MultVAE(nn.Module):
+    """beta-MultVAE (variational=True) or MultDAE (False) with the paper's ~2*M*D parameter budget.
+
+    Encoder: L2-normalised bag -> dropout -> M x hidden table -> tanh -> (mu, logvar) or a code.
+    Decoder: a D x M output layer.
+    """
+
+    def __init__(self, n_items: int, D: int = 100, hidden: int = 100, dropout: float = 0.5, variational: bool = True):
+        super().__init__()
+        self.D, self.dropout, self.variational = D, dropout, variational
+        self.t = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, hidden)))
+        self.t_bias = nn.Parameter(torch.zeros(hidden))
+        self.f_nn = nn.Linear(hidden, 2 * D if variational else D)
+        self.h = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, D)))
+        self.h_bias = nn.Parameter(torch.zeros(n_items))
+
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> Output:
+        B, N = len(offsets) - 1, len(indices)
+        rows = _bag_rows(offsets, N)
+        lengths = offsets.diff().clamp_min(1).to(self.t.dtype)  # (B,)
+        w = F.dropout(lengths.rsqrt()[rows], self.dropout, self.training)  # (N,)
+        hidden = torch.tanh(F.embedding_bag(indices, self.t, offsets[:-1], mode="sum", per_sample_weights=w)
+                            + self.t_bias)  # (B, hidden)
+        out = self.f_nn(hidden)
+        if self.variational:
+            mu, logvar = out.split(self.D, dim=-1)  # (B, D)
+            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+            kl = 0.5 * (-logvar + logvar.exp() + mu.square() - 1.0).sum(dim=1)  # (B,)
+        else:
+            mu = z = torch.tanh(out)  # (B, D)
+            kl = torch.zeros(B)
+        return Output(z @ self.h.T + self.h_bias, kl, mu.unsqueeze(1))
+
+
+def build_model(cfg: ModelConfig, n_items: int) -> nn.Module:
+    if cfg.name == "macridvae":
+        return MacridVAE(n_items, cfg.K, cfg.D, cfg.tau, cfg.sigma0, cfg.dropout, cfg.gumbel)
+    return MultVAE(n_items, cfg.D, cfg.hidden, cfg.dropout, variational=cfg.name == "multvae")

@@ -1,0 +1,260 @@
+"""Readers for raw interaction files -> one polars frame (user_id, item_id, rating).
+
+Supported: MovieLens ml-100k `u.data`, ml-1m `ratings.dat` (plain or gzipped,
+with or without timestamps), ml-20m `ratings.csv`, the Netflix Prize
+`training_set/` folder, and any Parquet/CSV table whose column names the user
+gives. Item metadata (titles, genres) is read where the format has it; it is
+kept for evaluation only.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from macrid.errors import DataError
+
+FORMATS = ("auto", "ml-100k", "ml-1m", "ml-20m", "netflix", "table")
+ML100K_GENRES = [
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
+    "Thriller", "War", "Western",
+]
+
+
+@dataclass(frozen=True)
+class RawData:
+    """Interactions plus optional item metadata, as read from one source."""
+
+    interactions: pl.DataFrame  # user_id, item_id, rating (Float64, null when the source has none)
+    items: pl.DataFrame | None  # item_id, title, genres (list[str]); evaluation only
+    source: str
+    format: str
+
+
+def detect_format(path: Path) -> str:
+    name = path.name.lower()
+    if path.is_dir():
+        if (path / "u.data").exists():
+            return "ml-100k"
+        if _ml1m_ratings_file(path) is not None:
+            return "ml-1m"
+        if (path / "ratings.csv").exists():
+            return "ml-20m"
+        if name == "training_set" or (path / "training_set").is_dir():
+            return "netflix"
+    elif name == "u.data":
+        return "ml-100k"
+    elif name.endswith((".dat", ".dat.gz")) and "rating" in name:
+        return "ml-1m"
+    elif name == "ratings.csv":
+        return "ml-20m"
+    elif name.endswith((".parquet", ".csv", ".csv.gz")):
+        return "table"
+    raise DataError(
+        f"{path}: cannot tell its format from the name; pass --format with one of {FORMATS[1:]}"
+    )
+
+
+def read_raw(
+    path: str | Path,
+    fmt: str = "auto",
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    rating_col: str | None = None,
+) -> RawData:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist; check the --input path")
+    if fmt not in FORMATS:
+        raise DataError(f"--format {fmt!r} is unknown; use one of {FORMATS}")
+    if fmt == "auto":
+        fmt = detect_format(path)
+    reader = {
+        "ml-100k": _read_ml100k,
+        "ml-1m": _read_ml1m,
+        "ml-20m": _read_ml20m,
+        "netflix": _read_netflix,
+    }.get(fmt)
+    if reader is not None:
+        return reader(path)
+    return read_table(path, user_col, item_col, rating_col)
+
+
+def read_table(path: Path, user_col: str, item_col: str, rating_col: str | None) -> RawData:
+    """Any Parquet or CSV file (or folder of them) with named user/item[/rating] columns."""
+    files = sorted(p for p in path.iterdir() if p.suffix in (".parquet", ".csv")) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"{path}: folder holds no .parquet or .csv files")
+    frames = []
+    for f in files:
+        try:
+            df = pl.read_parquet(f) if f.suffix == ".parquet" else pl.read_csv(f, infer_schema_length=10000)
+        except Exception as e:  # polars/pyarrow raise many types for a corrupt file
+            raise DataError(f"{f}: cannot be read as {f.suffix[1:]} ({type(e).__name__}: {e})") from None
+        wanted = [user_col, item_col] + ([rating_col] if rating_col else [])
+        missing = [c for c in wanted if c not in df.columns]
+        if missing:
+            raise DataError(
+                f"{f}: missing column(s) {missing}; it has {df.columns}. "
+                "Name the columns with --user-col/--item-col/--rating-col"
+            )
+        rating = df[rating_col] if rating_col else pl.Series("rating", [None] * df.height, pl.Float64)
+        frames.append(_frame(f, df[user_col], df[item_col], rating, user_col, item_col, rating_col or "rating"))
+    return RawData(pl.concat(frames), None, str(path), "table")
+
+
+def _frame(
+    file: Path, users: pl.Series, items: pl.Series, rating: pl.Series,
+    user_col: str, item_col: str, rating_col: str,
+) -> pl.DataFrame:
+    """Validate and normalise one file's columns: IDs not null, rating numeric."""
+    for series, col in ((users, user_col), (items, item_col)):
+        nulls = series.null_count()
+        if nulls:
+            row = int(series.is_null().arg_max())
+            raise DataError(f"{file}: column {col!r} has {nulls} null ID(s), first at row {row}; drop or fill them")
+    if rating.dtype == pl.String or rating.dtype == pl.Utf8:
+        cast = rating.cast(pl.Float64, strict=False)
+        bad = cast.is_null() & rating.is_not_null()
+        if bad.any():
+            row = int(bad.arg_max())
+            raise DataError(
+                f"{file}: column {rating_col!r} is not numeric: row {row} holds {rating[row]!r}; "
+                "fix the value or pass the right --rating-col"
+            )
+        rating = cast
+    elif rating.dtype != pl.Null and not rating.dtype.is_numeric():
+        raise DataError(f"{file}: column {rating_col!r} has type {rating.dtype}, expected a number")
+    return pl.DataFrame({
+        "user_id": _id(users), "item_id": _id(items), "rating": rating.cast(pl.Float64),
+    })
+
+
+def _id(s: pl.Series) -> pl.Series:
+    return s.cast(pl.Int64) if s.dtype.is_integer() else s.cast(pl.String)
+
+
+def _read_delimited(file: Path, sep: str, names: list[str], encoding: str = "utf8") -> pl.DataFrame:
+    """Read a header-less file whose separator may be several characters (ml-1m uses '::')."""
+    opener = gzip.open if file.suffix == ".gz" else open
+    with opener(file, "rb") as f:
+        text = f.read().decode(encoding)
+    if sep != "\t" and len(sep) > 1:
+        text = text.replace(sep, "\t")
+    if not text.strip():
+        raise DataError(f"{file}: file is empty")
+    n_fields = text.split("\n", 1)[0].count("\t") + 1
+    if n_fields < 3:
+        raise DataError(f"{file}: expected at least user, item and rating fields separated by {sep!r}")
+    df = pl.read_csv(
+        io.StringIO(text), separator="\t", has_header=False, new_columns=names[:n_fields],
+        schema_overrides={n: pl.String for n in names[:n_fields]}, quote_char=None,
+    )
+    return df
+
+
+def _typed(file: Path, df: pl.DataFrame) -> pl.DataFrame:
+    out = {}
+    for col in ("user_id", "item_id", "rating"):
+        cast = df[col].str.strip_chars().cast(pl.Float64 if col == "rating" else pl.Int64, strict=False)
+        bad = cast.is_null()
+        if bad.any():
+            row = int(bad.arg_max())
+            raise DataError(f"{file}: column {col!r} at line {row + 1} holds {df[col][row]!r}, expected a number")
+        out[col] = cast
+    return pl.DataFrame(out)
+
+
+def _read_ml100k(path: Path) -> RawData:
+    data = path / "u.data" if path.is_dir() else path
+    df = _typed(data, _read_delimited(data, "\t", ["user_id", "item_id", "rating", "timestamp"]))
+    items = None
+    item_file = data.parent / "u.item"
+    if item_file.exists():
+        rows = []
+        for line in item_file.read_bytes().decode("latin-1").splitlines():
+            f = line.split("|")
+            if len(f) < 24:
+                continue
+            genres = [g for g, flag in zip(ML100K_GENRES, f[5:24]) if flag == "1"]
+            rows.append((int(f[0]), f[1], genres))
+        items = pl.DataFrame(rows, schema={"item_id": pl.Int64, "title": pl.String, "genres": pl.List(pl.String)},
+                             orient="row")
+    return RawData(df, items, str(data), "ml-100k")
+
+
+def _ml1m_ratings_file(folder: Path) -> Path | None:
+    # The rebuilt ratings_user_movie_rating.dat.gz is complete; the *prefix* file is not.
+    for name in ("ratings.dat", "ratings.dat.gz", "ratings_user_movie_rating.dat.gz", "ratings_user_movie_rating.dat"):
+        if (folder / name).exists():
+            return folder / name
+    return None
+
+
+def _read_ml1m(path: Path) -> RawData:
+    data = _ml1m_ratings_file(path) if path.is_dir() else path
+    if data is None:
+        raise DataError(f"{path}: no ratings.dat(.gz) in this folder")
+    df = _typed(data, _read_delimited(data, "::", ["user_id", "item_id", "rating", "timestamp"], "latin-1"))
+    items = None
+    movies = data.parent / "movies.dat"
+    if movies.exists():
+        rows = []
+        for line in movies.read_bytes().decode("latin-1").splitlines():
+            f = line.split("::")
+            if len(f) == 3:
+                rows.append((int(f[0]), f[1], f[2].split("|")))
+        items = pl.DataFrame(rows, schema={"item_id": pl.Int64, "title": pl.String, "genres": pl.List(pl.String)},
+                             orient="row")
+    return RawData(df, items, str(data), "ml-1m")
+
+
+def _read_ml20m(path: Path) -> RawData:
+    data = path / "ratings.csv" if path.is_dir() else path
+    df = pl.read_csv(data, schema_overrides={"userId": pl.String, "movieId": pl.String, "rating": pl.String})
+    missing = [c for c in ("userId", "movieId", "rating") if c not in df.columns]
+    if missing:
+        raise DataError(f"{data}: missing column(s) {missing}; an ml-20m ratings.csv has userId,movieId,rating")
+    df = _typed(data, df.rename({"userId": "user_id", "movieId": "item_id"}))
+    items = None
+    movies = data.parent / "movies.csv"
+    if movies.exists():
+        m = pl.read_csv(movies)
+        items = m.select(
+            pl.col("movieId").cast(pl.Int64).alias("item_id"), pl.col("title"),
+            pl.col("genres").str.split("|").alias("genres"),
+        )
+    return RawData(df, items, str(data), "ml-20m")
+
+
+def _read_netflix(path: Path) -> RawData:
+    folder = path / "training_set" if (path / "training_set").is_dir() else path
+    files = sorted(folder.glob("mv_*.txt"))
+    if not files:
+        raise DataError(f"{folder}: no mv_*.txt files; point --input at the Netflix training_set folder")
+    frames = []
+    for f in files:
+        text = f.read_text()
+        head, _, body = text.partition("\n")
+        if not head.rstrip().endswith(":"):
+            raise DataError(f"{f}: first line should be '<MovieID>:', got {head[:40]!r}")
+        df = pl.read_csv(io.StringIO(body), has_header=False, new_columns=["user_id", "rating", "date"],
+                         schema_overrides={"user_id": pl.String, "rating": pl.String, "date": pl.String})
+        df = df.with_columns(pl.lit(head.strip().rstrip(":")).alias("item_id"))
+        frames.append(_typed(f, df))
+    titles = (path if path.is_dir() else folder.parent) / "movie_titles.txt"
+    items = None
+    if titles.exists():
+        rows = []
+        for line in titles.read_bytes().decode("latin-1").splitlines():
+            f = line.split(",", 2)
+            if len(f) == 3:
+                rows.append((int(f[0]), f[2], []))
+        items = pl.DataFrame(rows, schema={"item_id": pl.Int64, "title": pl.String, "genres": pl.List(pl.String)},
+                             orient="row")
+    return RawData(pl.concat(frames), items, str(folder), "netflix")
