@@ -31,7 +31,8 @@ def targets_mask(ranked: torch.Tensor, heldout_idx: torch.Tensor, heldout_off: t
 def ndcg_at_k(hits: torch.Tensor, n_targets: torch.Tensor, k: int) -> torch.Tensor:
     """hits (B, >=k) bool in rank order, n_targets (B,) -> (B,) NDCG@k."""
     discount = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))  # (k,)
-    dcg = (hits[:, :k].double() * discount).sum(1)
+    kk = min(k, hits.shape[1])  # a catalogue smaller than k ranks fewer than k items
+    dcg = (hits[:, :kk].double() * discount[:kk]).sum(1)
     idcg = torch.cumsum(discount, 0)[(n_targets.clamp(1, k) - 1)]
     return dcg / idcg
 

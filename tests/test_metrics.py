@@ -1,0 +1,75 @@
+"""Metrics against hand-computed cases."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from macrid.batches import CSR, HeldOut
+from macrid.evaluate import evaluate
+from macrid.metrics import independence, ndcg_at_k, recall_at_k, targets_mask, top_k
+
+
+def csr(rows):
+    indptr = np.cumsum([0] + [len(r) for r in rows]).astype(np.int64)
+    return CSR(indptr, np.array([i for r in rows for i in r], dtype=np.int64))
+
+
+def fixed_scorer(scores):
+    scores = torch.tensor(scores, dtype=torch.float32)
+    return lambda idx, off: (scores[: len(off) - 1], None)
+
+
+def test_ndcg_and_recall_hand_computed():
+    # 6 items; user 0 folds in item 0 (highest score, must be excluded); targets {2, 4}.
+    scores = [[9.0, 1.0, 8.0, 7.0, 6.0, 0.0]]
+    split = HeldOut(np.array([0]), csr([[0]]), csr([[2, 4]]))
+    m = evaluate(fixed_scorer(scores), split, n_items=6)
+    # ranking without item 0: 2, 3, 4, 1, 5 -> hits at ranks 1 and 3
+    dcg = 1 / math.log2(2) + 1 / math.log2(4)
+    idcg = 1 / math.log2(2) + 1 / math.log2(3)
+    assert m["ndcg@100"][0] == pytest.approx(dcg / idcg)
+    assert m["recall@20"][0] == pytest.approx(1.0)  # 2 hits / min(20, 2)
+
+
+def test_fewer_targets_than_k_and_normalisation():
+    hits = torch.tensor([[True, False, False, True]])  # one user, k = 4 ranked items
+    n_targets = torch.tensor([10])
+    assert recall_at_k(hits, n_targets, 2).item() == pytest.approx(1 / 2)  # 1 hit / min(2, 10)
+    assert recall_at_k(hits, torch.tensor([2]), 4).item() == pytest.approx(2 / 2)
+    discount = [1 / math.log2(r + 2) for r in range(4)]
+    # with 2 targets, IDCG covers only 2 positions even though k = 4
+    assert ndcg_at_k(hits, torch.tensor([2]), 4).item() == pytest.approx(
+        (discount[0] + discount[3]) / (discount[0] + discount[1]))
+
+
+def test_ties_break_to_lower_item_index():
+    scores = torch.tensor([[1.0, 5.0, 5.0, 5.0, 0.0]])
+    assert top_k(scores, 2).tolist() == [[1, 2]]
+    mask = targets_mask(top_k(scores, 2), torch.tensor([3]), torch.tensor([0, 1]), 5)
+    assert mask.tolist() == [[False, False]]  # item 3 ties but loses to items 1 and 2
+
+
+def test_users_without_targets_are_skipped_and_counted():
+    scores = [[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]]
+    split = HeldOut(np.array([0, 1]), csr([[0], [1]]), csr([[1], []]))
+    m = evaluate(fixed_scorer(scores), split, n_items=3)
+    assert m["users"] == 1 and m["users_without_targets"] == 1
+    assert m["ndcg@100"][0] == pytest.approx(1.0)
+
+
+def test_standard_error_is_std_over_sqrt_n():
+    scores = [[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]]
+    split = HeldOut(np.array([0, 1]), csr([[], []]), csr([[0], [2]]))
+    m = evaluate(fixed_scorer(scores), split, n_items=3)
+    per_user = np.array([1.0, 1 / math.log2(4)])
+    assert m["ndcg@100"] == pytest.approx((per_user.mean(), per_user.std() / math.sqrt(2)))
+
+
+def test_independence_score():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20000, 4))
+    assert independence(x) == pytest.approx(1.0, abs=0.02)
+    y = np.stack([x[:, 0], x[:, 0], -x[:, 0]], axis=1)  # perfectly (anti-)correlated
+    assert independence(y) == pytest.approx(0.0, abs=1e-9)
