@@ -18,7 +18,7 @@ class _MixtureScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zn: torch.Tensor, hn: torch.Tensor, c: torch.Tensor, tau: float) -> torch.Tensor:
         B, K, D = zn.shape
-        E = torch.matmul(zn.reshape(B * K, D), hn.T)  # (B*K, M) cosines
+        E = torch.mm(zn.reshape(B * K, D), hn.T)  # (B*K, M) cosines
         E.mul_(1.0 / tau).exp_()  # cos/tau lies in [-1/tau, 1/tau]: exp cannot overflow for tau >= 0.02
         E = E.view(B, K, -1)  # (B, K, M)
         cT = c.T.contiguous()  # (K, M)
@@ -36,7 +36,7 @@ class _MixtureScores(torch.autograd.Function):
         B, K, D = zn.shape
         G = E.mul_(gA.unsqueeze(1))  # (B, K, M) dL/dA * exp(S/tau), reusing E's memory (backward runs once)
         gc = G.sum(0).T if ctx.needs_input_grad[2] else None  # (M, K)
-        G.mul_(cT.unsqueeze(0)).mul_(1.0 / ctx.tau)  # (B, K, M) dL/dS
+        G.mul_((cT / ctx.tau).unsqueeze(0))  # (B, K, M) dL/dS, the 1/tau folded into the small (K, M) factor
         G2 = G.view(B * K, -1)
         gzn = (G2 @ hn).view(B, K, D) if ctx.needs_input_grad[0] else None  # (B, K, D)
         ghn = G2.T @ zn.reshape(B * K, D) if ctx.needs_input_grad[1] else None  # (M, D)
