@@ -32,7 +32,7 @@ def test_few_epochs_on_ml100k_beat_popularity_clearly(ml100k_lake):
 @pytest.mark.parametrize("model", ["multvae", "multdae"])
 def test_baselines_train_in_the_same_harness(synthetic_lake, model):
     cfg = load_config(None, [f"data.lake={synthetic_lake!r}", f"model.name={model!r}", f"run.name='{model}'",
-                             "optim.epochs=4", "optim.batch_size=64", "run.progress=false", "model.D=16",
+                             "optim.epochs=15", "optim.batch_size=64", "run.progress=false", "model.D=16",
                              "model.hidden=16"])
     metrics = fit(cfg)
     data = load_dataset(synthetic_lake, "synthetic")
