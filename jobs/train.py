@@ -1,12 +1,18 @@
 """Train MacridVAE (or a Mult* baseline) on a prepared dataset with Ray Train.
 
-With no arguments it trains on the offline synthetic dataset in ./lake,
-generating it first if it is missing. Examples:
+With no arguments it trains on the offline synthetic dataset in ./lake, generating it first if
+it is missing. The lake may be a local folder or s3://bucket/prefix (credentials and endpoint
+from the standard AWS environment variables or the instance role).
+
   python jobs/train.py
   python jobs/train.py --config configs/ml-1m.toml
-  python jobs/train.py --config configs/ml-1m.toml --set optim.epochs=5 --set model.name=multvae
-  ray job submit -- python jobs/train.py --config configs/ml-1m.toml
-Outputs go to <lake>/runs/<run>/: checkpoints/, metrics.json, learning_curve.png.
+  python jobs/train.py --config configs/ml-1m.toml --num-workers 2 --set optim.epochs=5
+  python jobs/train.py --config configs/ml-1m.toml --set model.name=multvae
+  python jobs/train.py --config configs/ml-1m.toml --set run.name=nightly --resume
+  ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/train.py --config configs/ml-1m.toml
+
+Batch size (optim.batch_size) is global: each of N workers takes batch_size / N users per step.
+Outputs go to <lake>/runs/<run>/: checkpoints/{best,latest}.pt, metrics.json, learning_curve.png.
 """
 
 from __future__ import annotations
@@ -21,29 +27,37 @@ from macrid.errors import MacridError
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="TOML config (default: configs/synthetic.toml if present)")
+    p.add_argument("--config", default=None, help="TOML config (default: configs/synthetic.toml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value, e.g. --set optim.lr=3e-4 (repeatable)")
-    p.add_argument("--in-process", action="store_true", help="run the worker loop in this process, without Ray")
+                   help="override one config value, e.g. --set optim.lr=3e-4 (repeatable); keys: macrid/config.py")
+    p.add_argument("--lake", help="shortcut for --set data.lake=...")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers (DDP); shortcut for run.num_workers")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
+    p.add_argument("--resume", action="store_true", help="continue run.name from its latest checkpoint")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (rank 0)")
+    p.add_argument("--in-process", action="store_true", help="run the training loop in this process, without Ray")
     args = p.parse_args(argv)
-    path = args.config
-    if path is None and os.path.exists("configs/synthetic.toml"):
-        path = "configs/synthetic.toml"
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = args.config or os.path.join(here, "configs", "synthetic.toml")
+    overrides = list(args.set)
+    for flag, key in (("lake", "data.lake"), ("num_workers", "run.num_workers"), ("metrics_port", "run.metrics_port")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value!r}")
+    if args.use_gpu:
+        overrides.append("run.use_gpu=true")
+    if args.resume:
+        overrides.append("run.resume=true")
     try:
-        cfg = load_config(path, args.set)
+        cfg = load_config(path, overrides)
         _ensure_default_dataset(cfg)
         if args.in_process:
-            import dataclasses
-            import time
-
+            from macrid.launch import prepare_config
             from macrid.train import fit
 
-            if not cfg.run.name:
-                cfg = dataclasses.replace(cfg, run=dataclasses.replace(
-                    cfg.run, name=f"{cfg.data.dataset}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
-            fit(cfg)
+            fit(prepare_config(cfg))
         else:
-            from macrid.train import launch
+            from macrid.launch import launch
 
             launch(cfg)
     except MacridError as e:
@@ -59,9 +73,9 @@ def _ensure_default_dataset(cfg) -> None:
     from macrid.split import Protocol
     from macrid.synthetic import SyntheticSpec, generate
 
-    if cfg.data.dataset == "synthetic" and not lake.exists(dataset_uri(cfg.data.lake, "synthetic")):
+    if cfg.data.dataset == "synthetic" and not lake.exists(f"{dataset_uri(cfg.data.lake, 'synthetic')}/_meta.json"):
         print(f"[macrid] generating the synthetic dataset in {cfg.data.lake}/datasets/synthetic", flush=True)
-        prepare(generate(SyntheticSpec()), cfg.data.lake, "synthetic", Protocol())
+        prepare(generate(SyntheticSpec()), cfg.data.lake, "synthetic", Protocol(), overwrite=True)
 
 
 if __name__ == "__main__":

@@ -7,17 +7,17 @@ silently recommend the wrong items.
 
 from __future__ import annotations
 
-import os
-import uuid
+import io
 
 import torch
 
-from macrid.errors import CheckpointError
+from macrid import lake
+from macrid.errors import CheckpointError, DataError
 
 
-def save(path: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, step: int, epoch: int,
+def save(path: str,  # a local path or s3:// URI
+         *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, step: int, epoch: int,
          config: dict, n_items: int, fingerprint: str, extra: dict | None = None) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
@@ -28,16 +28,18 @@ def save(path: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer 
         "vocabulary_fingerprint": fingerprint,
         "extra": extra or {},
     }
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a reader sees the old checkpoint or the new one, never half of one
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    lake.write_bytes(path, buf.getvalue())  # atomic: a reader sees the old checkpoint or the new one
 
 
 def load(path: str, fingerprint: str | None = None) -> dict:
     """Load a checkpoint; refuse it when `fingerprint` (the dataset's) differs from the one it was trained on."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such checkpoint; list <lake>/runs/<run>/checkpoints/")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        data = lake.read_bytes(path)
+    except DataError:
+        raise CheckpointError(f"{path}: no such checkpoint; list <lake>/runs/<run>/checkpoints/") from None
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     if fingerprint is not None and state["vocabulary_fingerprint"] != fingerprint:
         raise CheckpointError(
             f"{path}: trained on item vocabulary {state['vocabulary_fingerprint'][:12]} "

@@ -26,6 +26,7 @@ class ModelConfig:
     sigma0: float = 0.1  # prior std, Eq. 7
     dropout: float = 0.5  # input dropout
     gumbel: bool = True  # relaxed Gumbel-softmax concept sample in training (else the softmax)
+    sample: bool = True  # draw z ~ q(z|x) in training (False uses mu: for exactness tests and ablations)
     hidden: int = 100  # Mult* encoder hidden width; the paper's 2*M*d budget keeps it = D
 
     def __post_init__(self) -> None:
@@ -47,6 +48,7 @@ class OptimConfig:
     epochs: int = 50
     beta: float = 0.2  # KL weight cap (Eq. 5)
     anneal_epochs: float = 10.0  # beta rises linearly from 0 to its cap over this many epochs
+    ema: float = 0.0  # decay of an exponential moving average of the weights used for evaluation; 0 = off
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.epochs < 1:
@@ -70,6 +72,18 @@ class RunConfig:
     eval_every: int = 1  # validate every this many epochs
     patience: int = 0  # stop after this many validations without improvement; 0 = never
     progress: bool = True  # progress bar while training
+    resume: bool = False  # continue the run in <lake>/runs/<name> from its latest checkpoint
+    max_failures: int = 2  # Ray Train restarts after a worker dies; each restart resumes from the checkpoint
+    data: str = "ray"  # training input under Ray Train: "ray" (Ray Data streaming) or "memory" (CSR in RAM)
+    metrics_port: int = 0  # Prometheus endpoint on rank 0; 0 = off
+    use_gpu: bool = False  # one GPU per worker, NCCL; CPU workers use gloo
+
+
+    def __post_init__(self) -> None:
+        if self.data not in ("ray", "memory"):
+            raise ConfigError(f"run.data={self.data!r} must be 'ray' or 'memory'")
+        if self.num_workers < 1:
+            raise ConfigError("run.num_workers must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ reader never sees a half-written dataset or table.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -21,14 +23,82 @@ from macrid.errors import DataError
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """'/a/b', 'file:///a/b' or 'relative/dir' -> (filesystem, path)."""
+    """'s3://bucket/prefix', '/a/b', 'file:///a/b' or 'relative/dir' -> (filesystem, path)."""
+    if uri.startswith("s3://"):
+        path = uri.removeprefix("s3://").rstrip("/")
+        if not path:
+            raise DataError(f"{uri}: an S3 URI needs a bucket, e.g. s3://my-bucket/lake")
+        return s3_filesystem(), path
     if "://" in uri and not uri.startswith("file://"):
         scheme = uri.split("://", 1)[0]
-        raise DataError(f"{uri}: the {scheme}:// scheme is not supported yet; use a local path")
-    fs, path = pafs.LocalFileSystem(), uri.removeprefix("file://")
-    import os
+        raise DataError(f"{uri}: the {scheme}:// scheme is not supported; use s3://bucket/prefix or a local path")
+    return pafs.LocalFileSystem(), os.path.abspath(uri.removeprefix("file://"))
 
-    return fs, os.path.abspath(path)
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """An S3 filesystem from the standard AWS environment, or the instance role when no keys are set.
+
+    AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL point it at an S3-compatible store (MinIO, moto, Ceph).
+    """
+    env = os.environ
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    key = (endpoint, env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"), env.get("AWS_SESSION_TOKEN"),
+           env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"))
+    return _s3_filesystem(*key)
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint, access_key, secret_key, token, region) -> pafs.S3FileSystem:
+    kwargs: dict[str, Any] = {
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=int(os.environ.get("MACRID_S3_RETRIES", 5))),
+        "connect_timeout": 5, "request_timeout": 60,
+    }
+    if endpoint:
+        scheme, _, host = endpoint.rpartition("://")
+        kwargs.update(endpoint_override=host or endpoint, scheme=scheme or "https")
+    if access_key and secret_key:
+        kwargs.update(access_key=access_key, secret_key=secret_key, session_token=token)
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+@contextlib.contextmanager
+def explained(uri: str) -> Iterator[None]:
+    """Turn S3 errors into messages that say what to check."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, FileNotFoundError) or not is_s3(uri):
+            raise
+        text = str(e)
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
+        if "NETWORK_CONNECTION" in text or "Could not connect" in text or "Couldn't resolve" in text:
+            hint = f"cannot reach the S3 endpoint {endpoint}; check AWS_ENDPOINT_URL and the network"
+        elif "NO_SUCH_BUCKET" in text or "bucket does not exist" in text:
+            hint = f"bucket {uri[5:].split('/')[0]!r} does not exist at {endpoint}; create it or fix the URI"
+        elif any(s in text for s in ("ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                                     "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "403")):
+            hint = "access denied; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the instance role"
+        else:
+            hint = "S3 request failed"
+        raise DataError(f"{uri}: {hint} ({text.splitlines()[0][:200]})") from None
+
+
+def check_root(uri: str) -> None:
+    """Fail early, with the cause, when a lake root cannot be used (endpoint, credentials, bucket)."""
+    if not is_s3(uri):
+        return
+    fs, path = resolve(uri)
+    bucket = path.split("/")[0]
+    with explained(uri):
+        info = fs.get_file_info(bucket)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"{uri}: bucket {bucket!r} does not exist (or these credentials cannot see it)")
 
 
 def join(*parts: str) -> str:
@@ -37,58 +107,95 @@ def join(*parts: str) -> str:
 
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    with explained(uri):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def read_json(uri: str) -> dict[str, Any]:
+def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read().decode())
+        with explained(uri), fs.open_input_stream(path) as f:
+            return f.read()
     except FileNotFoundError:
         raise DataError(f"{uri} does not exist") from None
 
 
-def write_json(uri: str, obj: Any) -> None:
-    """Write a small JSON file atomically (temp file + rename)."""
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write one object atomically: an S3 PUT is atomic; locally a temp file is renamed into place."""
     fs, path = resolve(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True).encode())
-    fs.move(tmp, path)
+    with explained(uri):
+        if is_s3(uri):
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+
+
+def read_json(uri: str) -> dict[str, Any]:
+    return json.loads(read_bytes(uri).decode())
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
 def write_parquet(uri: str, table: pa.Table) -> None:
     fs, path = resolve(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, path, filesystem=fs, compression="zstd")
+    with explained(uri):
+        if not is_s3(uri):
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(table, path, filesystem=fs, compression="zstd")
+
+
+def list_parquet(uri: str) -> list[str]:
+    """Paths (without scheme) of the .parquet files directly under a table folder, in name order."""
+    fs, path = resolve(uri)
+    with explained(uri):
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.path for i in infos if i.base_name.endswith(".parquet"))
 
 
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Read every part-*.parquet file under a table folder, in name order."""
-    fs, path = resolve(uri)
-    infos = [
-        i for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        if i.base_name.endswith(".parquet")
-    ]
-    if not infos:
+    fs, _ = resolve(uri)
+    files = list_parquet(uri)
+    if not files:
         raise DataError(f"{uri}: no Parquet files found; run jobs/prepare.py to build the dataset")
-    tables = [pq.read_table(i.path, columns=columns, filesystem=fs) for i in sorted(infos, key=lambda i: i.path)]
-    return pa.concat_tables(tables)
+    with explained(uri):
+        return pa.concat_tables([pq.read_table(f, columns=columns, filesystem=fs) for f in files])
 
 
 @contextlib.contextmanager
-def staged_dir(uri: str, overwrite: bool = False) -> Iterator[str]:
-    """Yield a staging folder; on success rename it to `uri`, on failure delete it.
+def staged_dir(uri: str, overwrite: bool = False, marker: str = "_meta.json") -> Iterator[str]:
+    """Publish a folder atomically. Yields where to write; the caller writes `marker` last.
 
-    The final rename is atomic on a local filesystem. An existing target is
-    refused unless `overwrite`, in which case it is replaced only after the new
-    content is complete.
+    Local: everything goes to a hidden sibling folder that is renamed to `uri` on success and
+    deleted on failure. S3 has no rename: files go straight to `uri`, an existing `marker` is
+    deleted before anything else changes, and readers treat a folder without its marker as
+    incomplete (load_dataset refuses it); a failure deletes what was written.
     """
     fs, path = resolve(uri)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound and not overwrite:
+    with explained(uri):
+        present = fs.get_file_info(path).type != pafs.FileType.NotFound
+        if is_s3(uri) and present:
+            present = bool(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+    if present and not overwrite:
         raise DataError(f"{uri} already exists; pass --overwrite to replace it")
+    if is_s3(uri):
+        with explained(uri):
+            if present:
+                fs.delete_file(f"{path}/{marker}") if fs.get_file_info(f"{path}/{marker}").type else None
+                fs.delete_dir_contents(path, missing_dir_ok=True)
+            try:
+                yield uri
+            except BaseException:
+                fs.delete_dir_contents(path, missing_dir_ok=True)
+                raise
+        return
     parent, name = path.rsplit("/", 1)
     stage = f"{parent}/.{name}.staging-{uuid.uuid4().hex[:8]}"
     fs.create_dir(stage, recursive=True)

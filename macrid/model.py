@@ -31,9 +31,10 @@ def _bag_rows(offsets: torch.Tensor, n: int) -> torch.Tensor:
 
 class MacridVAE(nn.Module):
     def __init__(self, n_items: int, K: int = 7, D: int = 100, tau: float = 0.1, sigma0: float = 0.1,
-                 dropout: float = 0.5, gumbel: bool = True):
+                 dropout: float = 0.5, gumbel: bool = True, sample: bool = True):
         super().__init__()
         self.K, self.D, self.tau, self.sigma0, self.dropout, self.gumbel = K, D, tau, sigma0, dropout, gumbel
+        self.sample = sample
         self.h = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, D)))  # item embeddings h_i
         self.t = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, D)))  # context embeddings t_i
         self.t_bias = nn.Parameter(torch.zeros(D))
@@ -70,7 +71,7 @@ class MacridVAE(nn.Module):
         c = self.concepts()  # (M, K)
         mu, lnvar = self.encode(indices, offsets, c)  # (B, K, D)
         z = mu
-        if self.training:
+        if self.training and self.sample:
             z = mu + torch.randn_like(mu) * self.sigma0 * torch.exp(0.5 * lnvar)  # (B, K, D)
         scores = mixture_scores(F.normalize(z, dim=-1), F.normalize(self.h, dim=1), c, self.tau)  # (B, M)
         # The authors' KL against N(0, sigma0^2) drops the mu^2 term, because mu is normalised.
@@ -85,9 +86,10 @@ class MultVAE(nn.Module):
     Decoder: a D x M output layer.
     """
 
-    def __init__(self, n_items: int, D: int = 100, hidden: int = 100, dropout: float = 0.5, variational: bool = True):
+    def __init__(self, n_items: int, D: int = 100, hidden: int = 100, dropout: float = 0.5, variational: bool = True,
+                 sample: bool = True):
         super().__init__()
-        self.D, self.dropout, self.variational = D, dropout, variational
+        self.D, self.dropout, self.variational, self.sample = D, dropout, variational, sample
         self.t = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, hidden)))
         self.t_bias = nn.Parameter(torch.zeros(hidden))
         self.f_nn = nn.Linear(hidden, 2 * D if variational else D)
@@ -104,7 +106,7 @@ class MultVAE(nn.Module):
         out = self.f_nn(hidden)
         if self.variational:
             mu, logvar = out.split(self.D, dim=-1)  # (B, D)
-            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training and self.sample else mu
             kl = 0.5 * (-logvar + logvar.exp() + mu.square() - 1.0).sum(dim=1)  # (B,)
         else:
             mu = z = torch.tanh(out)  # (B, D)
@@ -114,5 +116,5 @@ class MultVAE(nn.Module):
 
 def build_model(cfg: ModelConfig, n_items: int) -> nn.Module:
     if cfg.name == "macridvae":
-        return MacridVAE(n_items, cfg.K, cfg.D, cfg.tau, cfg.sigma0, cfg.dropout, cfg.gumbel)
-    return MultVAE(n_items, cfg.D, cfg.hidden, cfg.dropout, variational=cfg.name == "multvae")
+        return MacridVAE(n_items, cfg.K, cfg.D, cfg.tau, cfg.sigma0, cfg.dropout, cfg.gumbel, cfg.sample)
+    return MultVAE(n_items, cfg.D, cfg.hidden, cfg.dropout, variational=cfg.name == "multvae", sample=cfg.sample)

@@ -1,110 +1,157 @@
-"""Training: the Ray Train worker function and the driver that launches it.
+"""The training loop, `fit`, shared by Ray Train workers, sweeps and in-process runs.
 
-`train_loop_per_worker(config)` is what every Ray Train worker runs. It calls
-`fit`, which is also callable in-process (tests, sweeps inside one process).
-Batch size is global: each of W workers takes batch_size / W users of every
-step's batch, so the effective batch does not change with W.
+Batch size is global: with W workers each takes batch_size / W users of every step, and DDP
+averages the gradients, so a step with W workers equals a step with one worker on all B users.
+Only rank 0 evaluates (validation sets are small); it broadcasts whether to stop, so every rank
+runs the same number of steps. Checkpoints go to <lake>/runs/<run>/checkpoints/ after every epoch;
+a run whose folder already has one resumes from it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
-from macrid import checkpoint
+from macrid import checkpoint, lake
 from macrid.batches import Dataset, iter_batches, load_dataset
 from macrid.config import Config
 from macrid.evaluate import evaluate, torch_scorer
-from macrid.lake import join, resolve, write_json
 from macrid.loss import beta_at, elbo_loss
 from macrid.model import build_model
 from macrid.report import format_metrics, plot_learning_curve
 
 log = logging.getLogger(__name__)
 Reporter = Callable[[dict], None]
+# epoch -> this worker's batches of (indices (N,), offsets (B+1,))
+BatchSource = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+FAIL_ENV = "MACRID_FAIL_AT_STEP"  # fault injection: "<step>[:<rank>]" raises once, on the first attempt
 
 
-def run_dir(cfg: Config) -> str:
-    return resolve(join(cfg.data.lake, "runs", cfg.run.name))[1]
+def run_uri(cfg: Config) -> str:
+    return lake.join(cfg.data.lake, "runs", cfg.run.name)
 
 
 def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int = 1,
-        wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m) -> dict:
+        wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
+        train_batches: BatchSource | None = None) -> dict:
     """Train, select the best epoch on validation NDCG@100, write the run folder. Returns metrics.json."""
     torch.set_num_threads(cfg.run.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count())
     torch.manual_seed(cfg.run.seed + rank)
     data = load_dataset(cfg.data.lake, cfg.data.dataset)
-    fingerprint = data.meta["vocabulary_fingerprint"]
     model = build_model(cfg.model, data.n_items)
-    train_model = wrap_model(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    out_dir = run_dir(cfg)
-    ckpt_dir = os.path.join(out_dir, "checkpoints")
-    steps_per_epoch = math.ceil(data.train.n_rows / cfg.optim.batch_size)
-    step, best, best_epoch, bad_evals, history = 0, -1.0, 0, 0, []
+    # Polyak/EMA weight averaging: evaluation, selection and export use the averaged weights.
+    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
+        cfg.optim.ema)) if cfg.optim.ema > 0 else None)
+    eval_model = ema.module if ema is not None else model
+    ckpt_dir = lake.join(run_uri(cfg), "checkpoints")
+    fingerprint = data.meta["vocabulary_fingerprint"]
     ckpt_meta = dict(config=cfg.to_dict(), n_items=data.n_items, fingerprint=fingerprint)
-    bar = _progress(cfg.optim.epochs, enabled=cfg.run.progress and rank == 0, desc=cfg.run.name)
+
+    state = {"step": 0, "epoch": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "history": []}
+    if lake.exists(f"{ckpt_dir}/latest.pt"):
+        if not cfg.run.resume:
+            raise checkpoint.CheckpointError(
+                f"{run_uri(cfg)} already holds a run; pass --resume to continue it or choose another run.name")
+        state = _restore(f"{ckpt_dir}/latest.pt", fingerprint, model, opt, ema)
+        log.info("resumed %s at epoch %d, step %d", cfg.run.name, state["epoch"], state["step"])
+    train_model = wrap_model(model)  # DDP after restoring, so every rank starts from the same weights
+    if train_batches is None:
+        train_batches = _memory_batches(cfg, data, rank, world)
+    metrics = _telemetry(cfg, rank)
+    steps_per_epoch = math.ceil(data.train.n_rows / cfg.optim.batch_size)
+    fail_step, fail_rank = _fault_plan()
+    bar = _progress(cfg.optim.epochs, state["epoch"], enabled=cfg.run.progress and rank == 0, desc=cfg.run.name)
     t_train = time.perf_counter()
-    for epoch in range(1, cfg.optim.epochs + 1):
+    for epoch in range(state["epoch"] + 1, cfg.optim.epochs + 1):
         t0 = time.perf_counter()
         model.train()
-        sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0}
-        rng = np.random.default_rng([cfg.run.seed, epoch])  # same order on every worker
-        for _, idx, off in iter_batches(data.train, cfg.optim.batch_size, rng):
-            if world > 1:
-                idx, off = _shard(idx, off, rank, world)
-            beta = beta_at(step, steps_per_epoch, cfg.optim.beta, cfg.optim.anneal_epochs)
+        sums, n_steps, n_users = {"loss": 0.0, "nll": 0.0, "kl": 0.0}, 0, 0
+        for idx, off in train_batches(epoch):
+            if state["step"] == fail_step and rank == fail_rank and _first_failure(cfg):
+                raise RuntimeError(f"{FAIL_ENV}: injected failure at step {fail_step} on rank {rank}")
+            beta = beta_at(state["step"], steps_per_epoch, cfg.optim.beta, cfg.optim.anneal_epochs)
             loss, parts = elbo_loss(train_model(idx, off), idx, off, beta)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step += 1
+            if ema is not None:
+                ema.update_parameters(model)
+            state["step"] += 1
+            n_steps, n_users = n_steps + 1, n_users + len(off) - 1
             sums["loss"] += loss.item()
             sums["nll"] += parts["nll"]
             sums["kl"] += parts["kl"]
-        row = {"epoch": epoch, "step": step, "beta": beta, "seconds": time.perf_counter() - t0,
-               **{k: v / steps_per_epoch for k, v in sums.items()}}
-        if epoch % cfg.run.eval_every == 0 or epoch == cfg.optim.epochs:
-            val = evaluate(torch_scorer(model), data.val, data.n_items)
-            row["val_ndcg@100"] = val["ndcg@100"][0]
-            if row["val_ndcg@100"] > best:
-                best, best_epoch, bad_evals = row["val_ndcg@100"], epoch, 0
-                if rank == 0:
-                    checkpoint.save(f"{ckpt_dir}/best.pt", model=model, optimizer=None, step=step, epoch=epoch,
-                                    **ckpt_meta)
-            else:
-                bad_evals += 1
-        history.append(row)
+            if metrics is not None:
+                metrics.on_step(len(off) - 1, loss.item(), parts, cfg.optim.lr)
+        row = {"epoch": epoch, "step": state["step"], "beta": beta, "seconds": time.perf_counter() - t0,
+               "users": n_users * world, **{k: v / max(n_steps, 1) for k, v in sums.items()}}
+        stop = False
         if rank == 0:
-            checkpoint.save(f"{ckpt_dir}/latest.pt", model=model, optimizer=opt, step=step, epoch=epoch, **ckpt_meta)
+            stop = _validate(cfg, data, eval_model, epoch, row, state, ckpt_dir, ckpt_meta)
+        state["epoch"] = epoch
+        state["history"].append(row)
+        if rank == 0:
+            checkpoint.save(f"{ckpt_dir}/latest.pt", model=model, optimizer=opt, step=state["step"], epoch=epoch,
+                            extra={k: state[k] for k in ("best", "best_epoch", "bad_evals", "history")}
+                            | {"ema": ema.state_dict() if ema is not None else None}, **ckpt_meta)
+            if metrics is not None:
+                metrics.on_epoch(row, row["users"])
         bar.update(1)
         bar.set_postfix_str(f"loss {row['loss']:.1f} val ndcg@100 {row.get('val_ndcg@100', float('nan')):.4f}"
-                            f" best {best:.4f}@{best_epoch}")
+                            f" best {state['best']:.4f}@{state['best_epoch']}")
         if report is not None:
             report(row)
-        if cfg.run.patience and bad_evals >= cfg.run.patience:
-            log.info("no validation gain for %d evaluations: stopping at epoch %d", bad_evals, epoch)
+        if _agree(stop, world):
+            log.info("no validation gain for %d evaluations: stopping at epoch %d", state["bad_evals"], epoch)
             break
     bar.close()
-    train_seconds = time.perf_counter() - t_train
+    if metrics is not None:
+        metrics.close()
     if rank != 0:
         return {}
-    return finish(cfg, data, model, history, best_epoch, train_seconds)
+    return finish(cfg, data, eval_model, state["history"], state["best_epoch"], time.perf_counter() - t_train)
+
+
+def _validate(cfg: Config, data: Dataset, eval_model, epoch: int, row: dict, state: dict, ckpt_dir: str,
+              ckpt_meta: dict) -> bool:
+    """Rank 0: evaluate when due, keep best.pt; returns whether patience ran out."""
+    if not (epoch % cfg.run.eval_every == 0 or epoch == cfg.optim.epochs):
+        return False
+    row["val_ndcg@100"] = evaluate(torch_scorer(eval_model), data.val, data.n_items)["ndcg@100"][0]
+    if row["val_ndcg@100"] > state["best"]:
+        state.update(best=row["val_ndcg@100"], best_epoch=epoch, bad_evals=0)
+        checkpoint.save(f"{ckpt_dir}/best.pt", model=eval_model, optimizer=None, step=state["step"], epoch=epoch,
+                        **ckpt_meta)
+    else:
+        state["bad_evals"] += 1
+    return bool(cfg.run.patience and state["bad_evals"] >= cfg.run.patience)
+
+
+def _restore(path: str, fingerprint: str, model, opt, ema) -> dict:
+    saved = checkpoint.load(path, fingerprint)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    extra = saved["extra"]
+    if ema is not None and extra.get("ema") is not None:
+        ema.load_state_dict(extra["ema"])
+    return {"step": saved["step"], "epoch": saved["epoch"], **{k: extra[k] for k in
+                                                                ("best", "best_epoch", "bad_evals", "history")}}
 
 
 def finish(cfg: Config, data: Dataset, model: torch.nn.Module, history: list[dict], best_epoch: int,
            train_seconds: float) -> dict:
     """Reload the best epoch, score validation and test, write metrics.json and the learning curve."""
-    out_dir = run_dir(cfg)
-    state = checkpoint.load(f"{out_dir}/checkpoints/best.pt", data.meta["vocabulary_fingerprint"])
+    out = run_uri(cfg)
+    state = checkpoint.load(f"{out}/checkpoints/best.pt", data.meta["vocabulary_fingerprint"])
     model.load_state_dict(state["model"])
     val = evaluate(torch_scorer(model), data.val, data.n_items)
     test = evaluate(torch_scorer(model), data.test, data.n_items)
@@ -115,68 +162,73 @@ def finish(cfg: Config, data: Dataset, model: torch.nn.Module, history: list[dic
         "median_epoch_seconds": float(np.median(epoch_secs)), "val": val, "test": test, "history": history,
         "vocabulary_fingerprint": data.meta["vocabulary_fingerprint"],
     }
-    write_json(f"{out_dir}/metrics.json", metrics)
-    plot_learning_curve(history, f"{out_dir}/learning_curve.png", f"{cfg.run.name} ({cfg.model.name})")
+    lake.write_json(f"{out}/metrics.json", metrics)
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_learning_curve(history, f"{tmp}/curve.png", f"{cfg.run.name} ({cfg.model.name})")
+        lake.write_bytes(f"{out}/learning_curve.png", open(f"{tmp}/curve.png", "rb").read())
     print(f"[macrid] best epoch {best_epoch}  val: {format_metrics(val)}", flush=True)
     print(f"[macrid] test: {format_metrics(test)}", flush=True)
-    print(f"[macrid] run folder: {out_dir}", flush=True)
+    print(f"[macrid] run folder: {out}", flush=True)
     return metrics
 
 
-def _shard(idx: torch.Tensor, off: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This worker's contiguous slice of the users of a global batch."""
-    B = len(off) - 1
-    lo, hi = rank * B // world, (rank + 1) * B // world
-    return idx[off[lo]:off[hi]], off[lo:hi + 1] - off[lo]
+def _memory_batches(cfg: Config, data: Dataset, rank: int, world: int) -> BatchSource:
+    """In-memory CSR batches; every rank draws the same permutation and takes its slice of each batch."""
+    def batches(epoch: int):
+        rng = np.random.default_rng([cfg.run.seed, epoch])
+        for _, idx, off in iter_batches(data.train, cfg.optim.batch_size, rng):
+            B = len(off) - 1
+            lo, hi = rank * B // world, (rank + 1) * B // world
+            yield idx[off[lo]:off[hi]], off[lo:hi + 1] - off[lo]
+    return batches
 
 
-def _progress(total: int, enabled: bool, desc: str):
+def _agree(stop: bool, world: int) -> bool:
+    """Rank 0's stop decision, broadcast so that every rank leaves the loop at the same epoch."""
+    if world == 1:
+        return stop
+    flag = torch.tensor([int(stop)])
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def _telemetry(cfg: Config, rank: int):
+    if rank != 0 or not cfg.run.metrics_port:
+        return None
+    from macrid.telemetry import TrainMetrics
+
+    return TrainMetrics(cfg.run.metrics_port, cfg.run.name)
+
+
+def _fault_plan() -> tuple[int, int]:
+    spec = os.environ.get(FAIL_ENV, "")
+    if not spec:
+        return -1, -1
+    step, _, rank = spec.partition(":")
+    return int(step), int(rank or 0)
+
+
+def _first_failure(cfg: Config) -> bool:
+    """True only the first time: a marker in the run folder records that the failure was injected."""
+    marker = lake.join(run_uri(cfg), "_fault_injected")
+    if lake.exists(marker):
+        return False
+    lake.write_bytes(marker, b"1")
+    return True
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="epoch", disable=not enabled, file=sys.stdout,
-                dynamic_ncols=False, ncols=110, mininterval=1.0)
+    return tqdm(total=total, initial=initial, desc=desc, unit="epoch", disable=not enabled, file=sys.stdout,
+                ncols=110, mininterval=1.0)
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point: rebuild the typed config once, then train."""
-    import ray.train
-    import ray.train.torch
+def load_model(run: str, fingerprint: str | None = None, which: str = "best") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a trained model from its run folder alone (constructor args live in the checkpoint)."""
+    saved = checkpoint.load(lake.join(run, "checkpoints", f"{which}.pt"), fingerprint)
+    cfg = Config.from_dict(saved["config"], source=f"{run} checkpoint")
+    model = build_model(cfg.model, saved["n_items"])
+    model.load_state_dict(saved["model"])
+    return model.eval(), saved
 
-    cfg = Config.from_dict(config, source="train_loop_config")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    wrap = ray.train.torch.prepare_model if world > 1 else (lambda m: m)
-    metrics = fit(cfg, report=lambda row: ray.train.report(row) if rank == 0 else None, rank=rank, world=world,
-                  wrap_model=wrap)
-    if world > 1:
-        return
-    if metrics:
-        ray.train.report({"val_ndcg@100": metrics["val"]["ndcg@100"][0],
-                          "test_ndcg@100": metrics["test"]["ndcg@100"][0]})
-
-
-def launch(cfg: Config) -> dict:
-    """Driver: start (or join) Ray, run the worker function under a TorchTrainer, return metrics.json."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    if not cfg.run.name:
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(
-            cfg.run, name=f"{cfg.data.dataset}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"))
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, object_store_memory=256 * 1024**2, log_to_driver=True,
-                 configure_logging=False)
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // cfg.run.num_workers)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=cfg.to_dict(),
-        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=False,
-                                     resources_per_worker={"CPU": cpus}),
-        run_config=RunConfig(name=cfg.run.name, storage_path=join(run_dir(cfg), "ray")),
-    )
-    trainer.fit()
-    import json
-
-    with open(os.path.join(run_dir(cfg), "metrics.json")) as f:
-        return json.load(f)

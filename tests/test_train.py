@@ -44,7 +44,7 @@ def test_baselines_train_in_the_same_harness(synthetic_lake, model):
 def test_ray_train_worker_runs_the_loop(synthetic_lake):
     import ray
 
-    from macrid.train import launch
+    from macrid.launch import launch
 
     cfg = load_config(None, [f"data.lake={synthetic_lake!r}", "run.name='ray'", "optim.epochs=2",
                              "model.K=4", "model.D=16", "run.progress=false"])

@@ -1,0 +1,58 @@
+"""Ray Data input: the lake's training shards -> shuffled CSR user batches, streamed to workers.
+
+    read_parquet(<lake>/datasets/<name>/train/*.parquet)      one row per user: items list<int32>
+      .random_shuffle()                                         users reshuffled every epoch (a
+                                                                distributed shuffle; no driver copy)
+      .map_batches(to_csr_batch, batch_size=per_worker_batch)   one output row = one CSR batch
+    Ray Train splits it across workers (streaming_split, equal=True, so every worker runs the same
+    number of steps, which DDP requires) and each worker reads its shard with get_dataset_shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from macrid import lake
+from macrid.prepare import dataset_uri
+
+DATA_TASK_CPUS = 0.25
+
+
+def to_csr_batch(batch: pa.Table) -> pa.Table:
+    """A batch of user rows -> one row holding the batch as CSR: indices (N,), offsets (B+1,), counts (B,)."""
+    items = batch.column("items").combine_chunks()
+    offsets = np.asarray(items.offsets, dtype=np.int64)
+    indices = np.asarray(items.values, dtype=np.int32)[offsets[0]:offsets[-1]]
+    offsets = offsets - offsets[0]
+    return pa.table({
+        "indices": pa.array([indices], type=pa.list_(pa.int32())),
+        "offsets": pa.array([offsets], type=pa.list_(pa.int64())),
+        "counts": pa.array([np.diff(offsets).astype(np.int32)], type=pa.list_(pa.int32())),
+    })
+
+
+def train_dataset(lake_root: str, name: str, per_worker_batch: int, shuffle: bool = True):
+    """The training input as a lazy Ray Dataset of CSR batches."""
+    import ray.data
+
+    uri = lake.join(dataset_uri(lake_root, name), "train")
+    fs, _ = lake.resolve(uri)
+    # Fractional CPUs: the trainer's workers hold most of a small machine, and data tasks that each
+    # want a whole CPU would wait forever (the deadlock in ENVIRONMENT.md).
+    light = {"num_cpus": DATA_TASK_CPUS}
+    ds = ray.data.read_parquet(lake.list_parquet(uri), filesystem=fs, columns=["items"], ray_remote_args=light)
+    if shuffle:
+        ds = ds.random_shuffle(**light)
+    return ds.map_batches(to_csr_batch, batch_size=per_worker_batch, batch_format="pyarrow", **light)
+
+
+def shard_batches(shard) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A worker's DataIterator of CSR rows -> (indices (N,), offsets (B+1,)) int64 tensors."""
+    for row in shard.iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=2):
+        indices = np.asarray(row.column("indices")[0].values, dtype=np.int64)
+        offsets = np.asarray(row.column("offsets")[0].values, dtype=np.int64)
+        yield torch.from_numpy(indices), torch.from_numpy(offsets)
