@@ -42,6 +42,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    optimizer: str = "adam"  # "adam" or "sgd" (plain SGD: its step is proportional to the gradient)
     lr: float = 1e-3
     weight_decay: float = 0.0  # L2 on all parameters (Adam's coupled form = lam*||w||^2/2 in the loss)
     batch_size: int = 500  # users per optimizer step (global, across all workers)
@@ -55,6 +56,8 @@ class OptimConfig:
             raise ConfigError("optim.batch_size and optim.epochs must be >= 1")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr={self.lr} must be > 0")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"optim.optimizer={self.optimizer!r} must be 'adam' or 'sgd'")
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class RunConfig:
     data: str = "ray"  # training input under Ray Train: "ray" (Ray Data streaming) or "memory" (CSR in RAM)
     metrics_port: int = 0  # Prometheus endpoint on rank 0; 0 = off
     use_gpu: bool = False  # one GPU per worker, NCCL; CPU workers use gloo
+    fail_at_step: int = -1  # fault injection for recovery tests: raise once at this step on rank fail_rank
+    fail_rank: int = 0
 
 
     def __post_init__(self) -> None:

@@ -44,7 +44,7 @@ def train_dataset(lake_root: str, name: str, per_worker_batch: int, shuffle: boo
     # Fractional CPUs: the trainer's workers hold most of a small machine, and data tasks that each
     # want a whole CPU would wait forever (the deadlock in ENVIRONMENT.md).
     light = {"num_cpus": DATA_TASK_CPUS}
-    ds = ray.data.read_parquet(lake.list_parquet(uri), filesystem=fs, columns=["items"], ray_remote_args=light)
+    ds = ray.data.read_parquet(lake.list_parquet(uri), filesystem=fs, **light).select_columns(["items"])
     if shuffle:
         ds = ds.random_shuffle(**light)
     return ds.map_batches(to_csr_batch, batch_size=per_worker_batch, batch_format="pyarrow", **light)

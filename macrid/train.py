@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 Reporter = Callable[[dict], None]
 # epoch -> this worker's batches of (indices (N,), offsets (B+1,))
 BatchSource = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
-FAIL_ENV = "MACRID_FAIL_AT_STEP"  # fault injection: "<step>[:<rank>]" raises once, on the first attempt
 
 
 def run_uri(cfg: Config) -> str:
@@ -47,7 +46,8 @@ def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int =
     torch.manual_seed(cfg.run.seed + rank)
     data = load_dataset(cfg.data.lake, cfg.data.dataset)
     model = build_model(cfg.model, data.n_items)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    opt_cls = torch.optim.Adam if cfg.optim.optimizer == "adam" else torch.optim.SGD
+    opt = opt_cls(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     # Polyak/EMA weight averaging: evaluation, selection and export use the averaged weights.
     ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
         cfg.optim.ema)) if cfg.optim.ema > 0 else None)
@@ -68,7 +68,6 @@ def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int =
         train_batches = _memory_batches(cfg, data, rank, world)
     metrics = _telemetry(cfg, rank)
     steps_per_epoch = math.ceil(data.train.n_rows / cfg.optim.batch_size)
-    fail_step, fail_rank = _fault_plan()
     bar = _progress(cfg.optim.epochs, state["epoch"], enabled=cfg.run.progress and rank == 0, desc=cfg.run.name)
     t_train = time.perf_counter()
     for epoch in range(state["epoch"] + 1, cfg.optim.epochs + 1):
@@ -76,8 +75,8 @@ def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int =
         model.train()
         sums, n_steps, n_users = {"loss": 0.0, "nll": 0.0, "kl": 0.0}, 0, 0
         for idx, off in train_batches(epoch):
-            if state["step"] == fail_step and rank == fail_rank and _first_failure(cfg):
-                raise RuntimeError(f"{FAIL_ENV}: injected failure at step {fail_step} on rank {rank}")
+            if state["step"] == cfg.run.fail_at_step and rank == cfg.run.fail_rank and _first_failure(cfg):
+                raise RuntimeError(f"run.fail_at_step: injected failure at step {state['step']} on rank {rank}")
             beta = beta_at(state["step"], steps_per_epoch, cfg.optim.beta, cfg.optim.anneal_epochs)
             loss, parts = elbo_loss(train_model(idx, off), idx, off, beta)
             opt.zero_grad(set_to_none=True)
@@ -198,14 +197,6 @@ def _telemetry(cfg: Config, rank: int):
     from macrid.telemetry import TrainMetrics
 
     return TrainMetrics(cfg.run.metrics_port, cfg.run.name)
-
-
-def _fault_plan() -> tuple[int, int]:
-    spec = os.environ.get(FAIL_ENV, "")
-    if not spec:
-        return -1, -1
-    step, _, rank = spec.partition(":")
-    return int(step), int(rank or 0)
 
 
 def _first_failure(cfg: Config) -> bool:

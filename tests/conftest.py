@@ -46,3 +46,40 @@ def synthetic_lake(tmp_path_factory) -> str:
     lake = str(tmp_path_factory.mktemp("lake"))
     prepare(generate(SyntheticSpec(n_users=800, n_items=300, K=4)), lake, "synthetic", Protocol())
     return lake
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-compatible server (moto) on loopback; the AWS environment points at it.
+
+    The variables are set before any Ray cluster starts, so Ray workers inherit them.
+    """
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    port = server._server.server_address[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION", "AWS_REGION")}
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1")
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="lake")
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_endpoint):
+    """A 2-CPU local Ray cluster, as on the CI machine; started after the S3 environment is set."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, configure_logging=False)
+    yield
+    ray.shutdown()

@@ -1,0 +1,68 @@
+"""Object-storage failures get errors that name the cause: endpoint, credentials, bucket, incomplete dataset."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from macrid import lake
+from macrid.batches import load_dataset
+from macrid.errors import DataError
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_wrong_endpoint(s3_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MACRID_S3_RETRIES", "1")
+    with pytest.raises(DataError, match="cannot reach the S3 endpoint"):
+        lake.check_root("s3://lake/x")
+
+
+def test_missing_bucket(s3_endpoint):
+    with pytest.raises(DataError, match="bucket 'no-such-bucket' does not exist"):
+        lake.check_root("s3://no-such-bucket/lake")
+
+
+def test_dataset_without_meta_on_s3(s3_endpoint):
+    import pyarrow as pa
+
+    lake.write_parquet("s3://lake/half/datasets/d/train/part-0.parquet", pa.table({"items": [[1, 2]]}))
+    with pytest.raises(DataError, match="no _meta.json"):
+        load_dataset("s3://lake/half", "d")
+
+
+def test_missing_prefix_is_a_clear_error(s3_endpoint):
+    with pytest.raises(DataError, match="no _meta.json"):
+        load_dataset("s3://lake/nothing-here", "d")
+
+
+def test_bad_credentials(tmp_path, monkeypatch):
+    """moto with authentication on rejects keys it never issued, as AWS does."""
+    port = free_port()
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTISSUED")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+        monkeypatch.setenv("MACRID_S3_RETRIES", "1")
+        with pytest.raises(DataError, match="access denied; check AWS_ACCESS_KEY_ID"):
+            lake.check_root("s3://lake/x")
+    finally:
+        server.terminate()
+        server.wait()
