@@ -47,6 +47,8 @@ def detect_format(path: Path) -> str:
             return "ml-20m"
         if name == "training_set" or (path / "training_set").is_dir():
             return "netflix"
+        if any(p.suffix in (".parquet", ".csv") for p in path.iterdir()):
+            return "table"
     elif name == "u.data":
         return "ml-100k"
     elif name.endswith((".dat", ".dat.gz")) and "rating" in name:
@@ -67,6 +69,8 @@ def read_raw(
     item_col: str = "item_id",
     rating_col: str | None = None,
 ) -> RawData:
+    if str(path).startswith("s3://"):
+        return _read_remote(str(path), fmt, user_col, item_col, rating_col)
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path} does not exist; check the --input path")
@@ -83,6 +87,21 @@ def read_raw(
     if reader is not None:
         return reader(path)
     return read_table(path, user_col, item_col, rating_col)
+
+
+def _read_remote(uri: str, fmt: str, user_col: str, item_col: str, rating_col: str | None) -> RawData:
+    """Raw files on object storage: stream them to a scratch folder, read them there, name the URI in errors."""
+    import tempfile
+
+    from macrid import lake
+
+    with tempfile.TemporaryDirectory(prefix="macrid-raw-") as tmp:
+        local = lake.download(uri, tmp)
+        try:
+            raw = read_raw(local, fmt, user_col, item_col, rating_col)
+        except DataError as e:
+            raise DataError(str(e).replace(local, uri)) from None
+    return RawData(raw.interactions, raw.items, uri, raw.format)
 
 
 def read_table(path: Path, user_col: str, item_col: str, rating_col: str | None) -> RawData:

@@ -66,3 +66,22 @@ def test_bad_credentials(tmp_path, monkeypatch):
     finally:
         server.terminate()
         server.wait()
+
+
+def test_prepare_reads_raw_shards_from_s3_and_names_the_uri(s3_endpoint, tmp_path):
+    import polars as pl
+
+    from macrid.prepare import prepare
+    from macrid.readers import read_raw
+    from macrid.split import Protocol
+
+    rows = [(u, i, 5.0) for u in range(40) for i in range(u % 7, u % 7 + 12)]
+    df = pl.DataFrame(rows, schema={"uid": pl.Int64, "sku": pl.Int64, "stars": pl.Float64}, orient="row")
+    for part in range(2):
+        lake.write_parquet(f"s3://lake/raw/events/part-{part}.parquet", df[part::2].to_arrow())
+    raw = read_raw("s3://lake/raw/events", user_col="uid", item_col="sku", rating_col="stars")
+    assert raw.interactions.height == len(rows) and raw.source == "s3://lake/raw/events"
+    meta = prepare(raw, "s3://lake/prepared", "events", Protocol(heldout=4))
+    assert meta["n_users"] == 40 and lake.exists("s3://lake/prepared/datasets/events/_meta.json")
+    with pytest.raises(DataError, match=r"s3://lake/raw/events/part-0\.parquet: missing column"):
+        read_raw("s3://lake/raw/events", user_col="user")
