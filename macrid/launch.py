@@ -68,7 +68,10 @@ def launch(cfg: Config) -> dict:
     cfg = prepare_config(cfg)
     load_dataset(cfg.data.lake, cfg.data.dataset)  # fail here, with the cause, before starting workers
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, object_store_memory=256 * 1024**2, configure_logging=False)
+        if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`, or pointed at a cluster: join it as it is
+            ray.init()
+        else:  # a laptop: a local Ray sized for it
+            ray.init(include_dashboard=False, object_store_memory=256 * 1024**2, configure_logging=False)
     W = cfg.run.num_workers
     total_cpus = int(ray.cluster_resources().get("CPU", 1))
     # Leave one whole CPU for Ray Data: its file-listing task asks for 1 CPU, and a trainer holding
