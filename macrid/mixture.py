@@ -18,28 +18,30 @@ class _MixtureScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zn: torch.Tensor, hn: torch.Tensor, c: torch.Tensor, tau: float) -> torch.Tensor:
         B, K, D = zn.shape
-        E = torch.mm(zn.reshape(B * K, D), hn.T)  # (B*K, M) cosines
-        E.mul_(1.0 / tau).exp_()  # cos/tau lies in [-1/tau, 1/tau]: exp cannot overflow for tau >= 0.02
+        zs = zn.reshape(B * K, D) * (1.0 / tau)  # fold 1/tau into the small operand: one pass less over E
+        E = torch.mm(zs, hn.T)  # (B*K, M) cos/tau, which lies in [-1/tau, 1/tau]
+        E.exp_()  # cannot overflow for tau >= 0.02
         E = E.view(B, K, -1)  # (B, K, M)
         cT = c.T.contiguous()  # (K, M)
         A = E[:, 0] * cT[0]  # (B, M)
         for k in range(1, K):
             A.addcmul_(E[:, k], cT[k])
-        ctx.save_for_backward(zn, hn, cT, E)
+        ctx.save_for_backward(zs, hn, cT, E)
         ctx.tau = tau
         return A
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gA: torch.Tensor):
-        zn, hn, cT, E = ctx.saved_tensors
-        B, K, D = zn.shape
+        zs, hn, cT, E = ctx.saved_tensors
+        B, K = E.shape[:2]
+        D = zs.shape[1]
         G = E.mul_(gA.unsqueeze(1))  # (B, K, M) dL/dA * exp(S/tau), reusing E's memory (backward runs once)
         gc = G.sum(0).T if ctx.needs_input_grad[2] else None  # (M, K)
-        G.mul_((cT / ctx.tau).unsqueeze(0))  # (B, K, M) dL/dS, the 1/tau folded into the small (K, M) factor
+        G.mul_(cT.unsqueeze(0))  # (B, K, M) dL/d(S/tau)
         G2 = G.view(B * K, -1)
-        gzn = (G2 @ hn).view(B, K, D) if ctx.needs_input_grad[0] else None  # (B, K, D)
-        ghn = G2.T @ zn.reshape(B * K, D) if ctx.needs_input_grad[1] else None  # (M, D)
+        gzn = (G2 @ hn).mul_(1.0 / ctx.tau).view(B, K, D) if ctx.needs_input_grad[0] else None  # (B, K, D)
+        ghn = G2.T @ zs if ctx.needs_input_grad[1] else None  # (M, D); zs already carries the 1/tau
         return gzn, ghn, gc, None
 
 
