@@ -35,15 +35,17 @@ SPACES = {
         "optim.beta": ("loguniform", 0.01, 1.0),
         "model.dropout": ("uniform", 0.2, 0.7),
         "optim.lr": ("loguniform", 3e-4, 3e-3),
-        "optim.batch_size": ("choice", [100, 200, 500]),
+        "optim.batch_size": ("choice", [100, 250, 500]),
         "optim.weight_decay": ("choice", [0.0, 1e-7, 1e-6, 1e-5]),
         "optim.anneal_epochs": ("choice", [1.0, 5.0, 20.0]),
+        "optim.ema": ("choice", [0.0, 0.9, 0.97]),
     },
     "multdae": {
         "model.dropout": ("uniform", 0.2, 0.7),
         "optim.lr": ("loguniform", 3e-4, 3e-3),
         "optim.batch_size": ("choice", [100, 200, 500]),
         "optim.weight_decay": ("choice", [0.0, 1e-7, 1e-6, 1e-5]),
+        "optim.ema": ("choice", [0.0, 0.9, 0.97]),
     },
 }
 
