@@ -154,6 +154,12 @@ def _frame(
     })
 
 
+def _items_frame(rows: list[tuple[int, str, list[str]]]) -> pl.DataFrame:
+    """(item_id, title, genres) rows -> the item metadata frame."""
+    return pl.DataFrame(rows, schema={"item_id": pl.Int64, "title": pl.String, "genres": pl.List(pl.String)},
+                        orient="row")
+
+
 def _id(s: pl.Series) -> pl.Series:
     return s.cast(pl.Int64) if s.dtype.is_integer() else s.cast(pl.String)
 
@@ -202,8 +208,7 @@ def _read_ml100k(path: Path) -> RawData:
                 continue
             genres = [g for g, flag in zip(ML100K_GENRES, f[5:24]) if flag == "1"]
             rows.append((int(f[0]), f[1], genres))
-        items = pl.DataFrame(rows, schema={"item_id": pl.Int64, "title": pl.String, "genres": pl.List(pl.String)},
-                             orient="row")
+        items = _items_frame(rows)
     return RawData(df, items, str(data), "ml-100k")
 
 
@@ -228,8 +233,7 @@ def _read_ml1m(path: Path) -> RawData:
             f = line.split("::")
             if len(f) == 3:
                 rows.append((int(f[0]), f[1], f[2].split("|")))
-        items = pl.DataFrame(rows, schema={"item_id": pl.Int64, "title": pl.String, "genres": pl.List(pl.String)},
-                             orient="row")
+        items = _items_frame(rows)
     return RawData(df, items, str(data), "ml-1m")
 
 
@@ -274,6 +278,5 @@ def _read_netflix(path: Path) -> RawData:
             f = line.split(",", 2)
             if len(f) == 3:
                 rows.append((int(f[0]), f[2], []))
-        items = pl.DataFrame(rows, schema={"item_id": pl.Int64, "title": pl.String, "genres": pl.List(pl.String)},
-                             orient="row")
+        items = _items_frame(rows)
     return RawData(pl.concat(frames), items, str(folder), "netflix")

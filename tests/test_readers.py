@@ -1,0 +1,43 @@
+"""Each raw format reads into the same (user_id, item_id, rating) frame."""
+
+import gzip
+
+import polars as pl
+
+from macrid.readers import read_raw
+
+
+def test_netflix_training_set(tmp_path):
+    folder = tmp_path / "training_set"
+    folder.mkdir()
+    (folder / "mv_0000001.txt").write_text("1:\n6,3,2005-09-06\n7,5,2005-05-13\n")
+    (folder / "mv_0000002.txt").write_text("2:\n6,4,2005-09-06\n")
+    (tmp_path / "movie_titles.txt").write_text("1,2003,Dinosaur Planet\n2,2004,Isle of Man TT, 2004 Review\n")
+    raw = read_raw(tmp_path)
+    assert raw.format == "netflix"
+    assert sorted(raw.interactions.rows()) == [(6, 1, 3.0), (6, 2, 4.0), (7, 1, 5.0)]
+    assert raw.items.filter(pl.col("item_id") == 2)["title"][0] == "Isle of Man TT, 2004 Review"
+
+
+def test_ml20m_csv(tmp_path):
+    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,2,3.5,1112486027\n1,29,4.0,1112484676\n")
+    (tmp_path / "movies.csv").write_text('movieId,title,genres\n2,Jumanji (1995),Adventure|Children\n29,"City, The",Drama\n')
+    raw = read_raw(tmp_path)
+    assert raw.format == "ml-20m" and raw.interactions.rows() == [(1, 2, 3.5), (1, 29, 4.0)]
+    assert raw.items.filter(pl.col("item_id") == 2)["genres"][0].to_list() == ["Adventure", "Children"]
+
+
+def test_ml1m_with_and_without_timestamps(tmp_path):
+    with gzip.open(tmp_path / "ratings.dat.gz", "wt") as f:
+        f.write("1::1193::5::978300760\n1::661::3::978302109\n")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "ratings.dat").write_text("1::1193::5\n2::661::4\n")
+    assert read_raw(tmp_path / "ratings.dat.gz").interactions.rows() == [(1, 1193, 5.0), (1, 661, 3.0)]
+    assert read_raw(tmp_path / "plain").interactions.rows() == [(1, 1193, 5.0), (2, 661, 4.0)]
+
+
+def test_generic_table_with_string_ids_and_no_rating(tmp_path):
+    pl.DataFrame({"who": ["a", "b"], "what": ["x", "y"]}).write_parquet(tmp_path / "e.parquet")
+    raw = read_raw(tmp_path / "e.parquet", user_col="who", item_col="what")
+    assert raw.interactions["user_id"].to_list() == ["a", "b"]
+    assert raw.interactions["rating"].null_count() == 2  # implicit: every interaction is kept
