@@ -49,6 +49,8 @@ class OptimConfig:
     epochs: int = 50
     beta: float = 0.2  # KL weight cap (Eq. 5)
     anneal_epochs: float = 10.0  # beta rises linearly from 0 to its cap over this many epochs
+    negatives: int = 0  # sampled softmax: S negatives per batch (0 = full softmax over all M items)
+    proposal_alpha: float = 0.0  # negatives drawn with Q ∝ (train count + 1)^alpha; 0 = uniform
     ema: float = 0.0  # decay of an exponential moving average of the weights used for evaluation; 0 = off
 
     def __post_init__(self) -> None:

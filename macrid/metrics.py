@@ -65,3 +65,17 @@ def mean_se(values: np.ndarray) -> tuple[float, float]:
     """Mean and standard error (std / sqrt(n)), as MultVAE reports."""
     v = np.asarray(values, dtype=np.float64)
     return float(v.mean()), float(v.std() / np.sqrt(len(v)))
+
+
+def nmi(labels_a: np.ndarray, labels_b: np.ndarray) -> float:
+    """Normalised mutual information (arithmetic-mean normalisation) of two labelings of the same items."""
+    a = np.unique(np.asarray(labels_a), return_inverse=True)[1]
+    b = np.unique(np.asarray(labels_b), return_inverse=True)[1]
+    joint = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(joint, (a, b), 1.0)
+    joint /= joint.sum()
+    pa, pb = joint.sum(1), joint.sum(0)
+    nz = joint > 0
+    mi = float((joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum())
+    ha, hb = -float((pa * np.log(pa)).sum()), -float((pb * np.log(pb)).sum())
+    return mi / ((ha + hb) / 2) if ha + hb > 0 else 1.0

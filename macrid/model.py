@@ -41,22 +41,25 @@ class MacridVAE(nn.Module):
         self.m = nn.Parameter(nn.init.xavier_uniform_(torch.empty(K, D)))  # prototypes m_k
         self.f_nn = nn.Linear(D, 2 * D)  # shared across the K components, Eq. 7
 
-    def concept_logits(self) -> torch.Tensor:
-        """s_ik = cos(h_i, m_k) / tau, Eq. 6. Returns (M, K)."""
-        return F.normalize(self.h, dim=1) @ F.normalize(self.m, dim=1).T / self.tau
+    def concept_logits(self, items: torch.Tensor | None = None) -> torch.Tensor:
+        """s_ik = cos(h_i, m_k) / tau, Eq. 6, for all items or the given ones. Returns (M or C, K)."""
+        h = self.h if items is None else self.h[items]
+        return F.normalize(h, dim=1) @ F.normalize(self.m, dim=1).T / self.tau
 
-    def concepts(self) -> torch.Tensor:
-        """c_i: a relaxed one-hot Gumbel-softmax sample in training, the softmax in evaluation. (M, K)."""
-        logits = self.concept_logits()
+    def concepts(self, items: torch.Tensor | None = None) -> torch.Tensor:
+        """c_i: a relaxed one-hot Gumbel-softmax sample in training, the softmax in evaluation. (M or C, K)."""
+        logits = self.concept_logits(items)
         if self.training and self.gumbel:
             return F.gumbel_softmax(logits, tau=1.0, hard=False, dim=1)
         return torch.softmax(logits, dim=1)
 
-    def encode(self, indices: torch.Tensor, offsets: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. 7 on a sparse batch. Returns mu (B, K, D) with unit norm, and ln(var / sigma0^2) (B, K, D)."""
+    def encode(self, indices: torch.Tensor, offsets: torch.Tensor, c_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 7 on a sparse batch; c_x (N, K) holds c_i of each non-zero (x_ui * c_ik).
+
+        Returns mu (B, K, D) with unit norm, and ln(var / sigma0^2) (B, K, D).
+        """
         B, N, K, D = len(offsets) - 1, len(indices), self.K, self.D
         rows = _bag_rows(offsets, N)  # (N,)
-        c_x = c[indices]  # (N, K): x_ui * c_ik for the user's items
         norm = torch.zeros(B, K).index_add(0, rows, c_x.square()).sqrt().clamp_min(1e-12)  # (B, K)
         w = F.dropout(c_x / norm[rows], self.dropout, self.training)  # (N, K)
         # One embedding_bag over K*B bags (concept-major): bag k*B+b sums w[n,k] * t_i over user b's items.
@@ -67,13 +70,16 @@ class MacridVAE(nn.Module):
         a, b = self.f_nn(torch.tanh(pooled + self.t_bias)).split(D, dim=-1)  # (B, K, D) each
         return F.normalize(a, dim=-1), -b
 
-    def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> Output:
-        c = self.concepts()  # (M, K)
-        mu, lnvar = self.encode(indices, offsets, c)  # (B, K, D)
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor, candidates: torch.Tensor | None = None) -> Output:
+        """Scores over all M items, or over `candidates` (C,) sorted item ids that include every input item."""
+        c = self.concepts(candidates)  # (M or C, K)
+        pos = indices if candidates is None else torch.searchsorted(candidates, indices)  # (N,)
+        mu, lnvar = self.encode(indices, offsets, c[pos])  # (B, K, D)
         z = mu
         if self.training and self.sample:
             z = mu + torch.randn_like(mu) * self.sigma0 * torch.exp(0.5 * lnvar)  # (B, K, D)
-        scores = mixture_scores(F.normalize(z, dim=-1), F.normalize(self.h, dim=1), c, self.tau)  # (B, M)
+        h = self.h if candidates is None else self.h[candidates]  # (M or C, D)
+        scores = mixture_scores(F.normalize(z, dim=-1), F.normalize(h, dim=1), c, self.tau)  # (B, M or C)
         # The authors' KL against N(0, sigma0^2) drops the mu^2 term, because mu is normalised.
         kl = 0.5 * (-lnvar + lnvar.exp() - 1.0).sum(dim=(1, 2))  # (B,)
         return Output(scores.log(), kl, mu)
@@ -96,7 +102,7 @@ class MultVAE(nn.Module):
         self.h = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, D)))
         self.h_bias = nn.Parameter(torch.zeros(n_items))
 
-    def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> Output:
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor, candidates: torch.Tensor | None = None) -> Output:
         B, N = len(offsets) - 1, len(indices)
         rows = _bag_rows(offsets, N)
         lengths = offsets.diff().clamp_min(1).to(self.t.dtype)  # (B,)
@@ -111,7 +117,9 @@ class MultVAE(nn.Module):
         else:
             mu = z = torch.tanh(out)  # (B, D)
             kl = torch.zeros(B)
-        return Output(z @ self.h.T + self.h_bias, kl, mu.unsqueeze(1))
+        if candidates is None:
+            return Output(z @ self.h.T + self.h_bias, kl, mu.unsqueeze(1))
+        return Output(z @ self.h[candidates].T + self.h_bias[candidates], kl, mu.unsqueeze(1))
 
 
 def build_model(cfg: ModelConfig, n_items: int) -> nn.Module:

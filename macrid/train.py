@@ -27,6 +27,7 @@ from macrid.evaluate import evaluate, torch_scorer
 from macrid.loss import beta_at, elbo_loss
 from macrid.model import build_model
 from macrid.report import format_metrics, plot_learning_curve
+from macrid.sampling import NegativeSampler
 
 log = logging.getLogger(__name__)
 Reporter = Callable[[dict], None]
@@ -67,6 +68,10 @@ def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int =
     if train_batches is None:
         train_batches = _memory_batches(cfg, data, rank, world)
     metrics = _telemetry(cfg, rank)
+    sampler = None
+    if cfg.optim.negatives > 0:
+        counts = np.bincount(data.train.indices, minlength=data.n_items)
+        sampler = NegativeSampler(counts, cfg.optim.negatives, cfg.optim.proposal_alpha, seed=cfg.run.seed + rank)
     steps_per_epoch = math.ceil(data.train.n_rows / cfg.optim.batch_size)
     bar = _progress(cfg.optim.epochs, state["epoch"], enabled=cfg.run.progress and rank == 0, desc=cfg.run.name)
     t_train = time.perf_counter()
@@ -78,7 +83,12 @@ def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int =
             if state["step"] == cfg.run.fail_at_step and rank == cfg.run.fail_rank and _first_failure(cfg):
                 raise RuntimeError(f"run.fail_at_step: injected failure at step {state['step']} on rank {rank}")
             beta = beta_at(state["step"], steps_per_epoch, cfg.optim.beta, cfg.optim.anneal_epochs)
-            loss, parts = elbo_loss(train_model(idx, off), idx, off, beta)
+            if sampler is None:
+                loss, parts = elbo_loss(train_model(idx, off), idx, off, beta)
+            else:
+                cand = sampler.candidates(idx)
+                loss, parts = elbo_loss(train_model(idx, off, cand.items), cand.positions(idx), off, beta,
+                                        cand.log_pi)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -49,7 +49,7 @@ def test_kl_matches_closed_form():
     model = make(sigma0=0.2).eval()
     idx, off = tiny_batch()
     out = model(idx, off)
-    mu, lnvar = model.encode(idx, off, model.concepts())
+    mu, lnvar = model.encode(idx, off, model.concepts()[idx])
     sigma = 0.2 * torch.exp(0.5 * lnvar)
     q = torch.distributions.Normal(mu, sigma)
     p = torch.distributions.Normal(torch.zeros_like(mu), 0.2 * torch.ones_like(mu))
@@ -62,7 +62,7 @@ def test_sparse_encoder_equals_dense_reference():
     model = make(dropout=0.0).eval()
     idx, off = tiny_batch()
     c = model.concepts()
-    mu, lnvar = model.encode(idx, off, c)
+    mu, lnvar = model.encode(idx, off, c[idx])
     x = torch.zeros(3, 10)
     x[torch.repeat_interleave(torch.arange(3), off.diff()), idx] = 1.0  # dense (B, M)
     xk = x.unsqueeze(1) * c.T.unsqueeze(0)  # (B, K, M), Eq. 7 numerator weights

@@ -1,0 +1,59 @@
+"""Sampled softmax: a candidate set per batch and the log-Q (inclusion-probability) correction.
+
+Full softmax normalises p(i | u) over all M items. For large M, each batch instead uses
+candidates C = (items of the batch's users) ∪ (S negatives drawn from a proposal Q, shared by the
+batch). The normaliser is estimated by Horvitz-Thompson:
+
+    Z_u ≈ Σ_{j∈C} A_uj / π_j,   π_j = 1 for the batch's own items, π_j = 1 - (1 - Q_j)^S for the others,
+
+where π_j is the probability that item j is in C. The estimate of Z_u is unbiased; its log is
+biased low by about Var(Ẑ)/(2 Z²) (Jensen), which shrinks as S grows and as Q approaches the
+model's own distribution; docs/sampled_softmax.md has the derivation. With C = all items every
+π_j = 1 and the loss is exactly the full softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Candidates:
+    items: torch.Tensor  # (C,) sorted unique item ids
+    log_pi: torch.Tensor  # (C,) log inclusion probability, 0 for the batch's own items
+
+    def positions(self, indices: torch.Tensor) -> torch.Tensor:
+        """Item ids (N,) that are candidates -> their positions in `items` (N,)."""
+        return torch.searchsorted(self.items, indices)
+
+
+class NegativeSampler:
+    """Draws S negatives per batch from Q ∝ count^alpha (alpha = 0: uniform), with replacement."""
+
+    def __init__(self, item_counts: np.ndarray, n_samples: int, alpha: float, seed: int = 0):
+        weights = np.power(np.asarray(item_counts, dtype=np.float64) + 1.0, alpha)  # +1: unseen items stay possible
+        self.q = torch.from_numpy(weights / weights.sum())  # (M,) float64
+        self.n_samples = n_samples
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self) -> torch.Tensor:
+        """(S,) item ids, with repetitions."""
+        return torch.multinomial(self.q, self.n_samples, replacement=True, generator=self.generator)
+
+    def candidates(self, batch_items: torch.Tensor) -> Candidates:
+        """Candidates for a batch whose users hold `batch_items` (N,)."""
+        positives = torch.unique(batch_items)
+        negatives = torch.unique(self.sample())
+        items = torch.unique(torch.cat([positives, negatives]))  # (C,) sorted
+        q = self.q[items]
+        log_pi = torch.log1p(-torch.pow(1.0 - q, self.n_samples)).float()  # (C,)
+        is_positive = torch.isin(items, positives)
+        log_pi[is_positive] = 0.0
+        return Candidates(items, log_pi)
+
+
+def all_items(n_items: int) -> Candidates:
+    return Candidates(torch.arange(n_items), torch.zeros(n_items))
