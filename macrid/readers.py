@@ -18,7 +18,7 @@ import polars as pl
 
 from macrid.errors import DataError
 
-FORMATS = ("auto", "ml-100k", "ml-1m", "ml-20m", "netflix", "table")
+FORMATS = ("auto", "ml-100k", "ml-1m", "ml-20m", "netflix", "adjacency", "table")
 ML100K_GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
     "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
@@ -47,6 +47,8 @@ def detect_format(path: Path) -> str:
             return "ml-20m"
         if name == "training_set" or (path / "training_set").is_dir():
             return "netflix"
+        if _adjacency_files(path):
+            return "adjacency"
         if any(p.suffix in (".parquet", ".csv") for p in path.iterdir()):
             return "table"
     elif name == "u.data":
@@ -83,6 +85,7 @@ def read_raw(
         "ml-1m": _read_ml1m,
         "ml-20m": _read_ml20m,
         "netflix": _read_netflix,
+        "adjacency": _read_adjacency,
     }.get(fmt)
     if reader is not None:
         return reader(path)
@@ -280,3 +283,33 @@ def _read_netflix(path: Path) -> RawData:
                 rows.append((int(f[0]), f[2], []))
         items = _items_frame(rows)
     return RawData(pl.concat(frames), items, str(folder), "netflix")
+
+
+def _adjacency_files(folder: Path) -> list[Path]:
+    return [folder / n for n in ("train.txt", "train.txt.gz", "test.txt", "test.txt.gz") if (folder / n).exists()]
+
+
+def _read_adjacency(path: Path) -> RawData:
+    """LightGCN/NGCF adjacency lists: one line per user, a user id then item ids. train + test are merged,
+    since the MultVAE protocol makes its own split."""
+    files = _adjacency_files(path) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"{path}: no train.txt / test.txt (optionally .gz) adjacency-list files")
+    users, items = [], []
+    for f in files:
+        opener = gzip.open if f.suffix == ".gz" else open
+        with opener(f, "rt") as fh:
+            for n, line in enumerate(fh, 1):
+                fields = line.split()
+                if not fields:
+                    continue
+                try:
+                    ids = [int(x) for x in fields]
+                except ValueError:
+                    raise DataError(f"{f}: line {n} holds a non-integer id: {line[:60]!r}") from None
+                users.extend([ids[0]] * (len(ids) - 1))
+                items.extend(ids[1:])
+    df = pl.DataFrame({"user_id": users, "item_id": items},
+                      schema={"user_id": pl.Int64, "item_id": pl.Int64}).with_columns(
+        pl.lit(None, pl.Float64).alias("rating"))
+    return RawData(df, None, str(path), "adjacency")

@@ -41,3 +41,13 @@ def test_generic_table_with_string_ids_and_no_rating(tmp_path):
     raw = read_raw(tmp_path / "e.parquet", user_col="who", item_col="what")
     assert raw.interactions["user_id"].to_list() == ["a", "b"]
     assert raw.interactions["rating"].null_count() == 2  # implicit: every interaction is kept
+
+
+def test_adjacency_lists_merge_train_and_test(tmp_path):
+    with gzip.open(tmp_path / "train.txt.gz", "wt") as f:
+        f.write("0 10 11 12\n1 10\n")
+    (tmp_path / "test.txt").write_text("0 13\n1 11 12\n")
+    raw = read_raw(tmp_path)
+    assert raw.format == "adjacency"
+    assert sorted(raw.interactions.select("user_id", "item_id").rows()) == [
+        (0, 10), (0, 11), (0, 12), (0, 13), (1, 10), (1, 11), (1, 12)]
