@@ -49,6 +49,31 @@ def evaluate(scorer: Scorer, split: HeldOut, n_items: int, batch_size: int = 100
     return result
 
 
+def chunked_top_k(model: torch.nn.Module, indices: torch.Tensor, offsets: torch.Tensor, n_items: int, k: int,
+                  chunk: int = 65536) -> torch.Tensor:
+    """Top-k items (B, k) over all M items with bounded memory: B x chunk scores at a time.
+
+    Fold-in items are excluded; ties go to the lower item index, exactly as `top_k` on full scores,
+    because chunks are visited in index order and merged with a stable sort.
+    """
+    model.eval()
+    B = len(offsets) - 1
+    mu = model.represent(indices, offsets)
+    rows = torch.repeat_interleave(torch.arange(B), offsets.diff())
+    best_s = torch.full((B, 0), -torch.inf)
+    best_i = torch.zeros((B, 0), dtype=torch.long)
+    for lo in range(0, n_items, chunk):
+        items = torch.arange(lo, min(lo + chunk, n_items))
+        s = model.score(mu, items).float()  # (B, C)
+        inside = (indices >= lo) & (indices < lo + len(items))
+        s[rows[inside], indices[inside] - lo] = -torch.inf
+        cat_s = torch.cat([best_s, s], 1)
+        cat_i = torch.cat([best_i, items.expand(B, -1)], 1)
+        order = torch.sort(cat_s, dim=1, descending=True, stable=True).indices[:, :k]
+        best_s, best_i = torch.gather(cat_s, 1, order), torch.gather(cat_i, 1, order)
+    return best_i
+
+
 def torch_scorer(model: torch.nn.Module) -> Scorer:
     """Scores of a macrid model in evaluation mode (concept mode, z = mu, no dropout)."""
     model.eval()

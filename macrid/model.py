@@ -85,6 +85,20 @@ class MacridVAE(nn.Module):
         return Output(scores.log(), kl, mu)
 
 
+    @torch.no_grad()
+    def represent(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Evaluation-mode users' representations mu (B, K, D), touching only the input items."""
+        items = torch.unique(indices)
+        c = self.concepts(items)  # (C, K)
+        return self.encode(indices, offsets, c[torch.searchsorted(items, indices)])[0]
+
+    @torch.no_grad()
+    def score(self, mu: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """log A_ui for representations mu (B, K, D) and item ids (C,) -> (B, C). For chunked ranking."""
+        c = self.concepts(items)
+        return mixture_scores(F.normalize(mu, dim=-1), F.normalize(self.h[items], dim=1), c, self.tau).log()
+
+
 class MultVAE(nn.Module):
     """beta-MultVAE (variational=True) or MultDAE (False) with the paper's ~2*M*D parameter budget.
 
@@ -120,6 +134,15 @@ class MultVAE(nn.Module):
         if candidates is None:
             return Output(z @ self.h.T + self.h_bias, kl, mu.unsqueeze(1))
         return Output(z @ self.h[candidates].T + self.h_bias[candidates], kl, mu.unsqueeze(1))
+
+
+    @torch.no_grad()
+    def represent(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.forward(indices, offsets).mu  # (B, 1, D); eval mode: z = mu
+
+    @torch.no_grad()
+    def score(self, mu: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return mu[:, 0] @ self.h[items].T + self.h_bias[items]  # (B, C)
 
 
 def build_model(cfg: ModelConfig, n_items: int) -> nn.Module:

@@ -73,3 +73,17 @@ def test_independence_score():
     assert independence(x) == pytest.approx(1.0, abs=0.02)
     y = np.stack([x[:, 0], x[:, 0], -x[:, 0]], axis=1)  # perfectly (anti-)correlated
     assert independence(y) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_chunked_top_k_equals_full_ranking():
+    from macrid.evaluate import chunked_top_k
+    from macrid.model import MacridVAE, MultVAE
+
+    torch.manual_seed(0)
+    idx, off = torch.tensor([0, 3, 5, 1, 2, 7, 8, 30]), torch.tensor([0, 3, 4, 8])
+    for model in (MacridVAE(n_items=37, K=3, D=4).eval(), MultVAE(n_items=37, D=4, hidden=4).eval()):
+        scores = model(idx, off).log_scores.clone()
+        scores[torch.repeat_interleave(torch.arange(3), off.diff()), idx] = -torch.inf
+        want = top_k(scores, 10)
+        for chunk in (5, 16, 37, 100):
+            assert torch.equal(chunked_top_k(model, idx, off, 37, 10, chunk=chunk), want), chunk
