@@ -26,7 +26,7 @@ SPACES = {
         "optim.lr": ("loguniform", 3e-4, 3e-3),
         "model.K": ("choice", [3, 5, 7, 9, 12]),
         "model.gumbel": ("choice", [True, False]),
-        "optim.batch_size": ("choice", [250, 500]),
+        "optim.batch_size": ("choice", [100, 250, 500]),
         "optim.weight_decay": ("choice", [0.0, 1e-7, 1e-6, 1e-5]),
         "optim.anneal_epochs": ("choice", [1.0, 5.0, 20.0]),
         "optim.ema": ("choice", [0.0, 0.9, 0.97]),
