@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--user-col", default="user_id", help="user column of a generic table")
     p.add_argument("--item-col", default="item_id", help="item column of a generic table")
     p.add_argument("--rating-col", default=None, help="rating column of a generic table (omit for implicit data)")
-    p.add_argument("--lake", default="lake", help="lake root folder (default: ./lake)")
+    p.add_argument("--lake", default="lake", help="lake root: a folder or s3://bucket/prefix (default: ./lake)")
     p.add_argument("--name", required=True, help="dataset name: written to <lake>/datasets/<name>")
     p.add_argument("--min-rating", type=float, default=4.0, help="keep ratings >= this (default 4)")
     p.add_argument("--min-user-items", type=int, default=5, help="keep users with at least this many items")
@@ -39,8 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=98765, help="split seed (default 98765, as MultVAE)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of this name")
     g = p.add_argument_group("synthetic data")
+    helps = {"n_users": "users to generate", "n_items": "catalogue size M", "K": "planted categories",
+             "factors": "latent factors within each category", "zipf": "popularity exponent within a category",
+             "taste": "how strongly a user's factor taste drives choices", "min_items": "smallest user bag",
+             "max_items": "largest user bag", "mean_items": "typical user bag (log-normal)",
+             "max_user_categories": "most categories one user mixes (at least 2)", "seed": "generator seed"}
     for f in SyntheticSpec.__dataclass_fields__.values():
-        g.add_argument(f"--syn-{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        g.add_argument(f"--syn-{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                       help=f"{helps.get(f.name, '')} (default {f.default})")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
