@@ -18,7 +18,7 @@ def plot_learning_curve(history: list[dict], path: str, title: str) -> None:
     ax1b = ax1.twinx()
     ax1b.plot(epochs, [h["kl"] for h in history], color="tab:orange", label="KL")
     ax1b.set_ylabel("KL per user")
-    ax1.legend(loc="upper right", handles=ax1.get_lines() + ax1b.get_lines())
+    ax1.legend(loc="center right", handles=ax1.get_lines() + ax1b.get_lines(), fontsize=8)
     val = [(h["epoch"], h["val_ndcg@100"]) for h in history if "val_ndcg@100" in h]
     if val:
         ax2.plot(*zip(*val), marker=".", color="tab:green")
