@@ -1,5 +1,5 @@
 """Training throughput (users/s per epoch) on ML-1M: the single-process loop against Ray Train with
-1 and 2 CPU workers (DDP, gloo, Ray Data input), measured in the same run on the same machine.
+1 and 2 CPU workers (DDP, gloo), with in-memory and with Ray Data input, measured in one run.
 
   python benchmarks/throughput.py --lake lake --dataset ml-1m --epochs 4
 """
@@ -39,13 +39,15 @@ def main() -> None:
     cfg = prepare_config(load_config(None, base + [f"run.name='bench-local-{stamp}'", "run.threads=2"]))
     results["single_process_users_per_s"] = users_per_second(fit(cfg))
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=256 * 1024**2)
-    for workers in (1, 2):
-        m = launch(load_config(None, base + [f"run.name='bench-ray{workers}-{stamp}'", f"run.num_workers={workers}"]))
-        results[f"ray_train_{workers}_workers_users_per_s"] = users_per_second(m)
+    for data in ("memory", "ray"):
+        for workers in (1, 2):
+            m = launch(load_config(None, base + [f"run.name='bench-{data}{workers}-{stamp}'",
+                                                 f"run.num_workers={workers}", f"run.data={data!r}"]))
+            key = f"ray_train_{data}_input_{workers}_workers"
+            results[f"{key}_users_per_s"] = users_per_second(m)
+            results[f"{key}_ratio_to_single_process"] = (
+                results[f"{key}_users_per_s"] / results["single_process_users_per_s"])
     ray.shutdown()
-    for workers in (1, 2):
-        results[f"ratio_{workers}_workers_to_single_process"] = (
-            results[f"ray_train_{workers}_workers_users_per_s"] / results["single_process_users_per_s"])
     print(json.dumps(results, indent=1))
 
 

@@ -79,7 +79,9 @@ class RunConfig:
     progress: bool = True  # progress bar while training
     resume: bool = False  # continue the run in <lake>/runs/<name> from its latest checkpoint
     max_failures: int = 2  # Ray Train restarts after a worker dies; each restart resumes from the checkpoint
-    data: str = "ray"  # training input under Ray Train: "ray" (Ray Data streaming) or "memory" (CSR in RAM)
+    # training input under Ray Train: "ray" (Ray Data streaming), "memory" (CSR in RAM on every worker),
+    # or "auto": memory up to MEMORY_INPUT_MAX_INTERACTIONS training interactions, Ray Data above
+    data: str = "auto"
     metrics_port: int = 0  # Prometheus endpoint on rank 0; 0 = off
     use_gpu: bool = False  # one GPU per worker, NCCL; CPU workers use gloo
     fail_at_step: int = -1  # fault injection for recovery tests: raise once at this step on rank fail_rank
@@ -87,8 +89,8 @@ class RunConfig:
 
 
     def __post_init__(self) -> None:
-        if self.data not in ("ray", "memory"):
-            raise ConfigError(f"run.data={self.data!r} must be 'ray' or 'memory'")
+        if self.data not in ("ray", "memory", "auto"):
+            raise ConfigError(f"run.data={self.data!r} must be 'auto', 'ray' or 'memory'")
         if self.num_workers < 1:
             raise ConfigError("run.num_workers must be >= 1")
 

@@ -15,6 +15,8 @@ from macrid.config import Config
 from macrid.errors import ConfigError
 from macrid.train import fit, run_uri
 
+MEMORY_INPUT_MAX_INTERACTIONS = 20_000_000  # ~160 MB of int64 item ids per worker
+
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: rebuild the typed config once, then train on this worker's shard."""
@@ -66,7 +68,12 @@ def launch(cfg: Config) -> dict:
     from macrid.ray_data import train_dataset
 
     cfg = prepare_config(cfg)
-    load_dataset(cfg.data.lake, cfg.data.dataset)  # fail here, with the cause, before starting workers
+    meta = load_dataset(cfg.data.lake, cfg.data.dataset).meta  # fail here, with the cause, before starting workers
+    if cfg.run.data == "auto":
+        # Ray Data re-runs its pipeline every epoch: seconds of fixed cost that only pay off when the
+        # training set is too big to hold on each worker (benchmarks/throughput.md).
+        small = meta["train"]["interactions"] <= MEMORY_INPUT_MAX_INTERACTIONS
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, data="memory" if small else "ray"))
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`, or pointed at a cluster: join it as it is
             ray.init()

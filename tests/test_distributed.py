@@ -41,12 +41,13 @@ def s3_keys(prefix):
 
 
 def test_s3_prepare_train_two_workers_checkpoint_resume(s3_lake):
-    first = launch(cfg_for(s3_lake, "two", "optim.epochs=2", "run.num_workers=2"))
+    first = launch(cfg_for(s3_lake, "two", "optim.epochs=2", "run.num_workers=2", "run.data='ray'"))
     assert first["epochs_run"] == 2
     keys = s3_keys("ci/runs/two/")
     assert {"ci/runs/two/metrics.json", "ci/runs/two/checkpoints/latest.pt", "ci/runs/two/checkpoints/best.pt",
             "ci/runs/two/learning_curve.png"} <= keys
-    resumed = launch(cfg_for(s3_lake, "two", "optim.epochs=3", "run.num_workers=2", "run.resume=true"))
+    resumed = launch(cfg_for(s3_lake, "two", "optim.epochs=3", "run.num_workers=2", "run.resume=true",
+                             "run.data='ray'"))
     assert resumed["epochs_run"] == 3  # two restored epochs plus one new one, not three new ones
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     assert resumed["history"][:2] == first["history"]
@@ -72,6 +73,7 @@ def test_ddp_step_equals_single_worker_step(s3_lake):
 
 def test_worker_failure_resumes_from_last_checkpoint(s3_lake):
     metrics = launch(cfg_for(s3_lake, "faulty", "optim.epochs=3", "run.num_workers=2", "run.fail_at_step=8",
+                             "run.data='ray'",
                              "run.fail_rank=1", "run.max_failures=2"))
     assert metrics["epochs_run"] == 3 and [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
     assert "ci/runs/faulty/_fault_injected" in s3_keys("ci/runs/faulty/")
