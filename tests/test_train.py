@@ -27,6 +27,13 @@ def test_few_epochs_on_ml100k_beat_popularity_clearly(ml100k_lake):
     on_disk = json.load(open(f"{run}/metrics.json"))
     assert on_disk["best_epoch"] == metrics["best_epoch"] and len(on_disk["history"]) == 8
     assert set(on_disk["test"]) >= {"ndcg@100", "recall@20", "recall@50", "independence"}
+    # the model is rebuilt from its run folder alone and scores exactly what the run reported
+    from macrid.evaluate import torch_scorer
+    from macrid.train import load_model
+
+    model, _ = load_model(run, data.meta["vocabulary_fingerprint"])
+    again = evaluate(torch_scorer(model), data.test, data.n_items)["ndcg@100"]
+    assert again == pytest.approx(metrics["test"]["ndcg@100"])
 
 
 @pytest.mark.parametrize("model", ["multvae", "multdae"])
