@@ -202,7 +202,8 @@ def staged_dir(uri: str, overwrite: bool = False, marker: str = "_meta.json") ->
     if is_s3(uri):
         with explained(uri):
             if present:
-                fs.delete_file(f"{path}/{marker}") if fs.get_file_info(f"{path}/{marker}").type else None
+                if fs.get_file_info(f"{path}/{marker}").type != pafs.FileType.NotFound:
+                    fs.delete_file(f"{path}/{marker}")  # readers now see an incomplete folder
                 fs.delete_dir_contents(path, missing_dir_ok=True)
             try:
                 yield uri

@@ -85,3 +85,21 @@ def test_prepare_reads_raw_shards_from_s3_and_names_the_uri(s3_endpoint, tmp_pat
     assert meta["n_users"] == 40 and lake.exists("s3://lake/prepared/datasets/events/_meta.json")
     with pytest.raises(DataError, match=r"s3://lake/raw/events/part-0\.parquet: missing column"):
         read_raw("s3://lake/raw/events", user_col="user")
+
+
+def test_s3_publication_is_all_or_nothing(s3_endpoint):
+    import pyarrow as pa
+
+    uri = "s3://lake/atomic/datasets/d"
+    with lake.staged_dir(uri) as stage:
+        lake.write_parquet(f"{stage}/train/part-0.parquet", pa.table({"items": [[1]]}))
+        lake.write_json(f"{stage}/_meta.json", {"version": 1})
+    with pytest.raises(DataError, match="already exists"):
+        with lake.staged_dir(uri):
+            pass
+    with pytest.raises(RuntimeError, match="crash"):  # a job dying halfway through an overwrite
+        with lake.staged_dir(uri, overwrite=True) as stage:
+            lake.write_parquet(f"{stage}/train/part-0.parquet", pa.table({"items": [[2]]}))
+            raise RuntimeError("crash")
+    assert not lake.exists(f"{uri}/_meta.json")  # never taken for complete
+    assert not lake.list_parquet(f"{uri}/train")  # and the half-written files are gone
