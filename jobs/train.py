@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from macrid.launch import launch
 
-            launch(cfg)
+            from macrid.report import format_metrics
+
+            metrics = launch(cfg)
+            print(f"[macrid] done: {metrics['run']} best epoch {metrics['best_epoch']}/{metrics['epochs_run']}; "
+                  f"test {format_metrics(metrics['test'])}", flush=True)
     except MacridError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

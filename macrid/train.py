@@ -79,6 +79,7 @@ def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int =
         t0 = time.perf_counter()
         model.train()
         sums, n_steps, n_users = {"loss": 0.0, "nll": 0.0, "kl": 0.0}, 0, 0
+        beta = beta_at(state["step"], steps_per_epoch, cfg.optim.beta, cfg.optim.anneal_epochs)
         for idx, off in train_batches(epoch):
             if state["step"] == cfg.run.fail_at_step and rank == cfg.run.fail_rank and _first_failure(cfg):
                 raise RuntimeError(f"run.fail_at_step: injected failure at step {state['step']} on rank {rank}")
@@ -114,9 +115,9 @@ def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int =
                             | {"ema": ema.state_dict() if ema is not None else None}, **ckpt_meta)
             if metrics is not None:
                 metrics.on_epoch(row, row["users"])
-        bar.update(1)
         bar.set_postfix_str(f"loss {row['loss']:.1f} val ndcg@100 {row.get('val_ndcg@100', float('nan')):.4f}"
-                            f" best {state['best']:.4f}@{state['best_epoch']}")
+                            f" best {state['best']:.4f}@{state['best_epoch']}", refresh=False)
+        bar.update(1)  # one redraw per epoch: Ray forwards every redraw as a log line
         if report is not None:
             report(row)
         if _agree(stop, world):
