@@ -41,7 +41,7 @@ def gemm_rate(m: int, k: int, n: int, repeats: int = 5) -> float:
 def epoch_flops(batches, M: int, K: int, D: int) -> float:
     """Matmul FLOPs of one epoch: forward + backward (x3) of every product in the model."""
     total = 0.0
-    for _, idx, off in batches:
+    for idx, off in batches:
         B, N = len(off) - 1, len(idx)
         decoder = 2 * B * K * M * D  # cos(z_k, h_i) for all users, concepts, items
         encoder = 2 * N * K * D  # the sparse bag sum of c_ik * t_i
@@ -59,7 +59,7 @@ def time_epochs(data, K: int, D: int, batch_size: int, epochs: int, decoder) -> 
     times = []
     for epoch in range(epochs + 1):  # the first epoch warms up allocators and is dropped
         t = time.perf_counter()
-        for _, idx, off in iter_batches(data.train, batch_size, np.random.default_rng(epoch)):
+        for idx, off in iter_batches(data.train, batch_size, np.random.default_rng(epoch)):
             loss, _ = elbo_loss(model(idx, off), idx, off, 0.2)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from macrid.baselines import ease_scorer, popularity_scorer
+from macrid.baselines import ease_scorer, gram, popularity_scorer
 from macrid.batches import load_dataset
 from macrid.errors import MacridError
 from macrid.evaluate import evaluate
@@ -30,14 +30,15 @@ def main(argv: list[str] | None = None) -> int:
         pop = popularity_scorer(data.train, data.n_items)
         results = {"popularity": {"val": evaluate(pop, data.val, data.n_items),
                                   "test": evaluate(pop, data.test, data.n_items)}}
+        G = gram(data.train, data.n_items)
         sweep = []
         for lam in (float(x) for x in args.lams.split(",")):
-            val = evaluate(ease_scorer(data.train, data.n_items, lam), data.val, data.n_items)
-            sweep.append((val["ndcg@100"][0], lam, val))
+            scorer = ease_scorer(G, lam)
+            val = evaluate(scorer, data.val, data.n_items)
+            sweep.append((val["ndcg@100"][0], lam, val, scorer))
             print(f"EASE lam={lam:g}: val {format_metrics(val)}", flush=True)
-        _, lam, val = max(sweep, key=lambda s: s[0])
-        results["ease"] = {"lam": lam, "val": val, "test": evaluate(ease_scorer(data.train, data.n_items, lam),
-                                                                   data.test, data.n_items),
+        _, lam, val, scorer = max(sweep, key=lambda s: s[0])
+        results["ease"] = {"lam": lam, "val": val, "test": evaluate(scorer, data.test, data.n_items),
                            "sweep": {str(s[1]): s[0] for s in sweep}}
     except MacridError as e:
         print(f"error: {e}", file=sys.stderr)

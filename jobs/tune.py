@@ -17,36 +17,28 @@ import sys
 from macrid.config import Config, load_config
 from macrid.errors import MacridError
 
-# (kind, args): hyperopt distributions over dotted config keys.
+# (kind, args): hyperopt distributions over dotted config keys. The keys every model shares:
+_COMMON = {
+    "model.dropout": ("uniform", 0.2, 0.7),
+    "optim.lr": ("loguniform", 3e-4, 3e-3),
+    "optim.weight_decay": ("choice", [0.0, 1e-7, 1e-6, 1e-5]),
+    "optim.ema": ("choice", [0.0, 0.9, 0.97]),
+}
 SPACES = {
-    "macridvae": {
+    "macridvae": _COMMON | {
         "optim.beta": ("loguniform", 0.02, 1.0),
         "model.sigma0": ("loguniform", 0.05, 0.5),
-        "model.dropout": ("uniform", 0.2, 0.7),
-        "optim.lr": ("loguniform", 3e-4, 3e-3),
         "model.K": ("choice", [3, 5, 7, 9, 12]),
         "model.gumbel": ("choice", [True, False]),
         "optim.batch_size": ("choice", [100, 250, 500]),
-        "optim.weight_decay": ("choice", [0.0, 1e-7, 1e-6, 1e-5]),
         "optim.anneal_epochs": ("choice", [1.0, 5.0, 20.0]),
-        "optim.ema": ("choice", [0.0, 0.9, 0.97]),
     },
-    "multvae": {
+    "multvae": _COMMON | {
         "optim.beta": ("loguniform", 0.01, 1.0),
-        "model.dropout": ("uniform", 0.2, 0.7),
-        "optim.lr": ("loguniform", 3e-4, 3e-3),
         "optim.batch_size": ("choice", [100, 250, 500]),
-        "optim.weight_decay": ("choice", [0.0, 1e-7, 1e-6, 1e-5]),
         "optim.anneal_epochs": ("choice", [1.0, 5.0, 20.0]),
-        "optim.ema": ("choice", [0.0, 0.9, 0.97]),
     },
-    "multdae": {
-        "model.dropout": ("uniform", 0.2, 0.7),
-        "optim.lr": ("loguniform", 3e-4, 3e-3),
-        "optim.batch_size": ("choice", [100, 200, 500]),
-        "optim.weight_decay": ("choice", [0.0, 1e-7, 1e-6, 1e-5]),
-        "optim.ema": ("choice", [0.0, 0.9, 0.97]),
-    },
+    "multdae": _COMMON | {"optim.batch_size": ("choice", [100, 200, 500])},
 }
 
 

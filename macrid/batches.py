@@ -19,6 +19,11 @@ from macrid.errors import DataError
 from macrid.prepare import dataset_uri
 
 
+def bag_rows(offsets: torch.Tensor) -> torch.Tensor:
+    """offsets (B+1,) -> the user row of each of the N non-zeros, (N,)."""
+    return torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff())
+
+
 @dataclass(frozen=True)
 class CSR:
     """Users' item bags: row r holds indices[indptr[r]:indptr[r+1]]."""
@@ -36,6 +41,10 @@ class CSR:
         offsets = np.asarray(arr.offsets, dtype=np.int64)
         values = np.asarray(arr.values, dtype=np.int64)
         return cls(offsets - offsets[0], values[offsets[0]:offsets[-1]])
+
+    def item_counts(self, n_items: int) -> np.ndarray:
+        """(M,) how many bags hold each item: the popularity of the training set."""
+        return np.bincount(self.indices, minlength=n_items)
 
     def take(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows -> (indices (N,), offsets (B+1,)) as int64 tensors."""
@@ -62,20 +71,27 @@ class HeldOut:
 class Dataset:
     meta: dict
     n_items: int
-    train: CSR
+    train: CSR | None  # None when the training bags are streamed instead
     val: HeldOut
     test: HeldOut
 
 
-def load_dataset(lake_root: str, name: str) -> Dataset:
+def load_meta(lake_root: str, name: str) -> dict:
+    """A dataset's _meta.json, refusing a folder without it (incomplete or not a dataset)."""
     uri = dataset_uri(lake_root, name)
     if not lake.exists(f"{uri}/_meta.json"):
         raise DataError(
             f"{uri}: no _meta.json, so this is not a complete prepared dataset; "
             f"run `python jobs/prepare.py ... --lake {lake_root} --name {name}` first"
         )
-    meta = lake.read_json(f"{uri}/_meta.json")
-    train = CSR.from_lists(lake.read_table(f"{uri}/train", ["items"])["items"])
+    return lake.read_json(f"{uri}/_meta.json")
+
+
+def load_dataset(lake_root: str, name: str, with_train: bool = True) -> Dataset:
+    """The held-out splits, and the training bags unless `with_train` is False (Ray Data streams them)."""
+    uri = dataset_uri(lake_root, name)
+    meta = load_meta(lake_root, name)
+    train = CSR.from_lists(lake.read_table(f"{uri}/train", ["items"])["items"]) if with_train else None
     return Dataset(meta, int(meta["n_items"]), train, _heldout(f"{uri}/val"), _heldout(f"{uri}/test"))
 
 
@@ -88,10 +104,8 @@ def _heldout(uri: str) -> HeldOut:
 
 def iter_batches(
     csr: CSR, batch_size: int, rng: np.random.Generator | None = None
-) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-    """Yield (rows (B,), indices (N,), offsets (B+1,)); users shuffled when `rng` is given."""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (indices (N,), offsets (B+1,)); users shuffled when `rng` is given."""
     order = rng.permutation(csr.n_rows) if rng is not None else np.arange(csr.n_rows)
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        indices, offsets = csr.take(rows)
-        yield rows, indices, offsets
+        yield csr.take(order[start:start + batch_size])

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from macrid.batches import CSR, HeldOut
+from macrid.batches import HeldOut, bag_rows
 from macrid.metrics import independence, mean_se, ndcg_at_k, recall_at_k, targets_mask, top_k
 
 # (indices (N,), offsets (B+1,)) -> (scores (B, M), representations (B, K, D) or None)
@@ -28,8 +28,7 @@ def evaluate(scorer: Scorer, split: HeldOut, n_items: int, batch_size: int = 100
         with torch.no_grad():
             scores, rep = scorer(f_idx, f_off)
         scores = scores.float().clone()  # (B, M)
-        f_rows = torch.repeat_interleave(torch.arange(len(rows)), f_off.diff())
-        scores[f_rows, f_idx] = -torch.inf  # fold-in items never count
+        scores[bag_rows(f_off), f_idx] = -torch.inf  # fold-in items never count
         n_targets = t_off.diff()  # (B,)
         keep = n_targets > 0
         skipped += int((~keep).sum())
@@ -59,7 +58,7 @@ def chunked_top_k(model: torch.nn.Module, indices: torch.Tensor, offsets: torch.
     model.eval()
     B = len(offsets) - 1
     mu = model.represent(indices, offsets)
-    rows = torch.repeat_interleave(torch.arange(B), offsets.diff())
+    rows = bag_rows(offsets)
     best_s = torch.full((B, 0), -torch.inf)
     best_i = torch.zeros((B, 0), dtype=torch.long)
     for lo in range(0, n_items, chunk):
@@ -87,11 +86,6 @@ def torch_scorer(model: torch.nn.Module) -> Scorer:
 
 def dense_rows(indices: torch.Tensor, offsets: torch.Tensor, n_items: int) -> torch.Tensor:
     """CSR batch -> dense (B, M) 0/1 matrix. For the closed-form baselines only (small M)."""
-    B = len(offsets) - 1
-    x = torch.zeros(B, n_items)
-    x[torch.repeat_interleave(torch.arange(B), offsets.diff()), indices] = 1.0
+    x = torch.zeros(len(offsets) - 1, n_items)
+    x[bag_rows(offsets), indices] = 1.0
     return x
-
-
-def train_matrix_counts(train: CSR, n_items: int) -> np.ndarray:
-    return np.bincount(train.indices, minlength=n_items).astype(np.float64)

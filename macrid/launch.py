@@ -13,7 +13,7 @@ import time
 from macrid import lake
 from macrid.config import Config
 from macrid.errors import ConfigError
-from macrid.train import fit, run_uri
+from macrid.train import fit, has_checkpoint, run_uri
 
 MEMORY_INPUT_MAX_INTERACTIONS = 20_000_000  # ~160 MB of int64 item ids per worker
 
@@ -49,10 +49,7 @@ def prepare_config(cfg: Config) -> Config:
         data = dataclasses.replace(data, lake=os.path.abspath(data.lake))
     cfg = dataclasses.replace(cfg, run=run, data=data)
     lake.check_root(cfg.data.lake)
-    exists = lake.exists(lake.join(run_uri(cfg), "checkpoints", "latest.pt"))
-    if exists and not cfg.run.resume:
-        raise ConfigError(f"{run_uri(cfg)} already holds a run; pass --resume to continue it or pick another "
-                          "--set run.name=...")
+    has_checkpoint(cfg)  # refuses to clobber an existing run unless --resume
     if cfg.optim.batch_size < cfg.run.num_workers:
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is smaller than run.num_workers")
     # Restarted workers must resume, not refuse: from here on the run folder is ours.
@@ -64,11 +61,11 @@ def launch(cfg: Config) -> dict:
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from macrid.batches import load_dataset
+    from macrid.batches import load_meta
     from macrid.ray_data import train_dataset
 
     cfg = prepare_config(cfg)
-    meta = load_dataset(cfg.data.lake, cfg.data.dataset).meta  # fail here, with the cause, before starting workers
+    meta = load_meta(cfg.data.lake, cfg.data.dataset)  # fail here, with the cause, before starting workers
     if cfg.run.data == "auto":
         # Ray Data re-runs its pipeline every epoch: seconds of fixed cost that only pay off when the
         # training set is too big to hold on each worker (benchmarks/throughput.md).

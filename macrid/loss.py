@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from macrid.batches import bag_rows
 from macrid.model import Output
 
 
@@ -23,7 +24,7 @@ def multinomial_nll(log_scores: torch.Tensor, indices: torch.Tensor, offsets: to
     Only the user's own items are gathered, so the (B, M) log-softmax is never materialised.
     """
     B = len(offsets) - 1
-    rows = torch.repeat_interleave(torch.arange(B), offsets.diff(), output_size=len(indices))  # (N,)
+    rows = bag_rows(offsets)  # (N,)
     corrected = log_scores if log_pi is None else log_scores - log_pi
     log_z = torch.logsumexp(corrected, dim=1)  # (B,) log of the Horvitz-Thompson estimate of Z_u
     return -(log_scores[rows, indices].sum() - (log_z * offsets.diff()).sum()) / B

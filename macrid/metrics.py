@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from macrid.batches import bag_rows
+
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """(B, M) -> (B, k) item indices, highest first, ties to the lower index."""
@@ -21,10 +23,8 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def targets_mask(ranked: torch.Tensor, heldout_idx: torch.Tensor, heldout_off: torch.Tensor, n_items: int) -> torch.Tensor:
     """(B, k) ranked items + CSR targets -> (B, k) bool, True where the ranked item is a target."""
-    B = len(heldout_off) - 1
-    rows = torch.repeat_interleave(torch.arange(B), heldout_off.diff())
-    is_target = torch.zeros(B, n_items, dtype=torch.bool)
-    is_target[rows, heldout_idx] = True
+    is_target = torch.zeros(len(heldout_off) - 1, n_items, dtype=torch.bool)
+    is_target[bag_rows(heldout_off), heldout_idx] = True
     return torch.gather(is_target, 1, ranked)
 
 

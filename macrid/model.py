@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from macrid.batches import bag_rows
 from macrid.config import ModelConfig
 from macrid.mixture import mixture_scores
 
@@ -22,11 +23,6 @@ class Output:
     log_scores: torch.Tensor  # (B, M) log p(i | u) up to a per-user constant
     kl: torch.Tensor  # (B,) KL(q(z|x) || p(z)), zeros for MultDAE
     mu: torch.Tensor  # (B, K, D) the users' representations (K = 1 for Mult*)
-
-
-def _bag_rows(offsets: torch.Tensor, n: int) -> torch.Tensor:
-    """offsets (B+1,) -> the user row of each of the N non-zeros, (N,)."""
-    return torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff(), output_size=n)
 
 
 class MacridVAE(nn.Module):
@@ -59,7 +55,7 @@ class MacridVAE(nn.Module):
         Returns mu (B, K, D) with unit norm, and ln(var / sigma0^2) (B, K, D).
         """
         B, N, K, D = len(offsets) - 1, len(indices), self.K, self.D
-        rows = _bag_rows(offsets, N)  # (N,)
+        rows = bag_rows(offsets)  # (N,)
         norm = torch.zeros(B, K).index_add(0, rows, c_x.square()).sqrt().clamp_min(1e-12)  # (B, K)
         w = F.dropout(c_x / norm[rows], self.dropout, self.training)  # (N, K)
         # One embedding_bag over K*B bags (concept-major): bag k*B+b sums w[n,k] * t_i over user b's items.
@@ -117,8 +113,8 @@ class MultVAE(nn.Module):
         self.h_bias = nn.Parameter(torch.zeros(n_items))
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor, candidates: torch.Tensor | None = None) -> Output:
-        B, N = len(offsets) - 1, len(indices)
-        rows = _bag_rows(offsets, N)
+        B = len(offsets) - 1
+        rows = bag_rows(offsets)
         lengths = offsets.diff().clamp_min(1).to(self.t.dtype)  # (B,)
         w = F.dropout(lengths.rsqrt()[rows], self.dropout, self.training)  # (N,)
         hidden = torch.tanh(F.embedding_bag(indices, self.t, offsets[:-1], mode="sum", per_sample_weights=w)

@@ -23,6 +23,7 @@ import torch
 from macrid import checkpoint, lake
 from macrid.batches import Dataset, iter_batches, load_dataset
 from macrid.config import Config
+from macrid.errors import ConfigError
 from macrid.evaluate import evaluate, torch_scorer
 from macrid.loss import beta_at, elbo_loss
 from macrid.model import build_model
@@ -39,13 +40,25 @@ def run_uri(cfg: Config) -> str:
     return lake.join(cfg.data.lake, "runs", cfg.run.name)
 
 
+def has_checkpoint(cfg: Config) -> bool:
+    """Whether the run folder holds a checkpoint; one that does is refused unless run.resume is set."""
+    if not lake.exists(lake.join(run_uri(cfg), "checkpoints", "latest.pt")):
+        return False
+    if not cfg.run.resume:
+        raise ConfigError(f"{run_uri(cfg)} already holds a run; pass --resume to continue it or pick another "
+                          "--set run.name=...")
+    return True
+
+
 def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int = 1,
         wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
         train_batches: BatchSource | None = None) -> dict:
     """Train, select the best epoch on validation NDCG@100, write the run folder. Returns metrics.json."""
     torch.set_num_threads(cfg.run.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count())
     torch.manual_seed(cfg.run.seed + rank)
-    data = load_dataset(cfg.data.lake, cfg.data.dataset)
+    # Streamed runs read the training bags through Ray Data only; the worker keeps the held-out sets.
+    data = load_dataset(cfg.data.lake, cfg.data.dataset,
+                        with_train=train_batches is None or cfg.optim.negatives > 0)
     model = build_model(cfg.model, data.n_items)
     opt_cls = torch.optim.Adam if cfg.optim.optimizer == "adam" else torch.optim.SGD
     opt = opt_cls(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -58,10 +71,7 @@ def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int =
     ckpt_meta = dict(config=cfg.to_dict(), n_items=data.n_items, fingerprint=fingerprint)
 
     state = {"step": 0, "epoch": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "history": []}
-    if lake.exists(f"{ckpt_dir}/latest.pt"):
-        if not cfg.run.resume:
-            raise checkpoint.CheckpointError(
-                f"{run_uri(cfg)} already holds a run; pass --resume to continue it or choose another run.name")
+    if has_checkpoint(cfg):
         state = _restore(f"{ckpt_dir}/latest.pt", fingerprint, model, opt, ema)
         log.info("resumed %s at epoch %d, step %d", cfg.run.name, state["epoch"], state["step"])
     train_model = wrap_model(model)  # DDP after restoring, so every rank starts from the same weights
@@ -70,9 +80,9 @@ def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int =
     metrics = _telemetry(cfg, rank)
     sampler = None
     if cfg.optim.negatives > 0:
-        counts = np.bincount(data.train.indices, minlength=data.n_items)
-        sampler = NegativeSampler(counts, cfg.optim.negatives, cfg.optim.proposal_alpha, seed=cfg.run.seed + rank)
-    steps_per_epoch = math.ceil(data.train.n_rows / cfg.optim.batch_size)
+        sampler = NegativeSampler(data.train.item_counts(data.n_items), cfg.optim.negatives,
+                                  cfg.optim.proposal_alpha, seed=cfg.run.seed + rank)
+    steps_per_epoch = math.ceil(data.meta["train"]["users"] / cfg.optim.batch_size)
     bar = _progress(cfg.optim.epochs, state["epoch"], enabled=cfg.run.progress and rank == 0, desc=cfg.run.name)
     t_train = time.perf_counter()
     for epoch in range(state["epoch"] + 1, cfg.optim.epochs + 1):
@@ -186,7 +196,7 @@ def _memory_batches(cfg: Config, data: Dataset, rank: int, world: int) -> BatchS
     """In-memory CSR batches; every rank draws the same permutation and takes its slice of each batch."""
     def batches(epoch: int):
         rng = np.random.default_rng([cfg.run.seed, epoch])
-        for _, idx, off in iter_batches(data.train, cfg.optim.batch_size, rng):
+        for idx, off in iter_batches(data.train, cfg.optim.batch_size, rng):
             B = len(off) - 1
             lo, hi = rank * B // world, (rank + 1) * B // world
             yield idx[off[lo]:off[hi]], off[lo:hi + 1] - off[lo]

@@ -92,8 +92,6 @@ def test_dataset_without_meta_is_refused(tmp_path):
 
 
 def test_checkpoint_from_another_vocabulary_is_refused(tmp_path):
-    import torch
-
     from macrid import checkpoint
     from macrid.model import MacridVAE
 
@@ -103,4 +101,3 @@ def test_checkpoint_from_another_vocabulary_is_refused(tmp_path):
     assert checkpoint.load(path, "a" * 64)["n_items"] == 5
     with pytest.raises(CheckpointError, match="item vocabulary aaaaaaaaaaaa.*bbbbbbbbbbbb"):
         checkpoint.load(path, "b" * 64)
-    del torch

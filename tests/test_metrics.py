@@ -87,3 +87,21 @@ def test_chunked_top_k_equals_full_ranking():
         want = top_k(scores, 10)
         for chunk in (5, 16, 37, 100):
             assert torch.equal(chunked_top_k(model, idx, off, 37, 10, chunk=chunk), want), chunk
+
+
+def test_ease_matches_columnwise_ridge_regression():
+    """EASE's closed form equals, column by column, ridge regression of item j on the other items."""
+    from macrid.baselines import ease_weights, gram
+
+    rows = [[0, 1, 2], [1, 2], [0, 3], [2, 3, 4], [0, 1, 4], [1, 3]]
+    train = csr(rows)
+    W = ease_weights(gram(train, 5), lam=0.7).double().numpy()
+    X = np.zeros((len(rows), 5))
+    for u, r in enumerate(rows):
+        X[u, r] = 1.0
+    for j in range(5):
+        others = [i for i in range(5) if i != j]
+        A = X[:, others]
+        b = np.linalg.solve(A.T @ A + 0.7 * np.eye(4), A.T @ X[:, j])
+        assert W[j, j] == 0.0
+        np.testing.assert_allclose(W[others, j], b, rtol=1e-4, atol=1e-6)
