@@ -13,7 +13,7 @@ import sys
 from macrid.baselines import ease_scorer, gram, popularity_scorer
 from macrid.batches import load_dataset
 from macrid.errors import MacridError
-from macrid.evaluate import evaluate
+from macrid.evaluate import evaluate, scores_ranker
 from macrid.lake import join, write_json
 from macrid.report import format_metrics
 
@@ -27,13 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         data = load_dataset(args.lake, args.dataset)
-        pop = popularity_scorer(data.train, data.n_items)
+        pop = scores_ranker(popularity_scorer(data.train, data.n_items))
         results = {"popularity": {"val": evaluate(pop, data.val, data.n_items),
                                   "test": evaluate(pop, data.test, data.n_items)}}
         G = gram(data.train, data.n_items)
         sweep = []
         for lam in (float(x) for x in args.lams.split(",")):
-            scorer = ease_scorer(G, lam)
+            scorer = scores_ranker(ease_scorer(G, lam))
             val = evaluate(scorer, data.val, data.n_items)
             sweep.append((val["ndcg@100"][0], lam, val, scorer))
             print(f"EASE lam={lam:g}: val {format_metrics(val)}", flush=True)

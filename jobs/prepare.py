@@ -4,18 +4,22 @@ Examples:
   python jobs/prepare.py --synthetic --lake lake --name synthetic
   python jobs/prepare.py --input ../shared/data/ml-1m --lake lake --name ml-1m
   python jobs/prepare.py --input events.parquet --user-col uid --item-col sku --lake lake --name shop
+  python jobs/prepare.py --input lake/raw/scale/interactions --items lake/raw/scale/items \
+      --vocabulary catalogue --heldout 10000 --lake lake --name scale
+(the raw scale shards come from `python jobs/generate.py`, see benchmarks/scale.md)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 
 from macrid.errors import MacridError
 from macrid.prepare import prepare
-from macrid.readers import FORMATS, read_raw
+from macrid.readers import FORMATS, read_items, read_raw
 from macrid.split import Protocol
 from macrid.synthetic import SyntheticSpec, generate
 
@@ -32,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rating-col", default=None, help="rating column of a generic table (omit for implicit data)")
     p.add_argument("--lake", default="lake", help="lake root: a folder or s3://bucket/prefix (default: ./lake)")
     p.add_argument("--name", required=True, help="dataset name: written to <lake>/datasets/<name>")
+    p.add_argument("--items", help="item table (Parquet/CSV file or folder): item_id, optional title and genres")
+    p.add_argument("--vocabulary", default="train", choices=("train", "catalogue"),
+                   help="train: items of the training users (MultVAE, default); catalogue: also every other "
+                        "item of --items (or of the synthetic catalogue), so cold items get embeddings")
     p.add_argument("--min-rating", type=float, default=4.0, help="keep ratings >= this (default 4)")
     p.add_argument("--min-user-items", type=int, default=5, help="keep users with at least this many items")
     p.add_argument("--heldout", type=float, default=0.1,
@@ -56,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             raw = generate(spec)
         else:
             raw = read_raw(args.input, args.format, args.user_col, args.item_col, args.rating_col)
-        protocol = Protocol(args.seed, args.min_rating, args.min_user_items, args.heldout)
+        if args.items:
+            raw = dataclasses.replace(raw, items=read_items(args.items, args.item_col))
+        protocol = Protocol(args.seed, args.min_rating, args.min_user_items, args.heldout,
+                            vocabulary=args.vocabulary)
         meta = prepare(raw, args.lake, args.name, protocol, overwrite=args.overwrite)
     except MacridError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -51,6 +51,9 @@ class OptimConfig:
     anneal_epochs: float = 10.0  # beta rises linearly from 0 to its cap over this many epochs
     negatives: int = 0  # sampled softmax: S negatives per batch (0 = full softmax over all M items)
     proposal_alpha: float = 0.0  # negatives drawn with Q ∝ (train count + 1)^alpha; 0 = uniform
+    # with sampled softmax, MacridVAE's item tables get sparse gradients, a row-wise exchange across
+    # workers and lazy Adam (macrid/row_sparse.py); false = dense tables, for comparison only
+    row_sparse: bool = True
     ema: float = 0.0  # decay of an exponential moving average of the weights used for evaluation; 0 = off
 
     def __post_init__(self) -> None:
@@ -60,6 +63,11 @@ class OptimConfig:
             raise ConfigError(f"optim.lr={self.lr} must be > 0")
         if self.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"optim.optimizer={self.optimizer!r} must be 'adam' or 'sgd'")
+        if self.negatives < 0:
+            raise ConfigError(f"optim.negatives={self.negatives} must be >= 0 (0 = full softmax)")
+        if self.negatives > 0 and self.row_sparse and self.weight_decay > 0:
+            raise ConfigError("optim.weight_decay > 0 needs dense item tables under sampled softmax (sparse "
+                              "gradients take no weight decay); set optim.row_sparse=false or weight_decay=0")
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,7 @@ class RunConfig:
     num_workers: int = 1
     threads: int = 0  # torch intra-op threads per worker; 0 = the CPUs Ray gives the worker
     eval_every: int = 1  # validate every this many epochs
+    eval_users: int = 0  # evaluate a fixed random sample of this many held-out users; 0 = all of them
     patience: int = 0  # stop after this many validations without improvement; 0 = never
     progress: bool = True  # progress bar while training
     resume: bool = False  # continue the run in <lake>/runs/<name> from its latest checkpoint

@@ -1,4 +1,10 @@
-"""Fold-in evaluation: score held-out users from their fold-in items, rank all items, compare with targets."""
+"""Fold-in evaluation: score held-out users from their fold-in items, rank all items, compare with targets.
+
+Models rank with `chunked_top_k`: scores for a block of items at a time and a running top-k, so
+memory stays bounded at any catalogue size (10^6 items and more). The closed-form baselines
+(popularity, EASE: small M by construction) score all items at once. `max_users` evaluates a
+fixed random sample of the held-out users when a full pass would cost too much.
+"""
 
 from __future__ import annotations
 
@@ -10,29 +16,34 @@ import torch
 from macrid.batches import HeldOut, bag_rows
 from macrid.metrics import independence, mean_se, ndcg_at_k, recall_at_k, targets_mask, top_k
 
+# (indices (N,), offsets (B+1,), k) -> (top-k item ids (B, k) without fold-in items, representations or None)
+Ranker = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor | None]]
 # (indices (N,), offsets (B+1,)) -> (scores (B, M), representations (B, K, D) or None)
 Scorer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 KS = {"ndcg": (100,), "recall": (20, 50)}
+SCORE_BUDGET = 2**26  # floats in one block of B x K x items scores (256 MB)
 
 
-def evaluate(scorer: Scorer, split: HeldOut, n_items: int, batch_size: int = 1000) -> dict:
+def evaluate(ranker: Ranker, split: HeldOut, n_items: int, batch_size: int = 1000, max_users: int = 0,
+             seed: int = 0) -> dict:
     """Returns {"ndcg@100": (mean, se), "recall@20": ..., "recall@50": ..., "independence": ..., "users": n}."""
     per_user: dict[str, list[np.ndarray]] = {f"{m}@{k}": [] for m, ks in KS.items() for k in ks}
     reps = []
     k_max = max(k for ks in KS.values() for k in ks)
+    users = np.arange(split.foldin.n_rows)
+    if 0 < max_users < len(users):
+        users = np.sort(np.random.default_rng(seed).choice(len(users), max_users, replace=False))
     skipped = 0
-    for start in range(0, split.foldin.n_rows, batch_size):
-        rows = np.arange(start, min(start + batch_size, split.foldin.n_rows))
+    for start in range(0, len(users), batch_size):
+        rows = users[start:start + batch_size]
         f_idx, f_off = split.foldin.take(rows)
         t_idx, t_off = split.heldout.take(rows)
         with torch.no_grad():
-            scores, rep = scorer(f_idx, f_off)
-        scores = scores.float().clone()  # (B, M)
-        scores[bag_rows(f_off), f_idx] = -torch.inf  # fold-in items never count
+            ranked, rep = ranker(f_idx, f_off, k_max)
         n_targets = t_off.diff()  # (B,)
         keep = n_targets > 0
         skipped += int((~keep).sum())
-        hits = targets_mask(top_k(scores, k_max), t_idx, t_off, n_items)[keep]  # (B', k_max)
+        hits = targets_mask(ranked, t_idx, t_off, n_items)[keep]  # (B', k_max)
         n_targets = n_targets[keep]
         for k in KS["ndcg"]:
             per_user[f"ndcg@{k}"].append(ndcg_at_k(hits, n_targets, k).numpy())
@@ -43,21 +54,25 @@ def evaluate(scorer: Scorer, split: HeldOut, n_items: int, batch_size: int = 100
     result: dict = {name: mean_se(np.concatenate(v)) for name, v in per_user.items()}
     result["users"] = int(sum(len(v) for v in per_user["ndcg@100"]))
     result["users_without_targets"] = skipped
+    if 0 < max_users < split.foldin.n_rows:
+        result["sampled_from"] = split.foldin.n_rows
     if reps:
         result["independence"] = independence(np.concatenate(reps))
     return result
 
 
 def chunked_top_k(model: torch.nn.Module, indices: torch.Tensor, offsets: torch.Tensor, n_items: int, k: int,
-                  chunk: int = 65536) -> torch.Tensor:
-    """Top-k items (B, k) over all M items with bounded memory: B x chunk scores at a time.
+                  chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k items (B, k) over all M items with bounded memory, and the users' representations.
 
-    Fold-in items are excluded; ties go to the lower item index, exactly as `top_k` on full scores,
-    because chunks are visited in index order and merged with a stable sort.
+    Scores B x chunk items at a time (chunk = 0: as many as SCORE_BUDGET allows). Fold-in items are
+    excluded; ties go to the lower item index, exactly as `top_k` on full scores, because chunks are
+    visited in index order and merged with a stable sort.
     """
     model.eval()
     B = len(offsets) - 1
-    mu = model.represent(indices, offsets)
+    mu = model.represent(indices, offsets)  # (B, K, D)
+    chunk = chunk or max(1024, SCORE_BUDGET // max(1, B * mu.shape[1]))
     rows = bag_rows(offsets)
     best_s = torch.full((B, 0), -torch.inf)
     best_i = torch.zeros((B, 0), dtype=torch.long)
@@ -70,18 +85,23 @@ def chunked_top_k(model: torch.nn.Module, indices: torch.Tensor, offsets: torch.
         cat_i = torch.cat([best_i, items.expand(B, -1)], 1)
         order = torch.sort(cat_s, dim=1, descending=True, stable=True).indices[:, :k]
         best_s, best_i = torch.gather(cat_s, 1, order), torch.gather(cat_i, 1, order)
-    return best_i
+    return best_i, mu
 
 
-def torch_scorer(model: torch.nn.Module) -> Scorer:
-    """Scores of a macrid model in evaluation mode (concept mode, z = mu, no dropout)."""
+def model_ranker(model: torch.nn.Module, n_items: int) -> Ranker:
+    """A macrid model in evaluation mode (concept mode, z = mu, no dropout), ranked chunk by chunk."""
     model.eval()
+    return lambda indices, offsets, k: chunked_top_k(model, indices, offsets, n_items, k)
 
-    def score(indices: torch.Tensor, offsets: torch.Tensor):
-        out = model(indices, offsets)
-        return out.log_scores, out.mu
 
-    return score
+def scores_ranker(scorer: Scorer) -> Ranker:
+    """Full (B, M) scores -> top-k without the fold-in items. For the closed-form baselines."""
+    def rank(indices: torch.Tensor, offsets: torch.Tensor, k: int):
+        scores, rep = scorer(indices, offsets)
+        scores = scores.float().clone()
+        scores[bag_rows(offsets), indices] = -torch.inf  # fold-in items never count
+        return top_k(scores, k), rep
+    return rank
 
 
 def dense_rows(indices: torch.Tensor, offsets: torch.Tensor, n_items: int) -> torch.Tensor:

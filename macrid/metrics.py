@@ -22,10 +22,14 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def targets_mask(ranked: torch.Tensor, heldout_idx: torch.Tensor, heldout_off: torch.Tensor, n_items: int) -> torch.Tensor:
-    """(B, k) ranked items + CSR targets -> (B, k) bool, True where the ranked item is a target."""
-    is_target = torch.zeros(len(heldout_off) - 1, n_items, dtype=torch.bool)
-    is_target[bag_rows(heldout_off), heldout_idx] = True
-    return torch.gather(is_target, 1, ranked)
+    """(B, k) ranked items + CSR targets -> (B, k) bool, True where the ranked item is a target.
+
+    Membership of (user, item) keys: O(B*k + targets), no B x M matrix, so it holds at any M.
+    """
+    B = len(heldout_off) - 1
+    ranked_keys = torch.arange(B).unsqueeze(1) * n_items + ranked  # (B, k)
+    target_keys = bag_rows(heldout_off) * n_items + heldout_idx  # (T,)
+    return torch.isin(ranked_keys, target_keys)
 
 
 def ndcg_at_k(hits: torch.Tensor, n_targets: torch.Tensor, k: int) -> torch.Tensor:

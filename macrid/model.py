@@ -26,25 +26,33 @@ class Output:
 
 
 class MacridVAE(nn.Module):
+    # The M x D item tables. With `row_sparse` set (sampled softmax) a step reads only the rows of its
+    # candidates and inputs, and their gradients are sparse (row ids + rows): see macrid/row_sparse.py.
+    item_tables = ("h", "t")
+
     def __init__(self, n_items: int, K: int = 7, D: int = 100, tau: float = 0.1, sigma0: float = 0.1,
-                 dropout: float = 0.5, gumbel: bool = True, sample: bool = True):
+                 dropout: float = 0.5, gumbel: bool = True, sample: bool = True, row_sparse: bool = False):
         super().__init__()
         self.K, self.D, self.tau, self.sigma0, self.dropout, self.gumbel = K, D, tau, sigma0, dropout, gumbel
-        self.sample = sample
+        self.sample, self.row_sparse = sample, row_sparse
         self.h = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, D)))  # item embeddings h_i
         self.t = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, D)))  # context embeddings t_i
         self.t_bias = nn.Parameter(torch.zeros(D))
         self.m = nn.Parameter(nn.init.xavier_uniform_(torch.empty(K, D)))  # prototypes m_k
         self.f_nn = nn.Linear(D, 2 * D)  # shared across the K components, Eq. 7
 
-    def concept_logits(self, items: torch.Tensor | None = None) -> torch.Tensor:
+    def item_rows(self, items: torch.Tensor | None = None) -> torch.Tensor:
+        """h_i of all items, or of the given ones (C,); a sparse gradient in row-sparse mode. (M or C, D)."""
+        return self.h if items is None else F.embedding(items, self.h, sparse=self.row_sparse)
+
+    def concept_logits(self, items: torch.Tensor | None = None, h: torch.Tensor | None = None) -> torch.Tensor:
         """s_ik = cos(h_i, m_k) / tau, Eq. 6, for all items or the given ones. Returns (M or C, K)."""
-        h = self.h if items is None else self.h[items]
+        h = self.item_rows(items) if h is None else h
         return F.normalize(h, dim=1) @ F.normalize(self.m, dim=1).T / self.tau
 
-    def concepts(self, items: torch.Tensor | None = None) -> torch.Tensor:
+    def concepts(self, items: torch.Tensor | None = None, h: torch.Tensor | None = None) -> torch.Tensor:
         """c_i: a relaxed one-hot Gumbel-softmax sample in training, the softmax in evaluation. (M or C, K)."""
-        logits = self.concept_logits(items)
+        logits = self.concept_logits(items, h)
         if self.training and self.gumbel:
             return F.gumbel_softmax(logits, tau=1.0, hard=False, dim=1)
         return torch.softmax(logits, dim=1)
@@ -61,20 +69,21 @@ class MacridVAE(nn.Module):
         # One embedding_bag over K*B bags (concept-major): bag k*B+b sums w[n,k] * t_i over user b's items.
         bag_idx = indices.repeat(K)  # (K*N,)
         bag_off = (offsets[:-1].unsqueeze(0) + N * torch.arange(K).unsqueeze(1)).reshape(-1)  # (K*B,)
-        pooled = F.embedding_bag(bag_idx, self.t, bag_off, mode="sum", per_sample_weights=w.T.reshape(-1))
+        pooled = F.embedding_bag(bag_idx, self.t, bag_off, mode="sum", per_sample_weights=w.T.reshape(-1),
+                                 sparse=self.row_sparse)
         pooled = pooled.view(K, B, D).transpose(0, 1)  # (B, K, D)
         a, b = self.f_nn(torch.tanh(pooled + self.t_bias)).split(D, dim=-1)  # (B, K, D) each
         return F.normalize(a, dim=-1), -b
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor, candidates: torch.Tensor | None = None) -> Output:
         """Scores over all M items, or over `candidates` (C,) sorted item ids that include every input item."""
-        c = self.concepts(candidates)  # (M or C, K)
+        h = self.item_rows(candidates)  # (M or C, D)
+        c = self.concepts(candidates, h)  # (M or C, K)
         pos = indices if candidates is None else torch.searchsorted(candidates, indices)  # (N,)
         mu, lnvar = self.encode(indices, offsets, c[pos])  # (B, K, D)
         z = mu
         if self.training and self.sample:
             z = mu + torch.randn_like(mu) * self.sigma0 * torch.exp(0.5 * lnvar)  # (B, K, D)
-        h = self.h if candidates is None else self.h[candidates]  # (M or C, D)
         scores = mixture_scores(F.normalize(z, dim=-1), F.normalize(h, dim=1), c, self.tau)  # (B, M or C)
         # The authors' KL against N(0, sigma0^2) drops the mu^2 term, because mu is normalised.
         kl = 0.5 * (-lnvar + lnvar.exp() - 1.0).sum(dim=(1, 2))  # (B,)
@@ -91,8 +100,8 @@ class MacridVAE(nn.Module):
     @torch.no_grad()
     def score(self, mu: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """log A_ui for representations mu (B, K, D) and item ids (C,) -> (B, C). For chunked ranking."""
-        c = self.concepts(items)
-        return mixture_scores(F.normalize(mu, dim=-1), F.normalize(self.h[items], dim=1), c, self.tau).log()
+        h = self.h[items]  # (C, D)
+        return mixture_scores(F.normalize(mu, dim=-1), F.normalize(h, dim=1), self.concepts(items, h), self.tau).log()
 
 
 class MultVAE(nn.Module):
@@ -101,6 +110,8 @@ class MultVAE(nn.Module):
     Encoder: L2-normalised bag -> dropout -> M x hidden table -> tanh -> (mu, logvar) or a code.
     Decoder: a D x M output layer.
     """
+
+    item_tables = ()  # dense gradients always: the baselines keep the simple path
 
     def __init__(self, n_items: int, D: int = 100, hidden: int = 100, dropout: float = 0.5, variational: bool = True,
                  sample: bool = True):
@@ -141,7 +152,8 @@ class MultVAE(nn.Module):
         return mu[:, 0] @ self.h[items].T + self.h_bias[items]  # (B, C)
 
 
-def build_model(cfg: ModelConfig, n_items: int) -> nn.Module:
+def build_model(cfg: ModelConfig, n_items: int, row_sparse: bool = False) -> nn.Module:
+    """row_sparse (MacridVAE with sampled softmax): sparse gradients for the item tables."""
     if cfg.name == "macridvae":
-        return MacridVAE(n_items, cfg.K, cfg.D, cfg.tau, cfg.sigma0, cfg.dropout, cfg.gumbel, cfg.sample)
+        return MacridVAE(n_items, cfg.K, cfg.D, cfg.tau, cfg.sigma0, cfg.dropout, cfg.gumbel, cfg.sample, row_sparse)
     return MultVAE(n_items, cfg.D, cfg.hidden, cfg.dropout, variational=cfg.name == "multvae", sample=cfg.sample)

@@ -43,7 +43,8 @@ def dataset_uri(lake_root: str, name: str) -> str:
 
 def prepare(raw: RawData, lake_root: str, name: str, protocol: Protocol, overwrite: bool = False) -> dict:
     """Split `raw` with the MultVAE protocol and publish it as <lake>/datasets/<name>. Returns _meta.json."""
-    split = split_multvae(raw.interactions, protocol, source=raw.source)
+    catalogue = raw.items["item_id"] if raw.items is not None else None
+    split = split_multvae(raw.interactions, protocol, source=raw.source, catalogue=catalogue)
     uri = dataset_uri(lake_root, name)
     with lake.staged_dir(uri, overwrite=overwrite) as stage:
         lake.write_parquet(f"{stage}/items/part-0.parquet", _items_table(split, raw.items).to_arrow())

@@ -92,6 +92,39 @@ def read_raw(
     return read_table(path, user_col, item_col, rating_col)
 
 
+def read_items(path: str | Path, item_col: str = "item_id") -> pl.DataFrame:
+    """An item table (Parquet/CSV file or folder): item_id plus optional title and genres (list of strings)."""
+    if str(path).startswith("s3://"):
+        import tempfile
+
+        from macrid import lake
+
+        with tempfile.TemporaryDirectory(prefix="macrid-items-") as tmp:
+            return read_items(lake.download(str(path), tmp), item_col)
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist; check the --items path")
+    files = sorted(p for p in path.iterdir() if p.suffix in (".parquet", ".csv")) if path.is_dir() else [path]
+    frames = []
+    for f in files:
+        try:
+            df = pl.read_parquet(f) if f.suffix == ".parquet" else pl.read_csv(f)
+        except Exception as e:  # polars/pyarrow raise many types for a corrupt file
+            raise DataError(f"{f}: cannot be read as {f.suffix[1:]} ({type(e).__name__}: {e})") from None
+        if item_col not in df.columns:
+            raise DataError(f"{f}: missing column {item_col!r}; it has {df.columns}. Name it with --item-col")
+        if df[item_col].null_count():
+            raise DataError(f"{f}: column {item_col!r} has {df[item_col].null_count()} null item ids; drop them")
+        df = df.rename({item_col: "item_id"})
+        for col, dtype in (("title", pl.String), ("genres", pl.List(pl.String))):
+            if col not in df.columns:
+                df = df.with_columns(pl.lit(None, dtype).alias(col))
+        frames.append(df.select("item_id", "title", "genres"))
+    if not frames:
+        raise DataError(f"{path}: folder holds no .parquet or .csv files")
+    return pl.concat(frames)
+
+
 def _read_remote(uri: str, fmt: str, user_col: str, item_col: str, rating_col: str | None) -> RawData:
     """Raw files on object storage: stream them to a scratch folder, read them there, name the URI in errors."""
     import tempfile

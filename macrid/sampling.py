@@ -36,12 +36,14 @@ class NegativeSampler:
     def __init__(self, item_counts: np.ndarray, n_samples: int, alpha: float, seed: int = 0):
         weights = np.power(np.asarray(item_counts, dtype=np.float64) + 1.0, alpha)  # +1: unseen items stay possible
         self.q = torch.from_numpy(weights / weights.sum())  # (M,) float64
+        self.cdf = torch.cumsum(self.q, 0)  # inverse-CDF draws: O(S log M) per batch, not O(M)
         self.n_samples = n_samples
         self.generator = torch.Generator().manual_seed(seed)
 
     def sample(self) -> torch.Tensor:
         """(S,) item ids, with repetitions."""
-        return torch.multinomial(self.q, self.n_samples, replacement=True, generator=self.generator)
+        u = torch.rand(self.n_samples, dtype=torch.float64, generator=self.generator) * self.cdf[-1]
+        return torch.searchsorted(self.cdf, u, right=True).clamp_max(len(self.q) - 1)
 
     def candidates(self, batch_items: torch.Tensor) -> Candidates:
         """Candidates for a batch whose users hold `batch_items` (N,)."""

@@ -25,6 +25,13 @@ class Protocol:
     min_user_items: int = 5
     heldout: float = 0.1  # < 1: fraction of users per held-out split; >= 1: a count
     test_prop: float = 0.2  # share of a held-out user's items that become targets
+    # "train": items of the training users (MultVAE); "catalogue": those first, then every other item of
+    # the item table (cold items get rows, as a production catalogue needs; M is the catalogue's size)
+    vocabulary: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.vocabulary not in ("train", "catalogue"):
+            raise DataError(f"vocabulary={self.vocabulary!r} must be 'train' or 'catalogue'")
 
     def n_heldout(self, n_users: int) -> int:
         return int(self.heldout * n_users) if self.heldout < 1 else int(self.heldout)
@@ -44,7 +51,9 @@ class Split:
     n_interactions: int  # after binarizing and filtering, before the vocabulary restriction
 
 
-def split_multvae(interactions: pl.DataFrame, protocol: Protocol, source: str = "input") -> Split:
+def split_multvae(interactions: pl.DataFrame, protocol: Protocol, source: str = "input",
+                  catalogue: pl.Series | None = None) -> Split:
+    """catalogue: every item id of the item table, for protocol.vocabulary == "catalogue"."""
     df = interactions
     if protocol.min_rating is not None and df["rating"].null_count() < df.height:
         df = df.filter(pl.col("rating") >= protocol.min_rating)
@@ -75,6 +84,15 @@ def split_multvae(interactions: pl.DataFrame, protocol: Protocol, source: str = 
     n_filtered = df.height
     train_plays = df.filter(pl.col("user_idx") < n_train)
     item_ids = train_plays["item_id"].unique(maintain_order=True)  # pd.unique order
+    if protocol.vocabulary == "catalogue":
+        if catalogue is None:
+            raise DataError(f"{source}: vocabulary='catalogue' needs an item table; pass --items")
+        cold = catalogue.cast(item_ids.dtype, strict=False)
+        if cold.null_count() > catalogue.null_count():
+            raise DataError(f"{source}: item table column item_id holds ids that are not of the interactions' "
+                            f"type {item_ids.dtype}; make both the same type")
+        cold = cold.drop_nulls().unique(maintain_order=True)
+        item_ids = pl.concat([item_ids, cold.filter(~cold.is_in(item_ids.implode()))])
     vocab = pl.DataFrame({"item_id": item_ids, "item_idx": np.arange(item_ids.len(), dtype=np.int32)})
     df = df.join(vocab, on="item_id", how="inner", maintain_order="left")
 

@@ -1,23 +1,32 @@
-"""Synthetic interactions with planted structure: the offline default dataset.
+"""Synthetic interactions with planted structure: the offline default dataset, and scale data.
 
 Ground truth that a disentangled recommender should recover:
 - K categories; every item belongs to exactly one (macro structure);
-- power-law item popularity (Zipf exponent `zipf`);
-- F latent factors per item, and a per-(user, category) taste vector over them
+- power-law item popularity within a category (the r-th most popular item has weight r^-zipf);
+- F latent factors per item, and a taste vector over them per (user, category)
   (micro structure: within a category, what a user picks depends on F factors);
-- each user mixes 2..max_user_categories categories with Dirichlet weights.
+- each user mixes 2..max_user_categories categories with Dirichlet(1) weights, and holds a
+  log-normal number of items (clipped to [min_items, max_items]).
 
-The planted category is written as the item's genre, so evaluation can measure
-how well the learned concepts align with it.
+Within a chosen category a user draws `oversample` x n items by popularity (with replacement),
+scores them by taste match plus Gumbel noise, and keeps the best n distinct ones: a sample
+roughly proportional to popularity x exp(taste match), computed for all users of a chunk at
+once with flat numpy arrays. Memory is O(M) for the catalogue plus O(chunk) for the users, so
+`write_shards` produces 10^6 items x 10^6 users as Parquet shards without ever holding the whole
+interaction list or any dense user x item matrix. The planted category is the item's genre, so
+evaluation can measure how well the learned concepts align with it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
+from macrid import lake
 from macrid.readers import RawData
 
 
@@ -36,46 +45,123 @@ class SyntheticSpec:
     seed: int = 0
 
 
-def generate(spec: SyntheticSpec) -> RawData:
-    rng = np.random.default_rng(spec.seed)
-    M, K, F = spec.n_items, spec.K, spec.factors
-    category = rng.integers(0, K, size=M)  # (M,)
-    factors = rng.standard_normal((M, F)).astype(np.float32)  # (M, F)
-    log_pop = np.empty(M)
-    members = []
-    for k in range(K):
-        idx = np.flatnonzero(category == k)
-        ranks = rng.permutation(len(idx)) + 1
-        log_pop[idx] = -spec.zipf * np.log(ranks)
-        members.append(idx)
+OVERSAMPLE = 3  # popularity draws per kept item, before the taste selection
+CHUNK_USERS = 50_000  # users generated at once: ~40 x 3 x 50k draws, a few hundred MB at most
 
-    sizes = np.clip(
-        rng.lognormal(np.log(spec.mean_items), 0.6, size=spec.n_users), spec.min_items, spec.max_items
-    ).astype(int)
-    users, items = [], []
-    for u in range(spec.n_users):
-        n_cat = rng.integers(2, max(2, min(K, spec.max_user_categories)) + 1)
-        cats = rng.choice(K, size=n_cat, replace=False)
-        weights = rng.dirichlet(np.ones(n_cat))
-        per_cat = np.maximum(1, np.round(weights * sizes[u]).astype(int))
-        for k, n in zip(cats, per_cat):
-            pool = members[k]
-            n = min(n, len(pool))
-            taste = rng.standard_normal(F)  # (F,)
-            logits = log_pop[pool] + spec.taste * factors[pool] @ taste / np.sqrt(F)
-            keys = logits + rng.gumbel(size=len(pool))  # Gumbel-top-n = sampling without replacement
-            chosen = pool[np.argpartition(-keys, n - 1)[:n]]
-            users.append(np.full(n, u, dtype=np.int64))
-            items.append(chosen)
-    interactions = pl.DataFrame({
-        "user_id": np.concatenate(users),
-        "item_id": np.concatenate(items).astype(np.int64),
-        "rating": pl.Series([None] * int(sum(map(len, users))), dtype=pl.Float64),
-    })
-    meta = pl.DataFrame({
-        "item_id": np.arange(M, dtype=np.int64),
-        "title": [f"item {i} (category {category[i]})" for i in range(M)],
-        "genres": [[f"category-{category[i]}"] for i in range(M)],
-    })
-    return RawData(interactions, meta, f"synthetic(seed={spec.seed}, users={spec.n_users}, items={M}, K={K})",
-                   "synthetic")
+
+@dataclass(frozen=True)
+class Catalogue:
+    category: np.ndarray  # (M,) planted category of each item
+    factors: np.ndarray  # (M, F) float32
+    members: np.ndarray  # (M,) item ids grouped by category, most popular first within a category
+    shifted_cdf: np.ndarray  # (M,) k + popularity CDF within category k, aligned with `members`
+    ends: np.ndarray  # (K,) end of each category's run in `members`
+
+
+def catalogue(spec: SyntheticSpec, rng: np.random.Generator) -> Catalogue:
+    M, K = spec.n_items, spec.K
+    category = rng.integers(0, K, size=M)
+    factors = rng.standard_normal((M, spec.factors)).astype(np.float32)
+    members = np.lexsort((rng.random(M), category))  # by category, random popularity order inside
+    counts = np.bincount(category, minlength=K)
+    ends = np.cumsum(counts)
+    starts = ends - counts
+    cat_sorted = category[members]
+    rank = np.arange(M) - starts[cat_sorted] + 1
+    weight = rank.astype(np.float64) ** -spec.zipf
+    csum = np.cumsum(weight)
+    before = np.concatenate([[0.0], csum])[starts]  # cumulative weight before each category
+    total = np.concatenate([[0.0], csum])[ends] - before
+    shifted = cat_sorted + (csum - before[cat_sorted]) / np.maximum(total[cat_sorted], 1e-300)
+    return Catalogue(category, factors, members, shifted, ends)
+
+
+def user_chunk(spec: SyntheticSpec, cat: Catalogue, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n users' bags -> (local user row (N,), item id (N,)), vectorised over users."""
+    K, F = spec.K, spec.factors
+    max_c = max(2, min(K, spec.max_user_categories))
+    sizes = np.clip(rng.lognormal(np.log(spec.mean_items), 0.6, size=n), spec.min_items, spec.max_items)
+    n_cat = rng.integers(2, max_c + 1, size=n) if K >= 2 else np.ones(n, dtype=int)
+    cats = np.argsort(rng.random((n, K)), axis=1)[:, :max_c]  # (n, max_c) distinct categories
+    valid = np.arange(cats.shape[1]) < n_cat[:, None]
+    weights = rng.gamma(1.0, size=cats.shape) * valid  # Dirichlet(1) over the valid ones
+    weights /= weights.sum(1, keepdims=True)
+    per = np.maximum(1, np.round(weights * sizes[:, None])).astype(np.int64)
+    seg_user = np.repeat(np.arange(n), cats.shape[1])[valid.ravel()]
+    seg_cat, seg_n = cats[valid], per[valid]  # one segment per (user, category)
+    pool = np.diff(np.concatenate([[0], cat.ends]))
+    seg_n = np.minimum(seg_n, pool[seg_cat])
+    draws = np.repeat(np.arange(len(seg_n)), seg_n * OVERSAMPLE)  # segment of each draw
+    pos = np.searchsorted(cat.shifted_cdf, seg_cat[draws] + rng.random(len(draws)), side="right")
+    pos = np.minimum(pos, cat.ends[seg_cat[draws]] - 1)
+    item = cat.members[pos]
+    taste = rng.standard_normal((len(seg_n), F)).astype(np.float32)
+    key = spec.taste * np.einsum("nf,nf->n", cat.factors[item], taste[draws]) / np.sqrt(F) + rng.gumbel(size=len(item))
+    # the best key of each distinct (segment, item), then the seg_n best items of each segment
+    order = np.lexsort((-key, item, draws))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (draws[order][1:] != draws[order][:-1]) | (item[order][1:] != item[order][:-1])
+    keep = order[first]
+    keep = keep[np.lexsort((-key[keep], draws[keep]))]
+    seg = draws[keep]
+    seg_start = np.searchsorted(seg, np.arange(len(seg_n)))
+    rank = np.arange(len(keep)) - seg_start[seg]
+    keep = keep[rank < seg_n[seg]]
+    return seg_user[draws[keep]], item[keep]
+
+
+def chunks(spec: SyntheticSpec, chunk_users: int = CHUNK_USERS) -> Iterator[tuple[Catalogue, pl.DataFrame]]:
+    """(catalogue, user_id/item_id interactions of the next <= chunk_users users), in user order."""
+    rng = np.random.default_rng(spec.seed)
+    cat = catalogue(spec, rng)
+    for first in range(0, spec.n_users, chunk_users):
+        n = min(chunk_users, spec.n_users - first)
+        rows, items = user_chunk(spec, cat, n, rng)
+        yield cat, pl.DataFrame({"user_id": rows.astype(np.int64) + first, "item_id": items.astype(np.int64)})
+
+
+def items_table(cat: Catalogue) -> pl.DataFrame:
+    """item_id, title, genres: the planted category as the item's one genre."""
+    category = pl.Series(cat.category, dtype=pl.Int64).cast(pl.String)
+    return pl.DataFrame({"item_id": np.arange(len(cat.category), dtype=np.int64)}).with_columns(
+        title=pl.lit("item ") + pl.col("item_id").cast(pl.String) + pl.lit(" (category ") + category + pl.lit(")"),
+        genres=pl.concat_list(pl.lit("category-") + category),
+    )
+
+
+def generate(spec: SyntheticSpec) -> RawData:
+    """The whole dataset in memory: for the default and test sizes."""
+    parts, cat = [], None
+    for cat, part in chunks(spec):
+        parts.append(part)
+    interactions = pl.concat(parts).with_columns(rating=pl.lit(None, pl.Float64))
+    return RawData(interactions, items_table(cat), _source(spec), "synthetic")
+
+
+def write_shards(spec: SyntheticSpec, uri: str, chunk_users: int = CHUNK_USERS, progress: bool = True) -> dict:
+    """Stream the dataset to <uri>/interactions/part-*.parquet and <uri>/items/part-0.parquet.
+
+    One chunk of users is in memory at a time. The folder is published atomically with a
+    `_manifest.json` written last (lake.staged_dir), so an interrupted run leaves nothing that looks
+    complete. Returns the manifest. The raw layout is what
+    `jobs/prepare.py --input <uri>/interactions --items <uri>/items` reads.
+    """
+    from tqdm import tqdm
+
+    n_inter, cat = 0, None
+    bar = tqdm(total=spec.n_users, unit="user", unit_scale=True, disable=not progress, desc="generate")
+    with lake.staged_dir(uri, marker="_manifest.json") as stage:
+        for i, (cat, part) in enumerate(chunks(spec, chunk_users)):
+            lake.write_parquet(lake.join(stage, "interactions", f"part-{i:05d}.parquet"), part.to_arrow())
+            n_inter += part.height
+            bar.update(part["user_id"].n_unique())
+        lake.write_parquet(lake.join(stage, "items", "part-0.parquet"), items_table(cat).to_arrow())
+        manifest = {"users": spec.n_users, "items": spec.n_items, "interactions": n_inter, "source": _source(spec),
+                    "spec": dataclasses.asdict(spec)}
+        lake.write_json(lake.join(stage, "_manifest.json"), manifest)
+    bar.close()
+    return manifest
+
+
+def _source(spec: SyntheticSpec) -> str:
+    return f"synthetic(seed={spec.seed}, users={spec.n_users}, items={spec.n_items}, K={spec.K})"

@@ -24,10 +24,11 @@ from macrid import checkpoint, lake
 from macrid.batches import Dataset, iter_batches, load_dataset
 from macrid.config import Config
 from macrid.errors import ConfigError
-from macrid.evaluate import evaluate, torch_scorer
+from macrid.evaluate import evaluate, model_ranker
 from macrid.loss import beta_at, elbo_loss
 from macrid.model import build_model
 from macrid.report import format_metrics, plot_learning_curve
+from macrid.row_sparse import Optimizers, allreduce_rows, broadcast_tables, ignore_in_ddp, tables_of
 from macrid.sampling import NegativeSampler
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,10 @@ def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int =
     # Streamed runs read the training bags through Ray Data only; the worker keeps the held-out sets.
     data = load_dataset(cfg.data.lake, cfg.data.dataset,
                         with_train=train_batches is None or cfg.optim.negatives > 0)
-    model = build_model(cfg.model, data.n_items)
-    opt_cls = torch.optim.Adam if cfg.optim.optimizer == "adam" else torch.optim.SGD
-    opt = opt_cls(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    row_sparse = cfg.optim.negatives > 0 and cfg.optim.row_sparse
+    model = build_model(cfg.model, data.n_items, row_sparse)
+    tables = tables_of(model, row_sparse)  # exchanged row-wise, outside DDP
+    opt = Optimizers(model, tables, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay)
     # Polyak/EMA weight averaging: evaluation, selection and export use the averaged weights.
     ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
         cfg.optim.ema)) if cfg.optim.ema > 0 else None)
@@ -74,6 +76,9 @@ def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int =
     if has_checkpoint(cfg):
         state = _restore(f"{ckpt_dir}/latest.pt", fingerprint, model, opt, ema)
         log.info("resumed %s at epoch %d, step %d", cfg.run.name, state["epoch"], state["step"])
+    if world > 1 and tables:
+        ignore_in_ddp(model, tables)
+        broadcast_tables(tables)
     train_model = wrap_model(model)  # DDP after restoring, so every rank starts from the same weights
     if train_batches is None:
         train_batches = _memory_batches(cfg, data, rank, world)
@@ -88,21 +93,14 @@ def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int =
     for epoch in range(state["epoch"] + 1, cfg.optim.epochs + 1):
         t0 = time.perf_counter()
         model.train()
-        sums, n_steps, n_users = {"loss": 0.0, "nll": 0.0, "kl": 0.0}, 0, 0
+        sums, n_steps, n_users, exchanged = {"loss": 0.0, "nll": 0.0, "kl": 0.0}, 0, 0, 0
         beta = beta_at(state["step"], steps_per_epoch, cfg.optim.beta, cfg.optim.anneal_epochs)
         for idx, off in train_batches(epoch):
             if state["step"] == cfg.run.fail_at_step and rank == cfg.run.fail_rank and _first_failure(cfg):
                 raise RuntimeError(f"run.fail_at_step: injected failure at step {state['step']} on rank {rank}")
             beta = beta_at(state["step"], steps_per_epoch, cfg.optim.beta, cfg.optim.anneal_epochs)
-            if sampler is None:
-                loss, parts = elbo_loss(train_model(idx, off), idx, off, beta)
-            else:
-                cand = sampler.candidates(idx)
-                loss, parts = elbo_loss(train_model(idx, off, cand.items), cand.positions(idx), off, beta,
-                                        cand.log_pi)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss, parts, received = train_step(train_model, opt, tables, sampler, idx, off, beta, world)
+            exchanged += received
             if ema is not None:
                 ema.update_parameters(model)
             state["step"] += 1
@@ -114,6 +112,8 @@ def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int =
                 metrics.on_step(len(off) - 1, loss.item(), parts, cfg.optim.lr)
         row = {"epoch": epoch, "step": state["step"], "beta": beta, "seconds": time.perf_counter() - t0,
                "users": n_users * world, **{k: v / max(n_steps, 1) for k, v in sums.items()}}
+        if tables and world > 1:
+            row["row_exchange_mb_per_step"] = exchanged / max(n_steps, 1) / 1e6
         stop = False
         if rank == 0:
             stop = _validate(cfg, data, eval_model, epoch, row, state, ckpt_dir, ckpt_meta)
@@ -141,12 +141,36 @@ def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int =
     return finish(cfg, data, eval_model, state["history"], state["best_epoch"], time.perf_counter() - t_train)
 
 
+def train_step(model: torch.nn.Module, opt: Optimizers, tables: list[torch.nn.Parameter],
+               sampler: NegativeSampler | None, idx: torch.Tensor, off: torch.Tensor, beta: float,
+               world: int) -> tuple[torch.Tensor, dict, int]:
+    """One optimizer step on a batch: full or sampled softmax, row-wise exchange of the item tables.
+
+    Returns the loss, its parts, and the bytes this rank received in the row exchange.
+    """
+    if sampler is None:
+        loss, parts = elbo_loss(model(idx, off), idx, off, beta)
+    else:
+        cand = sampler.candidates(idx)
+        loss, parts = elbo_loss(model(idx, off, cand.items), cand.positions(idx), off, beta, cand.log_pi)
+    opt.zero_grad()
+    loss.backward()
+    received = 0
+    if world > 1:
+        for p in tables:
+            p.grad, n_bytes = allreduce_rows(p.grad, world)
+            received += n_bytes
+    opt.step()
+    return loss, parts, received
+
+
 def _validate(cfg: Config, data: Dataset, eval_model, epoch: int, row: dict, state: dict, ckpt_dir: str,
               ckpt_meta: dict) -> bool:
     """Rank 0: evaluate when due, keep best.pt; returns whether patience ran out."""
     if not (epoch % cfg.run.eval_every == 0 or epoch == cfg.optim.epochs):
         return False
-    row["val_ndcg@100"] = evaluate(torch_scorer(eval_model), data.val, data.n_items)["ndcg@100"][0]
+    row["val_ndcg@100"] = evaluate(model_ranker(eval_model, data.n_items), data.val, data.n_items,
+                                   max_users=cfg.run.eval_users, seed=cfg.run.seed)["ndcg@100"][0]
     if row["val_ndcg@100"] > state["best"]:
         state.update(best=row["val_ndcg@100"], best_epoch=epoch, bad_evals=0)
         checkpoint.save(f"{ckpt_dir}/best.pt", model=eval_model, optimizer=None, step=state["step"], epoch=epoch,
@@ -173,8 +197,8 @@ def finish(cfg: Config, data: Dataset, model: torch.nn.Module, history: list[dic
     out = run_uri(cfg)
     state = checkpoint.load(f"{out}/checkpoints/best.pt", data.meta["vocabulary_fingerprint"])
     model.load_state_dict(state["model"])
-    val = evaluate(torch_scorer(model), data.val, data.n_items)
-    test = evaluate(torch_scorer(model), data.test, data.n_items)
+    val, test = (evaluate(model_ranker(model, data.n_items), split, data.n_items, max_users=cfg.run.eval_users,
+                          seed=cfg.run.seed) for split in (data.val, data.test))
     epoch_secs = [h["seconds"] for h in history]
     metrics = {
         "run": cfg.run.name, "dataset": cfg.data.dataset, "model": cfg.model.name, "config": cfg.to_dict(),

@@ -55,14 +55,25 @@ def test_s3_prepare_train_two_workers_checkpoint_resume(s3_lake):
     assert json.loads(body)["epochs_run"] == 3
 
 
-def test_ddp_step_equals_single_worker_step(s3_lake):
-    """Dropout, Gumbel and z sampling off; plain SGD so the step is proportional to the averaged gradient."""
+@pytest.mark.parametrize("softmax", ["full", "row-sparse"])
+def test_ddp_step_equals_single_worker_step(s3_lake, softmax):
+    """Dropout, Gumbel and z sampling off; plain SGD so the step is proportional to the averaged gradient.
+
+    "row-sparse": sampled softmax with so many negatives (4000 draws over 200 items) that every item is a
+    candidate and log pi ~ -2e-9, so the loss is the full one, but h and t take sparse gradients that
+    are exchanged by row_sparse.allreduce_rows instead of DDP.
+    """
     exact = ["optim.epochs=1", "optim.batch_size=10000", "model.dropout=0.0", "model.gumbel=false",
              "model.sample=false", "optim.optimizer='sgd'", "optim.lr=0.5", "run.data='memory'"]
-    fit(cfg_for(s3_lake, "one-worker", *exact))
-    launch(cfg_for(s3_lake, "two-workers", *exact, "run.num_workers=2"))
-    saved = checkpoint.load(f"{s3_lake}/runs/one-worker/checkpoints/latest.pt")
-    one, two = saved["model"], checkpoint.load(f"{s3_lake}/runs/two-workers/checkpoints/latest.pt")["model"]
+    if softmax == "row-sparse":
+        exact.append("optim.negatives=4000")
+    fit(cfg_for(s3_lake, f"one-worker-{softmax}", *exact))
+    two_run = launch(cfg_for(s3_lake, f"two-workers-{softmax}", *exact, "run.num_workers=2"))
+    if softmax == "row-sparse":  # the tables really went through the row exchange: ~200 rows x 2 tables
+        assert 0 < two_run["history"][0]["row_exchange_mb_per_step"] < 2 * 200 * 17 * 8 * 2 / 1e6
+    saved = checkpoint.load(f"{s3_lake}/runs/one-worker-{softmax}/checkpoints/latest.pt")
+    one = saved["model"]
+    two = checkpoint.load(f"{s3_lake}/runs/two-workers-{softmax}/checkpoints/latest.pt")["model"]
     torch.manual_seed(98765)  # rank 0's seed: both runs start from this initialisation
     init = build_model(cfg_for(s3_lake, "x").model, saved["n_items"]).state_dict()
     assert saved["step"] == 1

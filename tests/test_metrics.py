@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from macrid.batches import CSR, HeldOut
-from macrid.evaluate import evaluate
+from macrid.evaluate import evaluate, scores_ranker
 from macrid.metrics import independence, ndcg_at_k, recall_at_k, targets_mask, top_k
 
 
@@ -18,7 +18,7 @@ def csr(rows):
 
 def fixed_scorer(scores):
     scores = torch.tensor(scores, dtype=torch.float32)
-    return lambda idx, off: (scores[: len(off) - 1], None)
+    return scores_ranker(lambda idx, off: (scores[: len(off) - 1], None))
 
 
 def test_ndcg_and_recall_hand_computed():
@@ -86,7 +86,7 @@ def test_chunked_top_k_equals_full_ranking():
         scores[torch.repeat_interleave(torch.arange(3), off.diff()), idx] = -torch.inf
         want = top_k(scores, 10)
         for chunk in (5, 16, 37, 100):
-            assert torch.equal(chunked_top_k(model, idx, off, 37, 10, chunk=chunk), want), chunk
+            assert torch.equal(chunked_top_k(model, idx, off, 37, 10, chunk=chunk)[0], want), chunk
 
 
 def test_ease_matches_columnwise_ridge_regression():

@@ -55,3 +55,27 @@ def test_negatives_follow_the_proposal(alpha):
     assert chi2 < critical, (chi2, critical)
     if alpha > 0:  # and the popular items really are favoured
         assert observed[np.argmax(counts)] > observed[np.argmin(counts)]
+
+
+def test_row_sparse_tables_give_the_dense_gradients_and_touch_only_their_rows():
+    idx, off = torch.tensor([0, 3, 5, 1, 2, 7, 8]), torch.tensor([0, 3, 4, 7])
+    sampler = NegativeSampler(np.ones(40), n_samples=6, alpha=0.0, seed=3)
+    cand = sampler.candidates(idx)
+    grads = []
+    for row_sparse in (False, True):
+        torch.manual_seed(1)
+        model = MacridVAE(n_items=40, K=3, D=4, dropout=0.0, gumbel=False, sample=False, row_sparse=row_sparse)
+        loss = multinomial_nll(model(idx, off, cand.items).log_scores, cand.positions(idx), off, cand.log_pi)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    dense, sparse = grads
+    for name in ("h", "t"):
+        assert sparse[name].is_sparse and not dense[name].is_sparse
+        assert_close(sparse[name].to_dense(), dense[name], msg=f"gradient of {name}")
+    assert set(sparse["h"].coalesce().indices()[0].tolist()) == set(cand.items.tolist())
+    assert set(sparse["t"].coalesce().indices()[0].tolist()) == set(idx.tolist())
+    # Lazy Adam moves only the touched rows of h.
+    before = model.h.detach().clone()
+    torch.optim.SparseAdam([model.h], lr=0.1).step()
+    moved = (model.h.detach() != before).any(1).nonzero().flatten()
+    assert set(moved.tolist()) == set(cand.items.tolist())

@@ -8,7 +8,7 @@ import pytest
 from macrid.baselines import popularity_scorer
 from macrid.batches import load_dataset
 from macrid.config import load_config
-from macrid.evaluate import evaluate
+from macrid.evaluate import evaluate, scores_ranker
 from macrid.train import fit
 
 
@@ -18,7 +18,7 @@ def test_few_epochs_on_ml100k_beat_popularity_clearly(ml100k_lake):
                              "optim.epochs=8", "optim.batch_size=100", "run.progress=false"])
     metrics = fit(cfg)
     data = load_dataset(ml100k_lake, "ml-100k")
-    pop = evaluate(popularity_scorer(data.train, data.n_items), data.val, data.n_items)["ndcg@100"][0]
+    pop = evaluate(scores_ranker(popularity_scorer(data.train, data.n_items)), data.val, data.n_items)["ndcg@100"][0]
     ours = metrics["val"]["ndcg@100"][0]
     assert ours > pop + 0.05, (ours, pop)
     run = os.path.join(ml100k_lake, "runs", "e2e")
@@ -28,11 +28,11 @@ def test_few_epochs_on_ml100k_beat_popularity_clearly(ml100k_lake):
     assert on_disk["best_epoch"] == metrics["best_epoch"] and len(on_disk["history"]) == 8
     assert set(on_disk["test"]) >= {"ndcg@100", "recall@20", "recall@50", "independence"}
     # the model is rebuilt from its run folder alone and scores exactly what the run reported
-    from macrid.evaluate import torch_scorer
+    from macrid.evaluate import model_ranker
     from macrid.train import load_model
 
     model, _ = load_model(run, data.meta["vocabulary_fingerprint"])
-    again = evaluate(torch_scorer(model), data.test, data.n_items)["ndcg@100"]
+    again = evaluate(model_ranker(model, data.n_items), data.test, data.n_items)["ndcg@100"]
     assert again == pytest.approx(metrics["test"]["ndcg@100"])
 
 
@@ -43,7 +43,7 @@ def test_baselines_train_in_the_same_harness(synthetic_lake, model):
                              "model.hidden=16"])
     metrics = fit(cfg)
     data = load_dataset(synthetic_lake, "synthetic")
-    pop = evaluate(popularity_scorer(data.train, data.n_items), data.val, data.n_items)["ndcg@100"][0]
+    pop = evaluate(scores_ranker(popularity_scorer(data.train, data.n_items)), data.val, data.n_items)["ndcg@100"][0]
     assert metrics["model"] == model and metrics["history"][-1]["nll"] < metrics["history"][0]["nll"]
     assert metrics["val"]["ndcg@100"][0] > pop, (metrics["val"]["ndcg@100"][0], pop)
 

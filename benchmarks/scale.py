@@ -1,0 +1,163 @@
+"""Step time and memory against catalogue size, and the DDP gradient exchange at 10^6 items.
+
+  python benchmarks/scale.py steps --threads 2        # step time + peak RSS vs M, sampled vs full
+  python benchmarks/scale.py ddp --items 1000000      # 2 CPU workers (gloo): dense DDP vs row-wise exchange
+
+`steps` runs every (M, variant) in a fresh subprocess, so peak RSS is that configuration's alone:
+- row-sparse: sampled softmax, item tables with sparse gradients and lazy Adam (the default);
+- dense: sampled softmax, dense item-table gradients and dense Adam (optim.row_sparse = false);
+- full: full softmax over all M items (optim.negatives = 0).
+Batches are synthetic bags (log-normal sizes around 40, items by a Zipf(0.8) popularity), the same
+MacridVAE (K = 5, D = 100) and `macrid.train.train_step` that training runs. `ddp` starts two
+processes with torch.distributed (gloo on loopback), as Ray Train's workers do, and times the same
+step with the tables inside DDP (dense all-reduce) and outside it (macrid.row_sparse exchange).
+Writes benchmarks/scale.json; benchmarks/scale.md quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def popularity(M: int) -> np.ndarray:
+    return (np.arange(M) + 1.0) ** -0.8 * 1e6  # Zipf-like "training counts", most popular first
+
+
+def batches(M: int, B: int, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    rng = np.random.default_rng(seed)
+    cdf = np.cumsum(popularity(M))
+    out = []
+    for _ in range(n):
+        sizes = np.clip(rng.lognormal(np.log(40), 0.6, B), 10, 200).astype(np.int64)
+        items = [np.unique(np.searchsorted(cdf, rng.random(s) * cdf[-1])) for s in sizes]
+        off = np.concatenate([[0], np.cumsum([len(i) for i in items])])
+        out.append((torch.from_numpy(np.concatenate(items)), torch.from_numpy(off)))
+    return out
+
+
+def setup(M: int, variant: str, S: int, D: int, K: int):
+    from macrid.model import MacridVAE
+    from macrid.row_sparse import tables_of
+    from macrid.sampling import NegativeSampler
+
+    torch.manual_seed(0)
+    row_sparse = variant == "row-sparse"
+    model = MacridVAE(M, K=K, D=D, row_sparse=row_sparse).train()
+    tables = tables_of(model, row_sparse)
+    sampler = None if variant == "full" else NegativeSampler(popularity(M), S, alpha=0.75, seed=0)
+    return model, tables, sampler
+
+
+def one_config(M: int, variant: str, B: int, S: int, D: int, K: int, steps: int, warmup: int) -> dict:
+    """Runs in its own process: median step seconds and peak RSS."""
+    from macrid.row_sparse import Optimizers
+    from macrid.train import train_step
+
+    model, tables, sampler = setup(M, variant, S, D, K)
+    opt = Optimizers(model, tables, "adam", 1e-3, 0.0)
+    data = batches(M, B, warmup + steps, seed=1)
+    times = []
+    for i, (idx, off) in enumerate(data):
+        t0 = time.perf_counter()
+        train_step(model, opt, tables, sampler, idx, off, 0.2, 1)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return {"M": M, "variant": variant, "B": B, "S": S, "D": D, "K": K, "step_s": float(np.median(times)),
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+
+
+def run_steps(args) -> list[dict]:
+    plan = [(M, v) for M in (10_000, 100_000, 1_000_000) for v in ("row-sparse", "dense")] + [(100_000, "full")]
+    rows = []
+    for M, variant in plan:
+        code = (f"import json, sys, torch; sys.path.insert(0, {HERE!r}); torch.set_num_threads({args.threads});"
+                f"import scale; print(json.dumps(scale.one_config({M}, {variant!r}, {args.batch}, {args.negatives},"
+                f" {args.D}, {args.K}, {args.steps}, 3)))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def ddp_worker(rank: int, world: int, port: int, args, variant: str, out: dict) -> None:
+    import torch.distributed as dist
+
+    from macrid.row_sparse import Optimizers, broadcast_tables, ignore_in_ddp
+    from macrid.train import train_step
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, args.threads // world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model, tables, sampler = setup(args.items, variant, args.negatives, args.D, args.K)
+    if tables:
+        ignore_in_ddp(model, tables)
+        broadcast_tables(tables)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = Optimizers(model, tables, "adam", 1e-3, 0.0)
+    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not any(p is t for t in tables))
+    data = batches(args.items, args.batch // world, 2 + args.steps, seed=10 + rank)
+    times, received = [], []
+    for i, (idx, off) in enumerate(data):
+        dist.barrier()
+        t0 = time.perf_counter()
+        _, _, got = train_step(ddp, opt, tables, sampler, idx, off, 0.2, world)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+            received.append(got)
+    if rank == 0:
+        out.update(variant=variant, M=args.items, world=world, step_s=float(np.median(times)),
+                   dense_allreduce_mb=dense_bytes / 1e6, row_exchange_mb=float(np.mean(received)) / 1e6,
+                   peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2)
+    dist.destroy_process_group()
+
+
+def run_ddp(args) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    rows = []
+    for variant in ("row-sparse", "dense"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        manager = mp.Manager()
+        out = manager.dict()
+        mp.spawn(ddp_worker, args=(2, port, args, variant, out), nprocs=2, join=True)
+        rows.append(dict(out))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("steps", "ddp"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=500, help="B users per step (global)")
+    p.add_argument("--negatives", type=int, default=2000, help="S sampled negatives per batch")
+    p.add_argument("--D", type=int, default=100)
+    p.add_argument("--K", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--items", type=int, default=1_000_000, help="M for `ddp`")
+    args = p.parse_args()
+    rows = run_steps(args) if args.what == "steps" else run_ddp(args)
+    path = os.path.join(HERE, "scale.json")
+    saved = json.load(open(path)) if os.path.exists(path) else {}
+    saved[args.what] = {"rows": rows, "args": vars(args), "machine": platform.processor() or platform.machine(),
+                        "cpus": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    json.dump(saved, open(path, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
