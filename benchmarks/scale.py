@@ -36,9 +36,10 @@ def popularity(M: int) -> np.ndarray:
     return (np.arange(M) + 1.0) ** -0.8 * 1e6  # Zipf-like "training counts", most popular first
 
 
-def batches(M: int, B: int, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(M: int, B: int, n: int, seed: int, pool: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """pool > 0: draw only among the `pool` most popular items, so batches hold the same items at any M."""
     rng = np.random.default_rng(seed)
-    cdf = np.cumsum(popularity(M))
+    cdf = np.cumsum(popularity(pool or M))
     out = []
     for _ in range(n):
         sizes = np.clip(rng.lognormal(np.log(40), 0.6, B), 10, 200).astype(np.int64)
@@ -61,31 +62,38 @@ def setup(M: int, variant: str, S: int, D: int, K: int):
     return model, tables, sampler
 
 
-def one_config(M: int, variant: str, B: int, S: int, D: int, K: int, steps: int, warmup: int) -> dict:
+def one_config(M: int, variant: str, B: int, S: int, D: int, K: int, steps: int, warmup: int,
+               pool: int = 0) -> dict:
     """Runs in its own process: median step seconds and peak RSS."""
     from macrid.row_sparse import Optimizers
     from macrid.train import train_step
 
     model, tables, sampler = setup(M, variant, S, D, K)
     opt = Optimizers(model, tables, "adam", 1e-3, 0.0)
-    data = batches(M, B, warmup + steps, seed=1)
+    data = batches(M, B, warmup + steps, seed=1, pool=pool)
+    n_candidates = [len(sampler.candidates(idx).items) if sampler else M for idx, _ in data]
     times = []
     for i, (idx, off) in enumerate(data):
         t0 = time.perf_counter()
         train_step(model, opt, tables, sampler, idx, off, 0.2, 1)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return {"M": M, "variant": variant, "B": B, "S": S, "D": D, "K": K, "step_s": float(np.median(times)),
+    return {"M": M, "variant": variant + (f", items from top {pool}" if pool else ""), "B": B, "S": S, "D": D, "K": K,
+            "candidates": float(np.mean(n_candidates)), "step_s": float(np.median(times)),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
 
 
 def run_steps(args) -> list[dict]:
-    plan = [(M, v) for M in (10_000, 100_000, 1_000_000) for v in ("row-sparse", "dense")] + [(100_000, "full")]
+    sizes = (10_000, 100_000, 1_000_000)
+    plan = [(M, v, 0) for M in sizes for v in ("row-sparse", "dense")] + [(100_000, "full", 0)]
+    plan += [(M, "row-sparse", 10_000) for M in sizes]  # same batch items at every M: the M-only cost
+    if args.only_pool:
+        plan = [p for p in plan if p[2]]
     rows = []
-    for M, variant in plan:
+    for M, variant, pool in plan:
         code = (f"import json, sys, torch; sys.path.insert(0, {HERE!r}); torch.set_num_threads({args.threads});"
                 f"import scale; print(json.dumps(scale.one_config({M}, {variant!r}, {args.batch}, {args.negatives},"
-                f" {args.D}, {args.K}, {args.steps}, 3)))")
+                f" {args.D}, {args.K}, {args.steps}, 3, {pool})))")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
@@ -149,12 +157,14 @@ def main() -> None:
     p.add_argument("--D", type=int, default=100)
     p.add_argument("--K", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--only-pool", action="store_true", help="`steps`: only the same-items rows")
     p.add_argument("--items", type=int, default=1_000_000, help="M for `ddp`")
     args = p.parse_args()
     rows = run_steps(args) if args.what == "steps" else run_ddp(args)
     path = os.path.join(HERE, "scale.json")
     saved = json.load(open(path)) if os.path.exists(path) else {}
-    saved[args.what] = {"rows": rows, "args": vars(args), "machine": platform.processor() or platform.machine(),
+    key = args.what + ("-same-items" if args.only_pool else "")
+    saved[key] = {"rows": rows, "args": vars(args), "machine": platform.processor() or platform.machine(),
                         "cpus": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     json.dump(saved, open(path, "w"), indent=1)
 
