@@ -3,6 +3,8 @@
 Examples:
   python jobs/prepare.py --synthetic --lake lake --name synthetic
   python jobs/prepare.py --input ../shared/data/ml-1m --lake lake --name ml-1m
+  python jobs/prepare.py --input ../shared/data/gowalla --input ../shared/data/amazon-book-kgat \
+      --heldout 5000 --lake lake --name gowalla-amazon
   python jobs/prepare.py --input events.parquet --user-col uid --item-col sku --lake lake --name shop
   python jobs/prepare.py --input lake/raw/scale/interactions --items lake/raw/scale/items \
       --vocabulary catalogue --heldout 10000 --lake lake --name scale
@@ -14,12 +16,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import logging
 import sys
 
 from macrid.errors import MacridError
 from macrid.prepare import prepare
-from macrid.readers import FORMATS, read_items, read_raw
+from macrid.readers import FORMATS, read_items, read_raw, union
 from macrid.split import Protocol
 from macrid.synthetic import SyntheticSpec, generate
 
@@ -27,8 +30,9 @@ from macrid.synthetic import SyntheticSpec, generate
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", help="raw file or folder (u.data, ratings.dat[.gz], ratings.csv, "
-                                     "Netflix training_set/, or any .parquet/.csv)")
+    src.add_argument("--input", action="append", help="raw file or folder (u.data, ratings.dat[.gz], ratings.csv, "
+                                     "Netflix training_set/, LightGCN train.txt/test.txt, or any .parquet/.csv); "
+                                     "repeat it to prepare the union of several sources, ids prefixed by folder name")
     src.add_argument("--synthetic", action="store_true", help="generate planted-structure data instead")
     p.add_argument("--format", default="auto", choices=FORMATS, help="raw format (default: from the file name)")
     p.add_argument("--user-col", default="user_id", help="user column of a generic table")
@@ -63,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             spec = SyntheticSpec(**{k: getattr(args, f"syn_{k}") for k in SyntheticSpec.__dataclass_fields__})
             raw = generate(spec)
         else:
-            raw = read_raw(args.input, args.format, args.user_col, args.item_col, args.rating_col)
+            parts = [read_raw(i, args.format, args.user_col, args.item_col, args.rating_col) for i in args.input]
+            names = [os.path.basename(os.path.normpath(i)) for i in args.input]
+            raw = parts[0] if len(parts) == 1 else union(parts, names)
         if args.items:
             raw = dataclasses.replace(raw, items=read_items(args.items, args.item_col))
         protocol = Protocol(args.seed, args.min_rating, args.min_user_items, args.heldout,

@@ -81,11 +81,25 @@ def chunked_top_k(model: torch.nn.Module, indices: torch.Tensor, offsets: torch.
         s = model.score(mu, items).float()  # (B, C)
         inside = (indices >= lo) & (indices < lo + len(items))
         s[rows[inside], indices[inside] - lo] = -torch.inf
-        cat_s = torch.cat([best_s, s], 1)
-        cat_i = torch.cat([best_i, items.expand(B, -1)], 1)
-        order = torch.sort(cat_s, dim=1, descending=True, stable=True).indices[:, :k]
-        best_s, best_i = torch.gather(cat_s, 1, order), torch.gather(cat_i, 1, order)
+        best_s, best_i = _merge_top_k(torch.cat([best_s, s], 1), torch.cat([best_i, items.expand(B, -1)], 1), k)
     return best_i, mu
+
+
+def _merge_top_k(scores: torch.Tensor, items: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best columns of each row, highest first, ties to the earlier column (= the lower item id,
+    since the running best precedes the chunk and both are in id order among equal scores).
+
+    topk finds the k-th value; everything above it is kept, then the earliest columns equal to it.
+    A full stable sort of B x chunk scores would cost ~10x more (it dominated evaluation).
+    """
+    k = min(k, scores.shape[1])
+    kth = torch.topk(scores, k, dim=1, sorted=False).values.min(1, keepdim=True).values  # (B, 1)
+    greater, equal = scores > kth, scores == kth
+    keep = greater | (equal & (equal.cumsum(1) <= k - greater.sum(1, keepdim=True)))  # exactly k per row
+    cols = keep.nonzero()[:, 1].view(len(scores), k)  # row-major: column order within a row
+    s, i = torch.gather(scores, 1, cols), torch.gather(items, 1, cols)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    return torch.gather(s, 1, order), torch.gather(i, 1, order)
 
 
 def model_ranker(model: torch.nn.Module, n_items: int) -> Ranker:

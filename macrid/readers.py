@@ -92,6 +92,22 @@ def read_raw(
     return read_table(path, user_col, item_col, rating_col)
 
 
+def union(parts: list[RawData], names: list[str]) -> RawData:
+    """Several sources as one: user and item ids become "<name>:<id>", so the sources never collide."""
+    if len(set(names)) != len(names):
+        raise DataError(f"the --input sources need distinct folder names to tell their ids apart; got {names}")
+    frames, item_frames = [], []
+    for raw, name in zip(parts, names, strict=True):
+        def prefixed(col: str) -> pl.Expr:
+            return (pl.lit(f"{name}:") + pl.col(col).cast(pl.String)).alias(col)
+
+        frames.append(raw.interactions.with_columns(prefixed("user_id"), prefixed("item_id")))
+        if raw.items is not None:
+            item_frames.append(raw.items.with_columns(prefixed("item_id")))
+    items = pl.concat(item_frames) if len(item_frames) == len(parts) else None
+    return RawData(pl.concat(frames), items, " + ".join(p.source for p in parts), "union")
+
+
 def read_items(path: str | Path, item_col: str = "item_id") -> pl.DataFrame:
     """An item table (Parquet/CSV file or folder): item_id plus optional title and genres (list of strings)."""
     if str(path).startswith("s3://"):

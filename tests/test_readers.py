@@ -4,6 +4,9 @@ import gzip
 
 import polars as pl
 
+import pytest
+
+from macrid.errors import DataError
 from macrid.readers import read_raw
 
 
@@ -51,3 +54,17 @@ def test_adjacency_lists_merge_train_and_test(tmp_path):
     assert raw.format == "adjacency"
     assert sorted(raw.interactions.select("user_id", "item_id").rows()) == [
         (0, 10), (0, 11), (0, 12), (0, 13), (1, 10), (1, 11), (1, 12)]
+
+
+def test_union_of_sources_keeps_their_ids_apart(tmp_path):
+    from macrid.readers import union
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.txt").write_text("0 1 2 3\n1 2 3\n")
+    raw = union([read_raw(tmp_path / "a"), read_raw(tmp_path / "b")], ["a", "b"])
+    df = raw.interactions
+    assert df.height == 10 and set(df["user_id"].unique()) == {"a:0", "a:1", "b:0", "b:1"}
+    assert df.filter(pl.col("item_id") == "b:2").height == 2
+    with pytest.raises(DataError, match="distinct"):
+        union([read_raw(tmp_path / "a"), read_raw(tmp_path / "a")], ["a", "a"])
