@@ -4,7 +4,9 @@
   python benchmarks/scale.py ddp --items 1000000      # 2 CPU workers (gloo): dense DDP vs row-wise exchange
 
 `steps` runs every (M, variant) in a fresh subprocess, so peak RSS is that configuration's alone:
-- row-sparse: sampled softmax, item tables with sparse gradients and lazy Adam (the default);
+- row-sparse: sampled softmax, item tables with sparse gradients and lazy Adam (the default),
+  every user scored on C = the batch's items ∪ the S negatives (optim.candidates = "batch");
+- per-user: the same, each user scored on its own items + the S negatives (optim.candidates = "user");
 - dense: sampled softmax, dense item-table gradients and dense Adam (optim.row_sparse = false);
 - full: full softmax over all M items (optim.negatives = 0).
 Batches are synthetic bags (log-normal sizes around 40, items by a Zipf(0.8) popularity), the same
@@ -55,7 +57,7 @@ def setup(M: int, variant: str, S: int, D: int, K: int):
     from macrid.sampling import NegativeSampler
 
     torch.manual_seed(0)
-    row_sparse = variant == "row-sparse"
+    row_sparse = variant in ("row-sparse", "per-user")
     model = MacridVAE(M, K=K, D=D, row_sparse=row_sparse).train()
     tables = tables_of(model, row_sparse)
     sampler = None if variant == "full" else NegativeSampler(popularity(M), S, alpha=0.75, seed=0)
@@ -75,7 +77,7 @@ def one_config(M: int, variant: str, B: int, S: int, D: int, K: int, steps: int,
     times = []
     for i, (idx, off) in enumerate(data):
         t0 = time.perf_counter()
-        train_step(model, opt, tables, sampler, idx, off, 0.2, 1)
+        train_step(model, opt, tables, sampler, idx, off, 0.2, 1, per_user=variant == "per-user")
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return {"M": M, "variant": variant + (f", items from top {pool}" if pool else ""), "B": B, "S": S, "D": D, "K": K,
@@ -85,8 +87,8 @@ def one_config(M: int, variant: str, B: int, S: int, D: int, K: int, steps: int,
 
 def run_steps(args) -> list[dict]:
     sizes = (10_000, 100_000, 1_000_000)
-    plan = [(M, v, 0) for M in sizes for v in ("row-sparse", "dense")] + [(100_000, "full", 0)]
-    plan += [(M, "row-sparse", 10_000) for M in sizes]  # same batch items at every M: the M-only cost
+    plan = [(M, v, 0) for M in sizes for v in ("row-sparse", "per-user", "dense")] + [(100_000, "full", 0)]
+    plan += [(M, v, 10_000) for M in sizes for v in ("row-sparse", "per-user")]  # same batch items at every M
     if args.only_pool:
         plan = [p for p in plan if p[2]]
     rows = []

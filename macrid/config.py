@@ -51,6 +51,10 @@ class OptimConfig:
     anneal_epochs: float = 10.0  # beta rises linearly from 0 to its cap over this many epochs
     negatives: int = 0  # sampled softmax: S negatives per batch (0 = full softmax over all M items)
     proposal_alpha: float = 0.0  # negatives drawn with Q ∝ (train count + 1)^alpha; 0 = uniform
+    # which items each user is scored on under sampling: "batch" = every item of the batch's users plus
+    # the negatives (C grows with the batch); "user" = the user's own items plus the shared negatives
+    # (cost B*S + N, flat in M and in the batch's item spread); MacridVAE only
+    candidates: str = "batch"
     # with sampled softmax, MacridVAE's item tables get sparse gradients, a row-wise exchange across
     # workers and lazy Adam (macrid/row_sparse.py); false = dense tables, for comparison only
     row_sparse: bool = True
@@ -63,6 +67,8 @@ class OptimConfig:
             raise ConfigError(f"optim.lr={self.lr} must be > 0")
         if self.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"optim.optimizer={self.optimizer!r} must be 'adam' or 'sgd'")
+        if self.candidates not in ("batch", "user"):
+            raise ConfigError(f"optim.candidates={self.candidates!r} must be 'batch' or 'user'")
         if self.negatives < 0:
             raise ConfigError(f"optim.negatives={self.negatives} must be >= 0 (0 = full softmax)")
         if self.negatives > 0 and self.row_sparse and self.weight_decay > 0:

@@ -30,9 +30,38 @@ def multinomial_nll(log_scores: torch.Tensor, indices: torch.Tensor, offsets: to
     return -(log_scores[rows, indices].sum() - (log_z * offsets.diff()).sum()) / B
 
 
+def own_items_nll(log_pos: torch.Tensor, log_neg: torch.Tensor, negatives: torch.Tensor, log_pi_neg: torch.Tensor,
+                  indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The multinomial NLL with per-user candidates: the user's own items plus the shared negatives.
+
+    log_pos (N,) = log A_ui of each user's own items (inclusion probability 1); log_neg (B, S) over
+    the negatives' item ids `negatives` (S,), with log inclusion probabilities log_pi_neg (S,). A
+    negative the user holds is already among its own items and is dropped, so
+    Z_u ≈ Σ_{i∈x_u} A_ui + Σ_{j∈N∖x_u} A_uj / π_j, again unbiased (docs/sampled_softmax.md).
+    """
+    B = len(offsets) - 1
+    rows = bag_rows(offsets)  # (N,)
+    n_keys = int(max(int(negatives.max()) if len(negatives) else 0, int(indices.max()) if len(indices) else 0)) + 1
+    held = torch.isin(torch.arange(B).unsqueeze(1) * n_keys + negatives, rows * n_keys + indices)  # (B, S)
+    corrected = (log_neg - log_pi_neg).masked_fill(held, -torch.inf)
+    log_z_neg = torch.logsumexp(corrected, dim=1)  # (B,)
+    top = torch.full((B,), -torch.inf).scatter_reduce(0, rows, log_pos.detach(), "amax")  # (B,) for stability
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    log_z_own = torch.zeros(B).index_add(0, rows, torch.exp(log_pos - top[rows])).log() + top  # (B,)
+    log_z = torch.logaddexp(log_z_own, log_z_neg)
+    return -(log_pos.sum() - (log_z * offsets.diff()).sum()) / B
+
+
 def elbo_loss(out: Output, indices: torch.Tensor, offsets: torch.Tensor, beta: float,
-              log_pi: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """Negative Eq. 5 per user: reconstruction NLL + beta * KL. Returns (loss, parts for logging)."""
-    nll = multinomial_nll(out.log_scores, indices, offsets, log_pi)
+              log_pi: torch.Tensor | None = None, negatives: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, dict]:
+    """Negative Eq. 5 per user: reconstruction NLL + beta * KL. Returns (loss, parts for logging).
+
+    negatives = (item ids, log pi) of the shared negatives when `out` holds per-user candidates.
+    """
+    if out.log_pos is not None:
+        nll = own_items_nll(out.log_pos, out.log_scores, negatives[0], negatives[1], indices, offsets)
+    else:
+        nll = multinomial_nll(out.log_scores, indices, offsets, log_pi)
     kl = out.kl.mean()
     return nll + beta * kl, {"nll": nll.item(), "kl": kl.item(), "beta": beta}

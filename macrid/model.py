@@ -23,6 +23,7 @@ class Output:
     log_scores: torch.Tensor  # (B, M) log p(i | u) up to a per-user constant
     kl: torch.Tensor  # (B,) KL(q(z|x) || p(z)), zeros for MultDAE
     mu: torch.Tensor  # (B, K, D) the users' representations (K = 1 for Mult*)
+    log_pos: torch.Tensor | None = None  # (N,) log A_ui of each user's own items ("user" candidates only)
 
 
 class MacridVAE(nn.Module):
@@ -75,8 +76,13 @@ class MacridVAE(nn.Module):
         a, b = self.f_nn(torch.tanh(pooled + self.t_bias)).split(D, dim=-1)  # (B, K, D) each
         return F.normalize(a, dim=-1), -b
 
-    def forward(self, indices: torch.Tensor, offsets: torch.Tensor, candidates: torch.Tensor | None = None) -> Output:
-        """Scores over all M items, or over `candidates` (C,) sorted item ids that include every input item."""
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor, candidates: torch.Tensor | None = None,
+                negatives: torch.Tensor | None = None) -> Output:
+        """Scores over all M items, or over `candidates` (C,) sorted item ids that include every input item.
+
+        With `negatives` (positions in `candidates`), every user is scored on the negatives only,
+        log_scores (B, S), plus its own items, log_pos (N,): cost B*S + N instead of B*C.
+        """
         h = self.item_rows(candidates)  # (M or C, D)
         c = self.concepts(candidates, h)  # (M or C, K)
         pos = indices if candidates is None else torch.searchsorted(candidates, indices)  # (N,)
@@ -84,10 +90,15 @@ class MacridVAE(nn.Module):
         z = mu
         if self.training and self.sample:
             z = mu + torch.randn_like(mu) * self.sigma0 * torch.exp(0.5 * lnvar)  # (B, K, D)
-        scores = mixture_scores(F.normalize(z, dim=-1), F.normalize(h, dim=1), c, self.tau)  # (B, M or C)
+        zn, hn = F.normalize(z, dim=-1), F.normalize(h, dim=1)
         # The authors' KL against N(0, sigma0^2) drops the mu^2 term, because mu is normalised.
         kl = 0.5 * (-lnvar + lnvar.exp() - 1.0).sum(dim=(1, 2))  # (B,)
-        return Output(scores.log(), kl, mu)
+        if negatives is None:
+            return Output(mixture_scores(zn, hn, c, self.tau).log(), kl, mu)  # (B, M or C)
+        neg = mixture_scores(zn, hn[negatives], c[negatives], self.tau)  # (B, S)
+        cos = torch.einsum("nkd,nd->nk", zn[bag_rows(offsets)], hn[pos])  # (N, K): each user with its own items
+        own = (c[pos] * torch.exp(cos / self.tau)).sum(1)  # (N,)
+        return Output(neg.log(), kl, mu, log_pos=own.log())
 
 
     @torch.no_grad()

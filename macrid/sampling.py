@@ -24,6 +24,8 @@ import torch
 class Candidates:
     items: torch.Tensor  # (C,) sorted unique item ids
     log_pi: torch.Tensor  # (C,) log inclusion probability, 0 for the batch's own items
+    negatives: torch.Tensor | None = None  # (S',) positions in `items` of the distinct sampled negatives
+    log_pi_negatives: torch.Tensor | None = None  # (S',) their inclusion probability for a user not holding them
 
     def positions(self, indices: torch.Tensor) -> torch.Tensor:
         """Item ids (N,) that are candidates -> their positions in `items` (N,)."""
@@ -52,10 +54,11 @@ class NegativeSampler:
         items = torch.unique(torch.cat([positives, negatives]))  # (C,) sorted
         q = self.q[items]
         log_pi = torch.log1p(-torch.pow(1.0 - q, self.n_samples)).float()  # (C,)
-        is_positive = torch.isin(items, positives)
-        log_pi[is_positive] = 0.0
-        return Candidates(items, log_pi)
+        negative_pos = torch.searchsorted(items, negatives)
+        log_pi_negatives = log_pi[negative_pos].clone()
+        log_pi[torch.isin(items, positives)] = 0.0
+        return Candidates(items, log_pi, negative_pos, log_pi_negatives)
 
 
 def all_items(n_items: int) -> Candidates:
-    return Candidates(torch.arange(n_items), torch.zeros(n_items))
+    return Candidates(torch.arange(n_items), torch.zeros(n_items), torch.arange(n_items), torch.zeros(n_items))

@@ -60,6 +60,8 @@ def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int =
     # Streamed runs read the training bags through Ray Data only; the worker keeps the held-out sets.
     data = load_dataset(cfg.data.lake, cfg.data.dataset,
                         with_train=train_batches is None or cfg.optim.negatives > 0)
+    if cfg.optim.candidates == "user" and cfg.model.name != "macridvae":
+        raise ConfigError(f"optim.candidates='user' is implemented for macridvae only, not {cfg.model.name}")
     row_sparse = cfg.optim.negatives > 0 and cfg.optim.row_sparse
     model = build_model(cfg.model, data.n_items, row_sparse)
     tables = tables_of(model, row_sparse)  # exchanged row-wise, outside DDP
@@ -99,7 +101,8 @@ def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int =
             if state["step"] == cfg.run.fail_at_step and rank == cfg.run.fail_rank and _first_failure(cfg):
                 raise RuntimeError(f"run.fail_at_step: injected failure at step {state['step']} on rank {rank}")
             beta = beta_at(state["step"], steps_per_epoch, cfg.optim.beta, cfg.optim.anneal_epochs)
-            loss, parts, received = train_step(train_model, opt, tables, sampler, idx, off, beta, world)
+            loss, parts, received = train_step(train_model, opt, tables, sampler, idx, off, beta, world,
+                                               per_user=cfg.optim.candidates == "user")
             exchanged += received
             if ema is not None:
                 ema.update_parameters(model)
@@ -143,13 +146,19 @@ def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int =
 
 def train_step(model: torch.nn.Module, opt: Optimizers, tables: list[torch.nn.Parameter],
                sampler: NegativeSampler | None, idx: torch.Tensor, off: torch.Tensor, beta: float,
-               world: int) -> tuple[torch.Tensor, dict, int]:
+               world: int, per_user: bool = False) -> tuple[torch.Tensor, dict, int]:
     """One optimizer step on a batch: full or sampled softmax, row-wise exchange of the item tables.
+
+    per_user: sampled softmax with per-user candidates (optim.candidates = "user").
 
     Returns the loss, its parts, and the bytes this rank received in the row exchange.
     """
     if sampler is None:
         loss, parts = elbo_loss(model(idx, off), idx, off, beta)
+    elif per_user:
+        cand = sampler.candidates(idx)
+        out = model(idx, off, cand.items, cand.negatives)
+        loss, parts = elbo_loss(out, idx, off, beta, negatives=(cand.items[cand.negatives], cand.log_pi_negatives))
     else:
         cand = sampler.candidates(idx)
         loss, parts = elbo_loss(model(idx, off, cand.items), cand.positions(idx), off, beta, cand.log_pi)

@@ -79,3 +79,48 @@ def test_row_sparse_tables_give_the_dense_gradients_and_touch_only_their_rows():
     torch.optim.SparseAdam([model.h], lr=0.1).step()
     moved = (model.h.detach() != before).any(1).nonzero().flatten()
     assert set(moved.tolist()) == set(cand.items.tolist())
+
+
+def test_per_user_candidates_with_all_items_equal_full_softmax_with_gradients():
+    """optim.candidates = "user": own items + every item as a negative (pi = 1) is the full softmax."""
+    from macrid.loss import elbo_loss
+
+    idx, off = torch.tensor([0, 3, 5, 1, 2, 7, 8]), torch.tensor([0, 3, 4, 7])
+    losses, grads = [], []
+    for per_user in (False, True):
+        torch.manual_seed(1)
+        model = MacridVAE(n_items=10, K=3, D=4, dropout=0.0, gumbel=False, sample=False, row_sparse=per_user)
+        if per_user:
+            cand = all_items(10)
+            out = model(idx, off, cand.items, cand.negatives)
+            loss, _ = elbo_loss(out, idx, off, 0.0, negatives=(cand.items[cand.negatives], cand.log_pi_negatives))
+        else:
+            loss, _ = elbo_loss(model(idx, off), idx, off, 0.0)
+        loss.backward()
+        losses.append(loss)
+        grads.append({n: p.grad.to_dense() for n, p in model.named_parameters()})
+    assert_close(losses[0], losses[1])
+    for name in grads[0]:
+        assert_close(grads[1][name], grads[0][name], msg=f"gradient of {name}")
+
+
+def test_per_user_estimate_of_the_normaliser_is_unbiased():
+    """E[Ẑ_u] = Z_u over many draws of the negatives (Horvitz-Thompson with the user's own items kept)."""
+    from macrid.loss import own_items_nll
+
+    torch.manual_seed(0)
+    M, S = 30, 8
+    log_a = torch.randn(1, M)  # one user's log A over all items
+    own = torch.tensor([2, 5])
+    z_true = log_a.exp().sum()
+    sampler = NegativeSampler(np.arange(M) % 7, n_samples=S, alpha=1.0, seed=0)
+    off = torch.tensor([0, 2])
+    estimates = []
+    for _ in range(20000):
+        cand = sampler.candidates(own)
+        neg = cand.items[cand.negatives]
+        nll = own_items_nll(log_a[0, own], log_a[:, neg], neg, cand.log_pi_negatives, own, off)
+        log_z = (nll + log_a[0, own].sum()) / 2  # nll = -(Σ log A_own - 2 log Ẑ)
+        estimates.append(log_z.exp())
+    est = torch.stack(estimates)
+    assert abs(est.mean() - z_true) < 4 * est.std() / math.sqrt(len(est)), (est.mean(), z_true)
