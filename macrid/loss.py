@@ -35,14 +35,17 @@ def own_items_nll(log_pos: torch.Tensor, log_neg: torch.Tensor, negatives: torch
     """The multinomial NLL with per-user candidates: the user's own items plus the shared negatives.
 
     log_pos (N,) = log A_ui of each user's own items (inclusion probability 1); log_neg (B, S) over
-    the negatives' item ids `negatives` (S,), with log inclusion probabilities log_pi_neg (S,). A
+    the negatives' sorted, distinct item ids `negatives` (S,), with log inclusion probabilities log_pi_neg (S,). A
     negative the user holds is already among its own items and is dropped, so
     Z_u ≈ Σ_{i∈x_u} A_ui + Σ_{j∈N∖x_u} A_uj / π_j, again unbiased (docs/sampled_softmax.md).
     """
-    B = len(offsets) - 1
+    B, S = len(offsets) - 1, len(negatives)
     rows = bag_rows(offsets)  # (N,)
-    n_keys = int(max(int(negatives.max()) if len(negatives) else 0, int(indices.max()) if len(indices) else 0)) + 1
-    held = torch.isin(torch.arange(B).unsqueeze(1) * n_keys + negatives, rows * n_keys + indices)  # (B, S)
+    # held[b, s]: user b holds negative s. `negatives` is sorted, so each own item is looked up in O(log S).
+    at = torch.searchsorted(negatives, indices).clamp_max(max(S - 1, 0))  # (N,)
+    hit = negatives[at] == indices if S else torch.zeros_like(indices, dtype=torch.bool)
+    held = torch.zeros(B, S, dtype=torch.bool)
+    held[rows[hit], at[hit]] = True
     corrected = (log_neg - log_pi_neg).masked_fill(held, -torch.inf)
     log_z_neg = torch.logsumexp(corrected, dim=1)  # (B,)
     top = torch.full((B,), -torch.inf).scatter_reduce(0, rows, log_pos.detach(), "amax")  # (B,) for stability
