@@ -117,6 +117,11 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def __post_init__(self) -> None:
+        if self.optim.candidates == "user" and self.model.name != "macridvae":
+            raise ConfigError(f"optim.candidates='user' is implemented for macridvae only, not {self.model.name}; "
+                              "use optim.candidates='batch'")
+
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 

@@ -60,8 +60,6 @@ def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int =
     # Streamed runs read the training bags through Ray Data only; the worker keeps the held-out sets.
     data = load_dataset(cfg.data.lake, cfg.data.dataset,
                         with_train=train_batches is None or cfg.optim.negatives > 0)
-    if cfg.optim.candidates == "user" and cfg.model.name != "macridvae":
-        raise ConfigError(f"optim.candidates='user' is implemented for macridvae only, not {cfg.model.name}")
     row_sparse = cfg.optim.negatives > 0 and cfg.optim.row_sparse
     model = build_model(cfg.model, data.n_items, row_sparse)
     tables = tables_of(model, row_sparse)  # exchanged row-wise, outside DDP

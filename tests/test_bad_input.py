@@ -101,3 +101,12 @@ def test_checkpoint_from_another_vocabulary_is_refused(tmp_path):
     assert checkpoint.load(path, "a" * 64)["n_items"] == 5
     with pytest.raises(CheckpointError, match="item vocabulary aaaaaaaaaaaa.*bbbbbbbbbbbb"):
         checkpoint.load(path, "b" * 64)
+
+
+def test_sampled_softmax_settings_that_cannot_work_are_refused():
+    with pytest.raises(ConfigError, match="macridvae only"):
+        load_config(None, ["model.name='multvae'", "optim.candidates='user'", "optim.negatives=10"])
+    with pytest.raises(ConfigError, match="row_sparse=false"):
+        load_config(None, ["optim.negatives=10", "optim.weight_decay=0.01"])
+    with pytest.raises(ConfigError, match="'batch' or 'user'"):
+        load_config(None, ["optim.candidates='all'"])
