@@ -95,6 +95,15 @@ def load_dataset(lake_root: str, name: str, with_train: bool = True) -> Dataset:
     return Dataset(meta, int(meta["n_items"]), train, _heldout(f"{uri}/val"), _heldout(f"{uri}/test"))
 
 
+def item_counts(lake_root: str, name: str) -> np.ndarray | None:
+    """Training interactions per item (M,) from the items table; None for datasets prepared before the
+    column existed (then the training bags must be counted)."""
+    t = lake.read_table(f"{dataset_uri(lake_root, name)}/items")
+    if "train_count" not in t.column_names:
+        return None
+    return t.sort_by("item_idx")["train_count"].to_numpy()
+
+
 def _heldout(uri: str) -> HeldOut:
     t = lake.read_table(uri)
     if t.num_rows == 0:

@@ -1,7 +1,7 @@
 """Raw interactions -> a dataset in the lake (layout in docs/architecture.md).
 
     <lake>/datasets/<name>/
-        items/part-0.parquet   item_idx:int32, item_id, title, genres (evaluation only)
+        items/part-0.parquet   item_idx:int32, item_id, title, genres (evaluation only), train_count:int64
         users/part-0.parquet   user_idx:int64, user_id, split
         train/part-*.parquet   user_idx, items: list<int32>          one row per user
         val/, test/            user_idx, foldin, heldout: list<int32>
@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import logging
 
+import numpy as np
 import polars as pl
 
 from macrid import lake
@@ -61,13 +62,18 @@ def prepare(raw: RawData, lake_root: str, name: str, protocol: Protocol, overwri
 
 
 def _items_table(split: Split, items: pl.DataFrame | None) -> pl.DataFrame:
-    vocab = pl.DataFrame({"item_idx": pl.int_range(split.item_ids.len(), dtype=pl.Int32, eager=True),
-                          "item_id": split.item_ids})
+    """The vocabulary with metadata and each item's training count (the sampler's popularity: streamed
+    workers read it here instead of loading every training bag)."""
+    n = split.item_ids.len()
+    counts = np.bincount(split.train["items"].explode().drop_nulls().to_numpy(), minlength=n)
+    vocab = pl.DataFrame({"item_idx": pl.int_range(n, dtype=pl.Int32, eager=True), "item_id": split.item_ids})
     if items is None:
-        return vocab.with_columns(pl.lit(None, pl.String).alias("title"),
-                                  pl.lit(None, pl.List(pl.String)).alias("genres"))
-    items = items.with_columns(pl.col("item_id").cast(vocab["item_id"].dtype, strict=False)).unique("item_id")
-    return vocab.join(items, on="item_id", how="left", maintain_order="left")
+        table = vocab.with_columns(pl.lit(None, pl.String).alias("title"),
+                                   pl.lit(None, pl.List(pl.String)).alias("genres"))
+    else:
+        items = items.with_columns(pl.col("item_id").cast(vocab["item_id"].dtype, strict=False)).unique("item_id")
+        table = vocab.join(items, on="item_id", how="left", maintain_order="left")
+    return table.with_columns(train_count=pl.Series(counts.astype(np.int64)))
 
 
 def _users_table(split: Split) -> pl.DataFrame:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from macrid import checkpoint, lake
-from macrid.batches import Dataset, iter_batches, load_dataset
+from macrid.batches import Dataset, item_counts, iter_batches, load_dataset
 from macrid.config import Config
 from macrid.errors import ConfigError
 from macrid.evaluate import evaluate, model_ranker
@@ -58,8 +58,7 @@ def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int =
     torch.set_num_threads(cfg.run.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count())
     torch.manual_seed(cfg.run.seed + rank)
     # Streamed runs read the training bags through Ray Data only; the worker keeps the held-out sets.
-    data = load_dataset(cfg.data.lake, cfg.data.dataset,
-                        with_train=train_batches is None or cfg.optim.negatives > 0)
+    data = load_dataset(cfg.data.lake, cfg.data.dataset, with_train=train_batches is None)
     row_sparse = cfg.optim.negatives > 0 and cfg.optim.row_sparse
     model = build_model(cfg.model, data.n_items, row_sparse)
     tables = tables_of(model, row_sparse)  # exchanged row-wise, outside DDP
@@ -85,7 +84,11 @@ def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int =
     metrics = _telemetry(cfg, rank)
     sampler = None
     if cfg.optim.negatives > 0:
-        sampler = NegativeSampler(data.train.item_counts(data.n_items), cfg.optim.negatives,
+        counts = item_counts(cfg.data.lake, cfg.data.dataset)
+        if counts is None:  # a dataset from before train_count: count the bags (loads them on streamed workers)
+            train = data.train or load_dataset(cfg.data.lake, cfg.data.dataset).train
+            counts = train.item_counts(data.n_items)
+        sampler = NegativeSampler(counts, cfg.optim.negatives,
                                   cfg.optim.proposal_alpha, seed=cfg.run.seed + rank)
     steps_per_epoch = math.ceil(data.meta["train"]["users"] / cfg.optim.batch_size)
     bar = _progress(cfg.optim.epochs, state["epoch"], enabled=cfg.run.progress and rank == 0, desc=cfg.run.name)

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from macrid import lake
-from macrid.batches import load_dataset
+from macrid.batches import item_counts, load_dataset
 from macrid.errors import DataError
 from macrid.prepare import prepare
 from macrid.readers import read_items, read_raw
@@ -52,8 +52,11 @@ def test_streamed_shards_are_published_whole_and_prepare_with_the_catalogue(tmp_
     raw = type(raw)(raw.interactions, read_items(f"{out}/items"), raw.source, raw.format)
     meta = prepare(raw, str(tmp_path / "lake"), "cat", Protocol(heldout=40, vocabulary="catalogue"))
     assert meta["n_items"] == 3000  # every catalogue item, though fewer were ever played
-    trained = np.unique(load_dataset(str(tmp_path / "lake"), "cat").train.indices)
+    train = load_dataset(str(tmp_path / "lake"), "cat").train
+    trained = np.unique(train.indices)
     assert len(trained) < 3000 and trained.max() < len(trained)  # played items first, cold ones after
+    # streamed workers take the sampler's popularity from the items table instead of the bags
+    assert np.array_equal(item_counts(str(tmp_path / "lake"), "cat"), train.item_counts(3000))
     with pytest.raises(DataError, match="already exists"):
         write_shards(SyntheticSpec(n_users=10, n_items=10), out, progress=False)
 
