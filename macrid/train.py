@@ -154,14 +154,13 @@ def train_step(model: torch.nn.Module, opt: Optimizers, tables: list[torch.nn.Pa
 
     Returns the loss, its parts, and the bytes this rank received in the row exchange.
     """
-    if sampler is None:
+    cand = sampler.candidates(idx) if sampler is not None else None
+    if cand is None:
         loss, parts = elbo_loss(model(idx, off), idx, off, beta)
     elif per_user:
-        cand = sampler.candidates(idx)
         out = model(idx, off, cand.items, cand.negatives)
         loss, parts = elbo_loss(out, idx, off, beta, negatives=(cand.items[cand.negatives], cand.log_pi_negatives))
     else:
-        cand = sampler.candidates(idx)
         loss, parts = elbo_loss(model(idx, off, cand.items), cand.positions(idx), off, beta, cand.log_pi)
     opt.zero_grad()
     loss.backward()
