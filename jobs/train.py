@@ -9,8 +9,8 @@ from the standard AWS environment variables or the instance role).
   python jobs/train.py --config configs/ml-1m.toml --num-workers 2 --set optim.epochs=5
   python jobs/train.py --config configs/ml-1m.toml --set model.name=multvae
   python jobs/train.py --config configs/ml-1m.toml --set run.name=nightly --resume
-  python jobs/train.py --config configs/gowalla.toml --set optim.negatives=4098 --set optim.candidates=user \
-      --set optim.proposal_alpha=0.75            # sampled softmax for large catalogues (docs/sampled_softmax.md)
+  python jobs/train.py --config configs/gowalla.toml --set optim.negatives=4098 --set optim.candidates=user
+      (sampled softmax for large catalogues: S negatives per batch, docs/sampled_softmax.md)
   ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/train.py --config configs/ml-1m.toml
 
 Batch size (optim.batch_size) is global: each of N workers takes batch_size / N users per step.
