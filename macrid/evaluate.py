@@ -30,9 +30,10 @@ def evaluate(ranker: Ranker, split: HeldOut, n_items: int, batch_size: int = 100
     per_user: dict[str, list[np.ndarray]] = {f"{m}@{k}": [] for m, ks in KS.items() for k in ks}
     reps = []
     k_max = max(k for ks in KS.values() for k in ks)
-    users = np.arange(split.foldin.n_rows)
-    if 0 < max_users < len(users):
-        users = np.sort(np.random.default_rng(seed).choice(len(users), max_users, replace=False))
+    n_rows = split.foldin.n_rows
+    sampled = 0 < max_users < n_rows
+    users = np.sort(np.random.default_rng(seed).choice(n_rows, max_users, replace=False)) if sampled \
+        else np.arange(n_rows)
     skipped = 0
     for start in range(0, len(users), batch_size):
         rows = users[start:start + batch_size]
@@ -54,8 +55,8 @@ def evaluate(ranker: Ranker, split: HeldOut, n_items: int, batch_size: int = 100
     result: dict = {name: mean_se(np.concatenate(v)) for name, v in per_user.items()}
     result["users"] = int(sum(len(v) for v in per_user["ndcg@100"]))
     result["users_without_targets"] = skipped
-    if 0 < max_users < split.foldin.n_rows:
-        result["sampled_from"] = split.foldin.n_rows
+    if sampled:
+        result["sampled_from"] = n_rows
     if reps:
         result["independence"] = independence(np.concatenate(reps))
     return result

@@ -46,14 +46,16 @@ class MacridVAE(nn.Module):
         """h_i of all items, or of the given ones (C,); a sparse gradient in row-sparse mode. (M or C, D)."""
         return self.h if items is None else F.embedding(items, self.h, sparse=self.row_sparse)
 
-    def concept_logits(self, items: torch.Tensor | None = None, h: torch.Tensor | None = None) -> torch.Tensor:
-        """s_ik = cos(h_i, m_k) / tau, Eq. 6, for all items or the given ones. Returns (M or C, K)."""
-        h = self.item_rows(items) if h is None else h
+    def concept_logits(self, h: torch.Tensor | None = None) -> torch.Tensor:
+        """s_ik = cos(h_i, m_k) / tau, Eq. 6, for the item rows h (default: all items). Returns (M or C, K)."""
+        h = self.h if h is None else h
         return F.normalize(h, dim=1) @ F.normalize(self.m, dim=1).T / self.tau
 
-    def concepts(self, items: torch.Tensor | None = None, h: torch.Tensor | None = None) -> torch.Tensor:
-        """c_i: a relaxed one-hot Gumbel-softmax sample in training, the softmax in evaluation. (M or C, K)."""
-        logits = self.concept_logits(items, h)
+    def concepts(self, h: torch.Tensor | None = None) -> torch.Tensor:
+        """c_i: a relaxed one-hot Gumbel-softmax sample in training, the softmax in evaluation. (M or C, K).
+
+        h: the rows of the items wanted (from `item_rows`); default all items."""
+        logits = self.concept_logits(h)
         if self.training and self.gumbel:
             return F.gumbel_softmax(logits, tau=1.0, hard=False, dim=1)
         return torch.softmax(logits, dim=1)
@@ -84,7 +86,7 @@ class MacridVAE(nn.Module):
         log_scores (B, S), plus its own items, log_pos (N,): cost B*S + N instead of B*C.
         """
         h = self.item_rows(candidates)  # (M or C, D)
-        c = self.concepts(candidates, h)  # (M or C, K)
+        c = self.concepts(h)  # (M or C, K)
         pos = indices if candidates is None else torch.searchsorted(candidates, indices)  # (N,)
         mu, lnvar = self.encode(indices, offsets, c[pos])  # (B, K, D)
         z = mu
@@ -108,14 +110,14 @@ class MacridVAE(nn.Module):
     def represent(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Evaluation-mode users' representations mu (B, K, D), touching only the input items."""
         items = torch.unique(indices)
-        c = self.concepts(items)  # (C, K)
+        c = self.concepts(self.h[items])  # (C, K)
         return self.encode(indices, offsets, c[torch.searchsorted(items, indices)])[0]
 
     @torch.no_grad()
     def score(self, mu: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """log A_ui for representations mu (B, K, D) and item ids (C,) -> (B, C). For chunked ranking."""
         h = self.h[items]  # (C, D)
-        return mixture_scores(F.normalize(mu, dim=-1), F.normalize(h, dim=1), self.concepts(items, h), self.tau).log()
+        return mixture_scores(F.normalize(mu, dim=-1), F.normalize(h, dim=1), self.concepts(h), self.tau).log()
 
 
 class MultVAE(nn.Module):

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,22 +114,13 @@ def union(parts: list[RawData], names: list[str]) -> RawData:
 def read_items(path: str | Path, item_col: str = "item_id") -> pl.DataFrame:
     """An item table (Parquet/CSV file or folder): item_id plus optional title and genres (list of strings)."""
     if str(path).startswith("s3://"):
-        import tempfile
-
-        from macrid import lake
-
-        with tempfile.TemporaryDirectory(prefix="macrid-items-") as tmp:
-            return read_items(lake.download(str(path), tmp), item_col)
+        with _local_copy(str(path)) as local:
+            return read_items(local, item_col)
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path} does not exist; check the --items path")
-    files = sorted(p for p in path.iterdir() if p.suffix in (".parquet", ".csv")) if path.is_dir() else [path]
     frames = []
-    for f in files:
-        try:
-            df = pl.read_parquet(f) if f.suffix == ".parquet" else pl.read_csv(f)
-        except Exception as e:  # polars/pyarrow raise many types for a corrupt file
-            raise DataError(f"{f}: cannot be read as {f.suffix[1:]} ({type(e).__name__}: {e})") from None
+    for f, df in _table_files(path):
         if item_col not in df.columns:
             raise DataError(f"{f}: missing column {item_col!r}; it has {df.columns}. Name it with --item-col")
         if df[item_col].null_count():
@@ -136,37 +130,46 @@ def read_items(path: str | Path, item_col: str = "item_id") -> pl.DataFrame:
             if col not in df.columns:
                 df = df.with_columns(pl.lit(None, dtype).alias(col))
         frames.append(df.select("item_id", "title", "genres"))
-    if not frames:
-        raise DataError(f"{path}: folder holds no .parquet or .csv files")
     return pl.concat(frames)
 
 
 def _read_remote(uri: str, fmt: str, user_col: str, item_col: str, rating_col: str | None) -> RawData:
-    """Raw files on object storage: stream them to a scratch folder, read them there, name the URI in errors."""
-    import tempfile
+    """Raw files on object storage: read from a scratch copy, with the URI named in errors."""
+    with _local_copy(uri) as local:
+        raw = read_raw(local, fmt, user_col, item_col, rating_col)
+    return RawData(raw.interactions, raw.items, uri, raw.format)
 
+
+@contextmanager
+def _local_copy(uri: str) -> Iterator[str]:
+    """Stream object-storage input to a scratch folder; DataErrors name the URI, not the scratch path."""
     from macrid import lake
 
     with tempfile.TemporaryDirectory(prefix="macrid-raw-") as tmp:
         local = lake.download(uri, tmp)
         try:
-            raw = read_raw(local, fmt, user_col, item_col, rating_col)
+            yield local
         except DataError as e:
             raise DataError(str(e).replace(local, uri)) from None
-    return RawData(raw.interactions, raw.items, uri, raw.format)
+
+
+def _table_files(path: Path) -> Iterator[tuple[Path, pl.DataFrame]]:
+    """Each Parquet/CSV file of `path` (a file or a folder of them), read, or a DataError naming the file."""
+    files = sorted(p for p in path.iterdir() if p.suffix in (".parquet", ".csv")) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"{path}: folder holds no .parquet or .csv files")
+    for f in files:
+        try:
+            df = pl.read_parquet(f) if f.suffix == ".parquet" else pl.read_csv(f, infer_schema_length=10000)
+        except (pl.exceptions.PolarsError, OSError, ValueError) as e:  # corrupt or unparsable file
+            raise DataError(f"{f}: cannot be read as {f.suffix[1:]} ({type(e).__name__}: {e})") from None
+        yield f, df
 
 
 def read_table(path: Path, user_col: str, item_col: str, rating_col: str | None) -> RawData:
     """Any Parquet or CSV file (or folder of them) with named user/item[/rating] columns."""
-    files = sorted(p for p in path.iterdir() if p.suffix in (".parquet", ".csv")) if path.is_dir() else [path]
-    if not files:
-        raise DataError(f"{path}: folder holds no .parquet or .csv files")
     frames = []
-    for f in files:
-        try:
-            df = pl.read_parquet(f) if f.suffix == ".parquet" else pl.read_csv(f, infer_schema_length=10000)
-        except Exception as e:  # polars/pyarrow raise many types for a corrupt file
-            raise DataError(f"{f}: cannot be read as {f.suffix[1:]} ({type(e).__name__}: {e})") from None
+    for f, df in _table_files(path):
         wanted = [user_col, item_col] + ([rating_col] if rating_col else [])
         missing = [c for c in wanted if c not in df.columns]
         if missing:
