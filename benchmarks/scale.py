@@ -2,6 +2,7 @@
 
   python benchmarks/scale.py steps --threads 2        # step time + peak RSS vs M, sampled vs full
   python benchmarks/scale.py ddp --items 1000000      # 2 CPU workers (gloo): dense DDP vs row-wise exchange
+  python benchmarks/scale.py parts                    # three hot-path pieces against what they replaced
 
 `steps` runs every (M, variant) in a fresh subprocess, so peak RSS is that configuration's alone:
 - row-sparse: sampled softmax, item tables with sparse gradients and lazy Adam (the default),
@@ -150,9 +151,73 @@ def run_ddp(args) -> list[dict]:
     return rows
 
 
+def _median_time(fn, repeats: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def run_parts(args) -> list[dict]:
+    """Each replaced piece against its replacement, same inputs, same run (gowalla-like sizes)."""
+    from macrid.evaluate import _merge_top_k
+    from macrid.loss import own_items_nll
+
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    # 1. running top-k merge in chunked ranking: B = 1,000 users, a 13,421-item chunk + the running 100
+    scores, items = torch.randn(1000, 13521, generator=g), torch.arange(13521).expand(1000, -1)
+
+    def full_sort():
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :100]
+        return torch.gather(scores, 1, order), torch.gather(items, 1, order)
+
+    rows.append({"part": "top-k merge (1000 x 13,521)", "before": "full stable sort",
+                 "after": "topk threshold + sort of k", "before_s": _median_time(full_sort),
+                 "after_s": _median_time(lambda: _merge_top_k(scores, items, 100))})
+    # 2. per-user positives, forward + backward: B = 500, K = 5, D = 100, N = 17,000 own items
+    B, K, D, N, S = 500, 5, 100, 17000, 4098
+    zn = torch.randn(B, K, D, requires_grad=True)
+    h_own = torch.randn(N, D, requires_grad=True)
+    user = torch.sort(torch.randint(0, B, (N,), generator=g)).values
+
+    def gathered():
+        torch.einsum("nkd,nd->nk", zn[user], h_own).sum().backward()
+
+    def per_concept():
+        torch.stack([(zn[:, k].index_select(0, user) * h_own).sum(1) for k in range(K)], 1).sum().backward()
+
+    rows.append({"part": "own-item cosines, fwd + bwd (N = 17,000, K = 5, D = 100)",
+                 "before": "(N, K, D) gather + batched matmul", "after": "one index_select per concept",
+                 "before_s": _median_time(gathered), "after_s": _median_time(per_concept)})
+    # 3. which shared negatives each user holds: B x S mask
+    negatives = torch.unique(torch.randint(0, 40981, (S,), generator=g))
+    indices = torch.randint(0, 40981, (N,), generator=g)
+    off = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(torch.bincount(user, minlength=B), 0)])
+    n_keys = 40981
+
+    def isin_mask():
+        torch.isin(torch.arange(B).unsqueeze(1) * n_keys + negatives, user * n_keys + indices)
+
+    log_neg = torch.randn(B, len(negatives))
+    rows.append({"part": f"held-negative mask (B = 500, S = {len(negatives):,}, N = 17,000)",
+                 "before": "isin over B x S keys", "after": "own_items_nll (searchsorted mask + the whole loss)",
+                 "before_s": _median_time(isin_mask),
+                 "after_s": _median_time(lambda: own_items_nll(torch.randn(N), log_neg, negatives,
+                                                               torch.zeros(len(negatives)), indices, off))})
+    for r in rows:
+        r["speedup"] = r["before_s"] / r["after_s"]
+        print(r, flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("steps", "ddp"))
+    p.add_argument("what", choices=("steps", "ddp", "parts"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=500, help="B users per step (global)")
     p.add_argument("--negatives", type=int, default=2000, help="S sampled negatives per batch")
@@ -162,7 +227,7 @@ def main() -> None:
     p.add_argument("--only-pool", action="store_true", help="`steps`: only the same-items rows")
     p.add_argument("--items", type=int, default=1_000_000, help="M for `ddp`")
     args = p.parse_args()
-    rows = run_steps(args) if args.what == "steps" else run_ddp(args)
+    rows = {"steps": run_steps, "ddp": run_ddp, "parts": run_parts}[args.what](args)
     path = os.path.join(HERE, "scale.json")
     saved = json.load(open(path)) if os.path.exists(path) else {}
     key = args.what + ("-same-items" if args.only_pool else "")

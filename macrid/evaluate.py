@@ -91,7 +91,7 @@ def _merge_top_k(scores: torch.Tensor, items: torch.Tensor, k: int) -> tuple[tor
     since the running best precedes the chunk and both are in id order among equal scores).
 
     topk finds the k-th value; everything above it is kept, then the earliest columns equal to it.
-    A full stable sort of B x chunk scores would cost ~10x more (it dominated evaluation).
+    A full stable sort of B x chunk scores costs 2.5x more (`python benchmarks/scale.py parts`).
     """
     k = min(k, scores.shape[1])
     kth = torch.topk(scores, k, dim=1, sorted=False).values.min(1, keepdim=True).values  # (B, 1)
