@@ -16,7 +16,7 @@ import numpy as np
 
 from macrid.config import load_config
 from macrid.launch import launch, prepare_config
-from macrid.train import fit
+from macrid.train import run_in_process
 
 
 def users_per_second(metrics: dict) -> float:
@@ -37,7 +37,7 @@ def main() -> None:
             "run.progress=false"]
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "dataset": args.dataset}
     cfg = prepare_config(load_config(None, base + [f"run.name='bench-local-{stamp}'", "run.threads=2"]))
-    results["single_process_users_per_s"] = users_per_second(fit(cfg))
+    results["single_process_users_per_s"] = users_per_second(run_in_process(cfg))
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=256 * 1024**2)
     for data in ("memory", "ray"):
         for workers in (1, 2):

@@ -11,10 +11,21 @@ from the standard AWS environment variables or the instance role).
   python jobs/train.py --config configs/ml-1m.toml --set run.name=nightly --resume
   python jobs/train.py --config configs/gowalla.toml --set optim.negatives=4098 --set optim.candidates=user
       (sampled softmax for large catalogues: S negatives per batch, docs/sampled_softmax.md)
-  ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/train.py --config configs/ml-1m.toml
+  python jobs/train.py --config configs/ml-1m.toml --num-workers 4 --use-gpu --precision bf16
+  ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+      python jobs/train.py --config configs/ml-1m.toml --lake "$PWD/lake"
 
+Ray: the job joins a running cluster (RAY_ADDRESS, `ray start`, `ray job submit`) and otherwise
+starts a local Ray sized to this machine. Under `ray job submit` the lake must be an absolute path
+(a local head) or s3:// (any cluster): a relative one would resolve inside the uploaded folder.
+
+Resources: each worker reserves --cpus-per-worker CPUs (default: 1 on a cluster, this machine's
+CPUs / workers on a local Ray) and, with --use-gpu, --gpus-per-worker GPUs (default 1).
 Batch size (optim.batch_size) is global: each of N workers takes batch_size / N users per step.
-Outputs go to <lake>/runs/<run>/: checkpoints/{best,latest}.pt, metrics.json, learning_curve.png.
+
+Outputs go to <lake>/runs/<run>/, which is also Ray Train's storage for the run: its checkpoints
+(the latest and the best by validation NDCG@100, reported every epoch), model.pt (the best
+model, for export), metrics.json and learning_curve.png. --resume continues from the latest.
 """
 
 from __future__ import annotations
@@ -34,15 +45,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="override one config value, e.g. --set optim.lr=3e-4 (repeatable); keys: macrid/config.py")
     p.add_argument("--lake", help="shortcut for --set data.lake=...")
     p.add_argument("--num-workers", type=int, help="Ray Train workers (DDP); shortcut for run.num_workers")
-    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
+    p.add_argument("--use-gpu", action="store_true", help="GPU workers, NCCL (shortcut for run.use_gpu)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs each worker reserves (run.cpus_per_worker)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs each worker reserves with --use-gpu (default 1)")
+    p.add_argument("--precision", choices=("fp32", "tf32", "bf16"),
+                   help="matmul precision (run.precision; default fp32); the loss and evaluation stay fp32")
     p.add_argument("--resume", action="store_true", help="continue run.name from its latest checkpoint")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (rank 0)")
+    p.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics, rank r on this port + r (docs/distributed.md)")
     p.add_argument("--in-process", action="store_true", help="run the training loop in this process, without Ray")
+    p.add_argument("--device", help="with --in-process: auto (default), cpu, cuda or cuda:N")
     args = p.parse_args(argv)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = args.config or os.path.join(here, "configs", "synthetic.toml")
     overrides = list(args.set)
-    for flag, key in (("lake", "data.lake"), ("num_workers", "run.num_workers"), ("metrics_port", "run.metrics_port")):
+    for flag, key in (("lake", "data.lake"), ("num_workers", "run.num_workers"), ("metrics_port", "run.metrics_port"),
+                      ("cpus_per_worker", "run.cpus_per_worker"), ("gpus_per_worker", "run.gpus_per_worker"),
+                      ("precision", "run.precision"), ("device", "run.device")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value!r}")
@@ -55,17 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         _ensure_default_dataset(cfg)
         if args.in_process:
             from macrid.launch import prepare_config
-            from macrid.train import fit
+            from macrid.train import run_in_process
 
-            fit(prepare_config(cfg))
+            run_in_process(prepare_config(cfg))
         else:
             from macrid.launch import launch
 
-            from macrid.report import format_metrics
-
-            metrics = launch(cfg)
-            print(f"[macrid] done: {metrics['run']} best epoch {metrics['best_epoch']}/{metrics['epochs_run']}; "
-                  f"test {format_metrics(metrics['test'])}", flush=True)
+            launch(cfg)  # prints the summary once, from this driver
     except MacridError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

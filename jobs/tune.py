@@ -53,12 +53,13 @@ def with_overrides(cfg: Config, flat: dict) -> Config:
 def trainable(params: dict) -> None:
     from ray import tune
 
-    from macrid.train import fit
+    from macrid.train import run_in_process
 
     base = Config.from_dict(params.pop("base"), source="sweep base")
     trial = tune.get_context().get_trial_id()
     cfg = with_overrides(base, {**params, "run.name": f"{base.run.name}/{trial}", "run.progress": False})
-    fit(cfg, report=lambda row: tune.report({k: v for k, v in row.items() if isinstance(v, (int, float))}))
+    run_in_process(cfg, on_report=lambda row: tune.report({k: v for k, v in row.items()
+                                                           if isinstance(v, (int, float))}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,11 +19,6 @@ from macrid.errors import DataError
 from macrid.prepare import dataset_uri
 
 
-def bag_rows(offsets: torch.Tensor) -> torch.Tensor:
-    """offsets (B+1,) -> the user row of each of the N non-zeros, (N,)."""
-    return torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff())
-
-
 @dataclass(frozen=True)
 class CSR:
     """Users' item bags: row r holds indices[indptr[r]:indptr[r+1]]."""

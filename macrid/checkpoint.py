@@ -3,34 +3,65 @@
 A checkpoint is refused by any dataset whose item vocabulary differs: the item
 tables are indexed by item_idx, so loading one into another vocabulary would
 silently recommend the wrong items.
+
+Loading is `torch.load(weights_only=True)`: only tensors, numbers, strings and plain
+containers are unpickled, so a tampered file cannot run code; it is refused with a
+CheckpointError instead.
 """
 
 from __future__ import annotations
 
 import io
+import pickle
 
 import torch
 
 from macrid import lake
 from macrid.errors import CheckpointError, DataError
 
+FILE = "checkpoint.pt"  # the file inside a Ray Train checkpoint folder
 
-def save(path: str,  # a local path or s3:// URI
-         *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, step: int, epoch: int,
-         config: dict, n_items: int, fingerprint: str, extra: dict | None = None) -> None:
+
+def to_bytes(*, model: torch.nn.Module, optimizer=None, step: int, epoch: int, config: dict, n_items: int,
+             fingerprint: str, extra: dict | None = None) -> bytes:
     state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},  # loads on any device
+        "optimizer": _to_cpu(optimizer.state_dict()) if optimizer is not None else None,
         "step": step,
         "epoch": epoch,
         "config": config,
         "n_items": n_items,
         "vocabulary_fingerprint": fingerprint,
-        "extra": extra or {},
+        "extra": _to_cpu(extra or {}),
     }
     buf = io.BytesIO()
     torch.save(state, buf)
-    lake.write_bytes(path, buf.getvalue())  # atomic: a reader sees the old checkpoint or the new one
+    return buf.getvalue()
+
+
+def save(path: str,  # a local path or s3:// URI
+         **parts) -> None:
+    lake.write_bytes(path, to_bytes(**parts))  # atomic: a reader sees the old checkpoint or the new one
+
+
+def from_bytes(data: bytes, source: str, fingerprint: str | None = None) -> dict:
+    """Unpickle safely; refuse a file that holds anything but weights and plain data, or another vocabulary."""
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{source}: not a macrid checkpoint that can be loaded safely ({first[:200]}); nothing from it was "
+            "run. Use a checkpoint written by macrid, or retrain") from None
+    if not isinstance(state, dict) or "model" not in state or "vocabulary_fingerprint" not in state:
+        raise CheckpointError(f"{source}: not a macrid checkpoint (no model weights or vocabulary fingerprint)")
+    if fingerprint is not None and state["vocabulary_fingerprint"] != fingerprint:
+        raise CheckpointError(
+            f"{source}: trained on item vocabulary {state['vocabulary_fingerprint'][:12]} "
+            f"but the dataset has vocabulary {fingerprint[:12]}; use a checkpoint trained on this dataset "
+            "or retrain"
+        )
+    return state
 
 
 def load(path: str, fingerprint: str | None = None) -> dict:
@@ -39,11 +70,14 @@ def load(path: str, fingerprint: str | None = None) -> dict:
         data = lake.read_bytes(path)
     except DataError:
         raise CheckpointError(f"{path}: no such checkpoint; list <lake>/runs/<run>/checkpoints/") from None
-    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    if fingerprint is not None and state["vocabulary_fingerprint"] != fingerprint:
-        raise CheckpointError(
-            f"{path}: trained on item vocabulary {state['vocabulary_fingerprint'][:12]} "
-            f"but the dataset has vocabulary {fingerprint[:12]}; use a checkpoint trained on this dataset "
-            "or retrain"
-        )
-    return state
+    return from_bytes(data, path, fingerprint)
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj

@@ -15,6 +15,7 @@ from typing import Any
 from macrid.errors import ConfigError
 
 MODELS = ("macridvae", "multvae", "multdae")
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,16 @@ class RunConfig:
     # training input under Ray Train: "ray" (Ray Data streaming), "memory" (CSR in RAM on every worker),
     # or "auto": memory up to MEMORY_INPUT_MAX_INTERACTIONS training interactions, Ray Data above
     data: str = "auto"
-    metrics_port: int = 0  # Prometheus endpoint on rank 0; 0 = off
-    use_gpu: bool = False  # one GPU per worker, NCCL; CPU workers use gloo
+    metrics_port: int = 0  # Prometheus endpoints: rank r serves on metrics_port + r; 0 = off
+    use_gpu: bool = False  # GPU workers (NCCL); CPU workers use gloo
+    # CPUs each Ray Train worker reserves; 0 = 1 on a cluster the job joins, or the machine's CPUs / workers
+    # when the job starts its own local Ray (a laptop). torch uses that many threads unless run.threads is set.
+    cpus_per_worker: float = 0.0
+    gpus_per_worker: float = 1.0  # with use_gpu
+    device: str = "auto"  # in-process runs (--in-process): "auto" (cuda if present), "cpu", "cuda", "cuda:1"
+    # "fp32"; "tf32" (TF32 matmuls on CUDA, fp32 on CPU); "bf16" (bf16 autocast for the matmuls; the loss,
+    # log-sum-exp, KL and evaluation stay fp32: docs/distributed.md)
+    precision: str = "fp32"
     fail_at_step: int = -1  # fault injection for recovery tests: raise once at this step on rank fail_rank
     fail_rank: int = 0
 
@@ -108,6 +117,12 @@ class RunConfig:
             raise ConfigError(f"run.data={self.data!r} must be 'auto', 'ray' or 'memory'")
         if self.num_workers < 1:
             raise ConfigError("run.num_workers must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"run.precision={self.precision!r} must be one of {PRECISIONS}")
+        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
+            raise ConfigError("run.cpus_per_worker and run.gpus_per_worker must be >= 0")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"run.device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,16 @@ fixed random sample of the held-out users when a full pass would cost too much.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from macrid.batches import HeldOut, bag_rows
+from macrid.bags import bag_rows, to_device
 from macrid.metrics import independence, mean_se, ndcg_at_k, recall_at_k, targets_mask, top_k
+
+if TYPE_CHECKING:  # keeps this module importable without the lake's I/O stack (benchmarks/gpu.py)
+    from macrid.batches import HeldOut
 
 # (indices (N,), offsets (B+1,), k) -> (top-k item ids (B, k) without fold-in items, representations or None)
 Ranker = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor | None]]
@@ -24,7 +28,7 @@ KS = {"ndcg": (100,), "recall": (20, 50)}
 SCORE_BUDGET = 2**26  # floats in one block of B x K x items scores (256 MB)
 
 
-def evaluate(ranker: Ranker, split: HeldOut, n_items: int, batch_size: int = 1000, max_users: int = 0,
+def evaluate(ranker: Ranker, split: "HeldOut", n_items: int, batch_size: int = 1000, max_users: int = 0,
              seed: int = 0) -> dict:
     """Returns {"ndcg@100": (mean, se), "recall@20": ..., "recall@50": ..., "independence": ..., "users": n}."""
     per_user: dict[str, list[np.ndarray]] = {f"{m}@{k}": [] for m, ks in KS.items() for k in ks}
@@ -40,7 +44,9 @@ def evaluate(ranker: Ranker, split: HeldOut, n_items: int, batch_size: int = 100
         f_idx, f_off = split.foldin.take(rows)
         t_idx, t_off = split.heldout.take(rows)
         with torch.no_grad():
-            ranked, rep = ranker(f_idx, f_off, k_max)
+            ranked, rep = ranker(f_idx, f_off, k_max)  # on the model's device
+        ranked = ranked.cpu()
+        rep = rep.cpu() if rep is not None else None
         n_targets = t_off.diff()  # (B,)
         keep = n_targets > 0
         skipped += int((~keep).sum())
@@ -66,19 +72,22 @@ def chunked_top_k(model: torch.nn.Module, indices: torch.Tensor, offsets: torch.
                   chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k items (B, k) over all M items with bounded memory, and the users' representations.
 
-    Scores B x chunk items at a time (chunk = 0: as many as SCORE_BUDGET allows). Fold-in items are
+    Runs on the model's device (the batch is moved there). Scores B x chunk items at a time
+    (chunk = 0: as many as SCORE_BUDGET allows). Fold-in items are
     excluded; ties go to the lower item index, exactly as `top_k` on full scores, because chunks are
     visited in index order and merged with a stable sort.
     """
     model.eval()
+    device = next(model.parameters()).device
+    indices, offsets = to_device(indices, device), to_device(offsets, device)
     B = len(offsets) - 1
     mu = model.represent(indices, offsets)  # (B, K, D)
     chunk = chunk or max(1024, SCORE_BUDGET // max(1, B * mu.shape[1]))
-    rows = bag_rows(offsets)
-    best_s = torch.full((B, 0), -torch.inf)
-    best_i = torch.zeros((B, 0), dtype=torch.long)
+    rows = bag_rows(offsets, len(indices))  # (N,)
+    best_s = torch.full((B, 0), -torch.inf, device=device)  # (B, k) running best scores
+    best_i = torch.zeros((B, 0), dtype=torch.long, device=device)  # (B, k) their item ids
     for lo in range(0, n_items, chunk):
-        items = torch.arange(lo, min(lo + chunk, n_items))
+        items = torch.arange(lo, min(lo + chunk, n_items), device=device)  # (C,)
         s = model.score(mu, items).float()  # (B, C)
         inside = (indices >= lo) & (indices < lo + len(items))
         s[rows[inside], indices[inside] - lo] = -torch.inf
@@ -114,13 +123,13 @@ def scores_ranker(scorer: Scorer) -> Ranker:
     def rank(indices: torch.Tensor, offsets: torch.Tensor, k: int):
         scores, rep = scorer(indices, offsets)
         scores = scores.float().clone()
-        scores[bag_rows(offsets), indices] = -torch.inf  # fold-in items never count
+        scores[bag_rows(offsets, len(indices)), indices] = -torch.inf  # fold-in items never count
         return top_k(scores, k), rep
     return rank
 
 
 def dense_rows(indices: torch.Tensor, offsets: torch.Tensor, n_items: int) -> torch.Tensor:
     """CSR batch -> dense (B, M) 0/1 matrix. For the closed-form baselines only (small M)."""
-    x = torch.zeros(len(offsets) - 1, n_items)
-    x[bag_rows(offsets), indices] = 1.0
+    x = torch.zeros(len(offsets) - 1, n_items, device=indices.device)  # (B, M)
+    x[bag_rows(offsets, len(indices)), indices] = 1.0
     return x

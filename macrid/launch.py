@@ -1,42 +1,53 @@
-"""The driver: start or join Ray, build the TorchTrainer, run the worker function, return metrics.json.
+"""The driver: join or start Ray, build the TorchTrainer, run the workers, finish the run.
 
-Runs the same under `python jobs/train.py` (local Ray started here) and under
-`ray job submit -- python jobs/train.py` (joins the cluster the job runs on).
+Runs the same under `python jobs/train.py` (joins a running cluster if there is one, else starts
+a local Ray) and under `ray job submit -- python jobs/train.py` (joins the cluster the job runs on).
+
+Ray Train owns the run's lifecycle: the run folder <lake>/runs/<run>/ is Ray's storage
+(`RunConfig(storage_path=<lake>/runs, name=<run>)`), workers report every epoch with a checkpoint,
+Ray keeps the latest and the best by validation NDCG@100, restarts failed workers from the latest,
+and a run started again under the same name (--resume) continues from it. After `fit` the driver
+scores the best checkpoint on validation and test and writes metrics.json (train.finish).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import time
 
 from macrid import lake
 from macrid.config import Config
-from macrid.errors import ConfigError
-from macrid.train import fit, has_checkpoint, run_uri
+from macrid.errors import ConfigError, DataError
+from macrid.session import SCORE, STATE_FILE, RaySession
+from macrid.train import finish, fit, has_run, run_uri
 
+log = logging.getLogger(__name__)
 MEMORY_INPUT_MAX_INTERACTIONS = 20_000_000  # ~160 MB of int64 item ids per worker
+LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
+DEFAULT_CLUSTER_CPUS_PER_WORKER = 1.0
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: rebuild the typed config once, then train on this worker's shard."""
     import ray.train
-    import ray.train.torch
 
     from macrid.ray_data import shard_batches
 
     cfg = Config.from_dict(config, source="train_loop_config")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     source = None
     if cfg.run.data == "ray":
         shard = ray.train.get_dataset_shard("train")
         source = lambda epoch: shard_batches(shard)  # noqa: E731 - the shard reshuffles on every pass
-    wrap = ray.train.torch.prepare_model if world > 1 else (lambda m: m)
-    metrics = fit(cfg, report=None, rank=rank, world=world, wrap_model=wrap, train_batches=source)
-    # Result.metrics is None unless a report is made; one final report carries the headline numbers.
-    ray.train.report({"val_ndcg@100": metrics["val"]["ndcg@100"][0], "test_ndcg@100": metrics["test"]["ndcg@100"][0],
-                      "epochs_run": metrics["epochs_run"]} if rank == 0 else {})
+    try:
+        fit(cfg, RaySession(), train_batches=source)
+    except DataError as e:
+        if lake.is_s3(cfg.data.lake):
+            raise
+        raise DataError(f"{e}\n(on node {os.uname().nodename}: a local lake must be visible at the same path "
+                        "on every node; on a multi-node cluster put the lake on s3://)") from None
 
 
 def prepare_config(cfg: Config) -> Config:
@@ -46,21 +57,68 @@ def prepare_config(cfg: Config) -> Config:
         run = dataclasses.replace(run, name=f"{cfg.data.dataset}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     data = cfg.data
     if not lake.is_s3(data.lake):
+        if not os.path.isabs(data.lake) and _submitted_job():
+            raise ConfigError(
+                f"--lake {data.lake} is relative, and under `ray job submit` it would resolve inside the uploaded "
+                f"working directory ({os.getcwd()}), not where you ran the command. Pass an absolute path "
+                "(a local head: --lake \"$PWD/lake\") or s3://bucket/prefix (any cluster)")
         data = dataclasses.replace(data, lake=os.path.abspath(data.lake))
     cfg = dataclasses.replace(cfg, run=run, data=data)
     lake.check_root(cfg.data.lake)
-    has_checkpoint(cfg)  # refuses to clobber an existing run unless --resume
+    has_run(cfg)  # refuses to clobber an existing run unless --resume
     if cfg.optim.batch_size < cfg.run.num_workers:
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is smaller than run.num_workers")
     # Restarted workers must resume, not refuse: from here on the run folder is ours.
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=True))
 
 
+def connect() -> bool:
+    """Join a running Ray cluster (RAY_ADDRESS, `ray start`, `ray job submit`) or start a local one.
+
+    Returns True when this process started its own local Ray. A running cluster is joined as it is:
+    start-up options such as object_store_memory are refused there, so none are passed.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", configure_logging=False)
+        return False
+    except ConnectionError:
+        if os.environ.get("RAY_ADDRESS"):
+            raise
+    # The dashboard also serves Ray's State API, which Ray Train polls; without it every poll logs a warning.
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+             configure_logging=False)
+    return True
+
+
+def worker_resources(cfg: Config, local: bool) -> Config:
+    """Fill in run.cpus_per_worker and run.threads; refuse sizes that would deadlock a local Ray."""
+    import ray
+
+    from macrid.ray_data import DATA_TASK_CPUS
+
+    W, run = cfg.run.num_workers, cfg.run
+    local_cpus = float(ray.cluster_resources().get("CPU", 1)) if local else 0.0
+    reserve = 1.0 if run.data == "ray" else 0.0  # Ray Data's read tasks need CPU beside the trainers
+    cpus = run.cpus_per_worker or (max(0.5, (local_cpus - reserve) / W) if local else DEFAULT_CLUSTER_CPUS_PER_WORKER)
+    if local and run.data == "ray" and local_cpus - W * cpus < DATA_TASK_CPUS:
+        raise ConfigError(
+            f"{W} workers x {cpus:g} CPUs leave no CPU for Ray Data's read tasks on this {local_cpus:g}-CPU machine, "
+            f"and the run would wait forever; pass --cpus-per-worker {max(0.25, (local_cpus - 0.5) / W):g} "
+            "or --set run.data='memory'")
+    threads = run.threads or max(1, int(cpus))  # Ray sets OMP_NUM_THREADS to whole CPUs only
+    return dataclasses.replace(cfg, run=dataclasses.replace(run, cpus_per_worker=cpus, threads=threads))
+
+
 def launch(cfg: Config) -> dict:
     import ray
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from macrid import checkpoint
     from macrid.batches import load_meta
     from macrid.ray_data import train_dataset
 
@@ -71,34 +129,43 @@ def launch(cfg: Config) -> dict:
         # training set is too big to hold on each worker (benchmarks/throughput.md).
         small = meta["train"]["interactions"] <= MEMORY_INPUT_MAX_INTERACTIONS
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, data="memory" if small else "ray"))
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`, or pointed at a cluster: join it as it is
-            ray.init()
-        else:  # a laptop: a local Ray sized for it
-            ray.init(include_dashboard=False, object_store_memory=256 * 1024**2, configure_logging=False)
-    W = cfg.run.num_workers
-    total_cpus = int(ray.cluster_resources().get("CPU", 1))
-    # Leave one whole CPU for Ray Data: its file-listing task asks for 1 CPU, and a trainer holding
-    # the rest of a small machine would leave it waiting forever (the deadlock in ENVIRONMENT.md).
-    reserve = 1.0 if cfg.run.data == "ray" else 0.0
-    per_worker = max(0.25, (total_cpus - reserve) / W)
-    if cfg.run.use_gpu:
-        per_worker = 1
-    if not cfg.run.threads:  # Ray sets OMP_NUM_THREADS to whole CPUs only; use the worker's real share
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, threads=max(1, round(total_cpus / W))))
+    local = connect()
+    if not lake.is_s3(cfg.data.lake) and sum(n["Alive"] for n in ray.nodes()) > 1:
+        raise ConfigError(f"--lake {cfg.data.lake} is a local path, but this Ray cluster has several nodes that "
+                          "cannot all see it; put the lake on s3://bucket/prefix")
+    cfg = worker_resources(cfg, local)
+    W, run = cfg.run.num_workers, cfg.run
+    resources = {"CPU": run.cpus_per_worker} | ({"GPU": run.gpus_per_worker} if run.use_gpu else {})
     datasets = {}
-    if cfg.run.data == "ray":
+    if run.data == "ray":
         datasets["train"] = train_dataset(cfg.data.lake, cfg.data.dataset, max(1, cfg.optim.batch_size // W))
-    fs, path = lake.resolve(lake.join(run_uri(cfg), "ray"))
+    fs, runs_path = lake.resolve(lake.join(cfg.data.lake, "runs"))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
-        scaling_config=ScalingConfig(num_workers=W, use_gpu=cfg.run.use_gpu,
-                                     resources_per_worker={"CPU": per_worker}),
+        scaling_config=ScalingConfig(num_workers=W, use_gpu=run.use_gpu, resources_per_worker=resources),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"] if datasets else []),
-        run_config=RunConfig(name="ray", storage_path=path.rsplit("/", 1)[0], storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
+        run_config=RunConfig(
+            name=run.name, storage_path=runs_path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=run.max_failures),
+            # Ray Train logs every report and checkpoint at INFO; the progress bar says the same once per epoch
+            logging_config=ray.LoggingConfig(log_level="WARNING"),
+            # the latest checkpoint is always kept besides these: resume needs it, selection the best
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE,
+                                               checkpoint_score_order="max")),
     )
-    trainer.fit()
-    return lake.read_json(lake.join(run_uri(cfg), "metrics.json"))
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{run_uri(cfg)}: Ray Train finished without a checkpoint; see the log above")
+    best_ckpt = result.get_best_checkpoint(SCORE, "max") or result.checkpoint
+    with best_ckpt.filesystem.open_input_stream(f"{best_ckpt.path}/{checkpoint.FILE}") as f:
+        best = checkpoint.from_bytes(f.read(), f"{best_ckpt.path}/{checkpoint.FILE}", meta["vocabulary_fingerprint"])
+    with result.checkpoint.filesystem.open_input_stream(f"{result.checkpoint.path}/{STATE_FILE}") as f:
+        history = json.loads(f.read())["history"]
+    return finish(cfg, best, history)
+
+
+def _submitted_job() -> bool:
+    """Whether this driver runs as a `ray job submit` entrypoint (the job supervisor sets this variable)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from macrid.batches import bag_rows
+from macrid.bags import bag_rows
 from macrid.model import Output
 
 
@@ -24,7 +24,8 @@ def multinomial_nll(log_scores: torch.Tensor, indices: torch.Tensor, offsets: to
     Only the user's own items are gathered, so the (B, M) log-softmax is never materialised.
     """
     B = len(offsets) - 1
-    rows = bag_rows(offsets)  # (N,)
+    rows = bag_rows(offsets, len(indices))  # (N,)
+    log_scores = log_scores.float()
     corrected = log_scores if log_pi is None else log_scores - log_pi
     log_z = torch.logsumexp(corrected, dim=1)  # (B,) log of the Horvitz-Thompson estimate of Z_u
     return -(log_scores[rows, indices].sum() - (log_z * offsets.diff()).sum()) / B
@@ -40,17 +41,18 @@ def own_items_nll(log_pos: torch.Tensor, log_neg: torch.Tensor, negatives: torch
     Z_u ≈ Σ_{i∈x_u} A_ui + Σ_{j∈N∖x_u} A_uj / π_j, again unbiased (docs/sampled_softmax.md).
     """
     B, S = len(offsets) - 1, len(negatives)
-    rows = bag_rows(offsets)  # (N,)
-    # held[b, s]: user b holds negative s. `negatives` is sorted, so each own item is looked up in O(log S).
+    rows = bag_rows(offsets, len(indices))  # (N,)
+    log_pos, log_neg = log_pos.float(), log_neg.float()
+    # held[b, s]: user b holds negative s. `negatives` is sorted, so each own item is looked up in O(log S);
+    # the mask is built by a scatter, with no boolean indexing (which would sync with the host on CUDA).
     at = torch.searchsorted(negatives, indices).clamp_max(max(S - 1, 0))  # (N,)
-    hit = negatives[at] == indices if S else torch.zeros_like(indices, dtype=torch.bool)
-    held = torch.zeros(B, S, dtype=torch.bool)
-    held[rows[hit], at[hit]] = True
+    hit = negatives[at] == indices if S else torch.zeros_like(indices, dtype=torch.bool)  # (N,)
+    held = log_neg.new_zeros(B * S).index_add_(0, rows * S + at, hit.to(log_neg.dtype)).view(B, S) > 0
     corrected = (log_neg - log_pi_neg).masked_fill(held, -torch.inf)
     log_z_neg = torch.logsumexp(corrected, dim=1)  # (B,)
-    top = torch.full((B,), -torch.inf).scatter_reduce(0, rows, log_pos.detach(), "amax")  # (B,) for stability
+    top = log_pos.new_full((B,), -torch.inf).scatter_reduce(0, rows, log_pos.detach(), "amax")  # (B,) stability
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    log_z_own = torch.zeros(B).index_add(0, rows, torch.exp(log_pos - top[rows])).log() + top  # (B,)
+    log_z_own = log_pos.new_zeros(B).index_add(0, rows, torch.exp(log_pos - top[rows])).log() + top  # (B,)
     log_z = torch.logaddexp(log_z_own, log_z_neg)
     return -(log_pos.sum() - (log_z * offsets.diff()).sum()) / B
 
@@ -58,7 +60,7 @@ def own_items_nll(log_pos: torch.Tensor, log_neg: torch.Tensor, negatives: torch
 def elbo_loss(out: Output, indices: torch.Tensor, offsets: torch.Tensor, beta: float,
               log_pi: torch.Tensor | None = None, negatives: tuple[torch.Tensor, torch.Tensor] | None = None
               ) -> tuple[torch.Tensor, dict]:
-    """Negative Eq. 5 per user: reconstruction NLL + beta * KL. Returns (loss, parts for logging).
+    """Negative Eq. 5 per user: reconstruction NLL + beta * KL. Returns (loss, detached nll and kl).
 
     negatives = (item ids, log pi) of the shared negatives when `out` holds per-user candidates.
     """
@@ -66,5 +68,6 @@ def elbo_loss(out: Output, indices: torch.Tensor, offsets: torch.Tensor, beta: f
         nll = own_items_nll(out.log_pos, out.log_scores, negatives[0], negatives[1], indices, offsets)
     else:
         nll = multinomial_nll(out.log_scores, indices, offsets, log_pi)
-    kl = out.kl.mean()
-    return nll + beta * kl, {"nll": nll.item(), "kl": kl.item(), "beta": beta}
+    kl = out.kl.float().mean()
+    # parts stay tensors on the device: reading them back (.item()) every step would sync with the host
+    return nll + beta * kl, {"nll": nll.detach(), "kl": kl.detach()}

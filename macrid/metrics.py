@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from macrid.batches import bag_rows
+from macrid.bags import bag_rows
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -27,14 +27,14 @@ def targets_mask(ranked: torch.Tensor, heldout_idx: torch.Tensor, heldout_off: t
     Membership of (user, item) keys: O(B*k + targets), no B x M matrix, so it holds at any M.
     """
     B = len(heldout_off) - 1
-    ranked_keys = torch.arange(B).unsqueeze(1) * n_items + ranked  # (B, k)
-    target_keys = bag_rows(heldout_off) * n_items + heldout_idx  # (T,)
+    ranked_keys = torch.arange(B, device=ranked.device).unsqueeze(1) * n_items + ranked  # (B, k)
+    target_keys = bag_rows(heldout_off, len(heldout_idx)).to(ranked.device) * n_items + heldout_idx.to(ranked.device)
     return torch.isin(ranked_keys, target_keys)
 
 
 def ndcg_at_k(hits: torch.Tensor, n_targets: torch.Tensor, k: int) -> torch.Tensor:
     """hits (B, >=k) bool in rank order, n_targets (B,) -> (B,) NDCG@k."""
-    discount = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))  # (k,)
+    discount = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64, device=hits.device))  # (k,)
     kk = min(k, hits.shape[1])  # a catalogue smaller than k ranks fewer than k items
     dcg = (hits[:, :kk].double() * discount[:kk]).sum(1)
     idcg = torch.cumsum(discount, 0)[(n_targets.clamp(1, k) - 1)]

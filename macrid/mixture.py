@@ -7,6 +7,13 @@ exponentials, the products with c). The function below keeps one, E = exp(S/tau)
 and reuses it in place during the backward pass: about 5 passes over B x K x M
 memory plus three GEMMs, which is what makes an epoch close to FLOP-bound on CPU.
 Inputs must already be L2-normalised, so S is the cosine.
+
+Precision: under bf16 autocast the three GEMMs take bf16 operands (tensor cores) and produce
+fp32 (on CUDA directly through `out_dtype`; on CPU, which exists to test this path, by a cast), so
+exp(S/tau), the mixture A and everything after it stay fp32. What bf16 costs is the rounding of
+the operands: z/tau and h_i carry ~2^-9 relative error, so S/tau (|S/tau| <= 1/tau) is off by up
+to ~0.02 at 1/tau = 10, and A by ~2% per item; the log-sum-exp over items averages that out.
+The function does its own casting with autocast off, so that autocast does not cast again inside.
 """
 
 from __future__ import annotations
@@ -14,25 +21,41 @@ from __future__ import annotations
 import torch
 
 
+def _gemm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b with operands in `dtype`; fp32 out where the device can (CUDA), else `dtype` out."""
+    if dtype == torch.float32:
+        return a.float() @ b.float()
+    a, b = a.to(dtype), b.to(dtype)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).float()
+
+
 class _MixtureScores(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, zn: torch.Tensor, hn: torch.Tensor, c: torch.Tensor, tau: float) -> torch.Tensor:
+    def forward(ctx, zn: torch.Tensor, hn: torch.Tensor, c: torch.Tensor, tau: float,
+                dtype: torch.dtype) -> torch.Tensor:
         B, K, D = zn.shape
         zs = zn.reshape(B * K, D) * (1.0 / tau)  # fold 1/tau into the small operand: one pass less over E
-        E = torch.mm(zs, hn.T)  # (B*K, M) cos/tau, which lies in [-1/tau, 1/tau]
+        E = _gemm(zs, hn.T, dtype)  # (B*K, M) cos/tau, which lies in [-1/tau, 1/tau]
         E.exp_()  # cannot overflow for tau >= 0.02
         E = E.view(B, K, -1)  # (B, K, M)
-        cT = c.T.contiguous()  # (K, M)
-        A = E[:, 0] * cT[0]  # (B, M)
+        cT = c.T.float().contiguous()  # (K, M)
+        A = E[:, 0] * cT[0]  # (B, M) fp32
         for k in range(1, K):
             A.addcmul_(E[:, k], cT[k])
         ctx.save_for_backward(zs, hn, cT, E)
-        ctx.tau = tau
+        ctx.tau, ctx.dtype = tau, dtype
         return A
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gA: torch.Tensor):
+        with torch.autocast(device_type=gA.device.type, enabled=False):
+            return _MixtureScores._backward(ctx, gA)
+
+    @staticmethod
+    def _backward(ctx, gA: torch.Tensor):
         zs, hn, cT, E = ctx.saved_tensors
         B, K = E.shape[:2]
         D = zs.shape[1]
@@ -40,14 +63,20 @@ class _MixtureScores(torch.autograd.Function):
         gc = G.sum(0).T if ctx.needs_input_grad[2] else None  # (M, K)
         G.mul_(cT.unsqueeze(0))  # (B, K, M) dL/d(S/tau)
         G2 = G.view(B * K, -1)
-        gzn = (G2 @ hn).mul_(1.0 / ctx.tau).view(B, K, D) if ctx.needs_input_grad[0] else None  # (B, K, D)
-        ghn = G2.T @ zs if ctx.needs_input_grad[1] else None  # (M, D); zs already carries the 1/tau
-        return gzn, ghn, gc, None
+        gzn = _gemm(G2, hn, ctx.dtype).mul_(1.0 / ctx.tau).view(B, K, D) if ctx.needs_input_grad[0] else None
+        ghn = _gemm(G2.T, zs, ctx.dtype) if ctx.needs_input_grad[1] else None  # (M, D); zs carries the 1/tau
+        return gzn, ghn, gc, None, None
 
 
 def mixture_scores(zn: torch.Tensor, hn: torch.Tensor, c: torch.Tensor, tau: float) -> torch.Tensor:
-    """zn (B, K, D), hn (M, D) unit-norm; c (M, K) concept weights -> A (B, M) > 0."""
-    return _MixtureScores.apply(zn, hn, c, tau)
+    """zn (B, K, D), hn (M, D) unit-norm; c (M, K) concept weights -> A (B, M) > 0, fp32.
+
+    The GEMMs run in bf16 when bf16 autocast is on for the inputs' device (see the module notes).
+    """
+    device = zn.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+    with torch.autocast(device_type=device, enabled=False):
+        return _MixtureScores.apply(zn.float(), hn.float(), c.float(), tau, dtype)
 
 
 def mixture_scores_reference(zn: torch.Tensor, hn: torch.Tensor, c: torch.Tensor, tau: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from macrid.batches import bag_rows
+from macrid.bags import bag_rows
 from macrid.config import ModelConfig
 from macrid.mixture import mixture_scores
 
@@ -49,7 +49,8 @@ class MacridVAE(nn.Module):
     def concept_logits(self, h: torch.Tensor | None = None) -> torch.Tensor:
         """s_ik = cos(h_i, m_k) / tau, Eq. 6, for the item rows h (default: all items). Returns (M or C, K)."""
         h = self.h if h is None else h
-        return F.normalize(h, dim=1) @ F.normalize(self.m, dim=1).T / self.tau
+        with torch.autocast(device_type=h.device.type, enabled=False):  # fp32: small, and 1/tau amplifies rounding
+            return F.normalize(h.float(), dim=1) @ F.normalize(self.m.float(), dim=1).T / self.tau
 
     def concepts(self, h: torch.Tensor | None = None) -> torch.Tensor:
         """c_i: a relaxed one-hot Gumbel-softmax sample in training, the softmax in evaluation. (M or C, K).
@@ -66,17 +67,19 @@ class MacridVAE(nn.Module):
         Returns mu (B, K, D) with unit norm, and ln(var / sigma0^2) (B, K, D).
         """
         B, N, K, D = len(offsets) - 1, len(indices), self.K, self.D
-        rows = bag_rows(offsets)  # (N,)
-        norm = torch.zeros(B, K).index_add(0, rows, c_x.square()).sqrt().clamp_min(1e-12)  # (B, K)
+        rows = bag_rows(offsets, N)  # (N,)
+        norm = c_x.new_zeros(B, K).index_add(0, rows, c_x.square()).sqrt().clamp_min(1e-12)  # (B, K)
         w = F.dropout(c_x / norm[rows], self.dropout, self.training)  # (N, K)
         # One embedding_bag over K*B bags (concept-major): bag k*B+b sums w[n,k] * t_i over user b's items.
         bag_idx = indices.repeat(K)  # (K*N,)
-        bag_off = (offsets[:-1].unsqueeze(0) + N * torch.arange(K).unsqueeze(1)).reshape(-1)  # (K*B,)
+        shift = N * torch.arange(K, device=offsets.device).unsqueeze(1)  # (K, 1)
+        bag_off = (offsets[:-1].unsqueeze(0) + shift).reshape(-1)  # (K*B,)
         pooled = F.embedding_bag(bag_idx, self.t, bag_off, mode="sum", per_sample_weights=w.T.reshape(-1),
                                  sparse=self.row_sparse)
         pooled = pooled.view(K, B, D).transpose(0, 1)  # (B, K, D)
         a, b = self.f_nn(torch.tanh(pooled + self.t_bias)).split(D, dim=-1)  # (B, K, D) each
-        return F.normalize(a, dim=-1), -b
+        # fp32 from here on even under bf16 autocast: sigma = sigma0 * exp(-b/2) and the KL exponentiate b
+        return F.normalize(a.float(), dim=-1), -b.float()
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor, candidates: torch.Tensor | None = None,
                 negatives: torch.Tensor | None = None) -> Output:
@@ -98,7 +101,7 @@ class MacridVAE(nn.Module):
         if negatives is None:
             return Output(mixture_scores(zn, hn, c, self.tau).log(), kl, mu)  # (B, M or C)
         neg = mixture_scores(zn, hn[negatives], c[negatives], self.tau)  # (B, S)
-        rows, h_own = bag_rows(offsets), hn[pos]  # (N,), (N, D)
+        rows, h_own = bag_rows(offsets, len(indices)), hn[pos]  # (N,), (N, D)
         # (N, K) cosines of each user with its own items; one (N, D) slice per concept is 6x faster than
         # gathering an (N, K, D) block for a batched matmul (`python benchmarks/scale.py parts`)
         cos = torch.stack([(zn[:, k].index_select(0, rows) * h_own).sum(1) for k in range(self.K)], 1)
@@ -141,22 +144,21 @@ class MultVAE(nn.Module):
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor, candidates: torch.Tensor | None = None) -> Output:
         B = len(offsets) - 1
-        rows = bag_rows(offsets)
+        rows = bag_rows(offsets, len(indices))  # (N,)
         lengths = offsets.diff().clamp_min(1).to(self.t.dtype)  # (B,)
         w = F.dropout(lengths.rsqrt()[rows], self.dropout, self.training)  # (N,)
         hidden = torch.tanh(F.embedding_bag(indices, self.t, offsets[:-1], mode="sum", per_sample_weights=w)
                             + self.t_bias)  # (B, hidden)
-        out = self.f_nn(hidden)
+        out = self.f_nn(hidden).float()  # fp32 under bf16 autocast: the KL exponentiates logvar
         if self.variational:
             mu, logvar = out.split(self.D, dim=-1)  # (B, D)
             z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training and self.sample else mu
             kl = 0.5 * (-logvar + logvar.exp() + mu.square() - 1.0).sum(dim=1)  # (B,)
         else:
             mu = z = torch.tanh(out)  # (B, D)
-            kl = torch.zeros(B)
-        if candidates is None:
-            return Output(z @ self.h.T + self.h_bias, kl, mu.unsqueeze(1))
-        return Output(z @ self.h[candidates].T + self.h_bias[candidates], kl, mu.unsqueeze(1))
+            kl = out.new_zeros(B)
+        h, h_bias = (self.h, self.h_bias) if candidates is None else (self.h[candidates], self.h_bias[candidates])
+        return Output((z @ h.T).float() + h_bias, kl, mu.unsqueeze(1))  # (B, M or C), fp32 for the loss
 
 
     @torch.no_grad()

@@ -35,20 +35,25 @@ class Candidates:
 class NegativeSampler:
     """Draws S negatives per batch from Q ∝ count^alpha (alpha = 0: uniform), with replacement."""
 
-    def __init__(self, item_counts: np.ndarray, n_samples: int, alpha: float, seed: int = 0):
+    def __init__(self, item_counts: np.ndarray, n_samples: int, alpha: float, seed: int = 0,
+                 device: torch.device | str = "cpu"):
         weights = np.power(np.asarray(item_counts, dtype=np.float64) + 1.0, alpha)  # +1: unseen items stay possible
-        self.q = torch.from_numpy(weights / weights.sum())  # (M,) float64
+        self.q = torch.from_numpy(weights / weights.sum()).to(device)  # (M,) float64
         self.cdf = torch.cumsum(self.q, 0)  # inverse-CDF draws: O(S log M) per batch, not O(M)
         self.n_samples = n_samples
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=self.q.device).manual_seed(seed)
 
     def sample(self) -> torch.Tensor:
-        """(S,) item ids, with repetitions."""
-        u = torch.rand(self.n_samples, dtype=torch.float64, generator=self.generator) * self.cdf[-1]
+        """(S,) item ids, with repetitions, on the sampler's device."""
+        u = torch.rand(self.n_samples, dtype=torch.float64, generator=self.generator,
+                       device=self.q.device) * self.cdf[-1]
         return torch.searchsorted(self.cdf, u, right=True).clamp_max(len(self.q) - 1)
 
     def candidates(self, batch_items: torch.Tensor) -> Candidates:
-        """Candidates for a batch whose users hold `batch_items` (N,)."""
+        """Candidates for a batch whose users hold `batch_items` (N,), on the sampler's device.
+
+        torch.unique has a data-dependent size, so on CUDA this syncs with the host once per step.
+        """
         positives = torch.unique(batch_items)
         negatives = torch.unique(self.sample())
         items = torch.unique(torch.cat([positives, negatives]))  # (C,) sorted
@@ -60,5 +65,6 @@ class NegativeSampler:
         return Candidates(items, log_pi, negative_pos, log_pi_negatives)
 
 
-def all_items(n_items: int) -> Candidates:
-    return Candidates(torch.arange(n_items), torch.zeros(n_items), torch.arange(n_items), torch.zeros(n_items))
+def all_items(n_items: int, device: torch.device | str = "cpu") -> Candidates:
+    ids, zeros = torch.arange(n_items, device=device), torch.zeros(n_items, device=device)  # (M,), (M,)
+    return Candidates(ids, zeros, ids, zeros)

@@ -1,51 +1,53 @@
-"""Prometheus metrics for training, served over HTTP by rank 0 (`run.metrics_port`, 0 = off).
+"""Prometheus metrics for training, served over HTTP by every rank: rank r on `run.metrics_port + r`.
 
-Names follow Prometheus conventions: a `macrid_train_` prefix, base units in the name, `_total`
-on counters. Each run gets its own registry, so several runs in one process do not collide.
+Per-rank endpoints rather than `ray.util.metrics`: they need no Ray metrics agent (the same code
+serves in-process runs), scrape within a second of a change, and a rank that stalls shows as one
+flat series. Names follow Prometheus conventions: a `macrid_train_` prefix, base units in the
+name, `_total` on counters; every series carries `run` and `rank` labels. Rates come from the
+counters (`rate(macrid_train_users_total[1m])` is users/s); gauges only hold last values. Each
+run gets its own registry, so several runs in one process do not collide. The names and units
+are listed in docs/distributed.md.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, start_http_server
 
 
 class TrainMetrics:
-    def __init__(self, port: int, run: str):
+    def __init__(self, port: int, run: str, rank: int = 0):
         self.registry = CollectorRegistry()
-        labels = {"run": run}
+        labels = {"run": run, "rank": str(rank)}
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, list(labels), registry=self.registry).labels(**labels)
+        def make(kind, name: str, doc: str):
+            return kind(name, doc, list(labels), registry=self.registry).labels(**labels)
 
-        def counter(name: str, doc: str) -> Counter:
-            return Counter(name, doc, list(labels), registry=self.registry).labels(**labels)
-
-        self.steps = counter("macrid_train_steps", "optimizer steps taken")
-        self.users = counter("macrid_train_users", "training users processed by this worker")
-        self.loss = gauge("macrid_train_loss", "last step's loss: NLL + beta * KL, per user")
-        self.nll = gauge("macrid_train_nll", "last step's reconstruction NLL per user (nats)")
-        self.kl = gauge("macrid_train_kl", "last step's KL per user (nats)")
-        self.beta = gauge("macrid_train_beta", "current KL weight")
-        self.lr = gauge("macrid_train_learning_rate", "optimizer learning rate")
-        self.epoch = gauge("macrid_train_epoch", "epochs completed")
-        self.users_per_second = gauge("macrid_train_users_per_second", "training throughput of the last epoch")
-        self.epoch_seconds = gauge("macrid_train_epoch_duration_seconds", "wall time of the last epoch")
-        self.val_ndcg = gauge("macrid_train_val_ndcg_at_100", "validation NDCG@100 of the last evaluation")
+        self.steps = make(Counter, "macrid_train_steps", "optimizer steps taken by this rank")
+        self.users = make(Counter, "macrid_train_users", "training users processed by this rank")
+        self.train_seconds = make(Counter, "macrid_train_seconds", "wall time spent in training epochs")
+        self.epochs = make(Counter, "macrid_train_epochs", "epochs completed by this rank")
+        self.epoch_duration = make(Summary, "macrid_train_epoch_duration_seconds", "wall time of one epoch")
+        self.loss = make(Gauge, "macrid_train_loss", "last epoch's mean loss on this rank: NLL + beta * KL, per user")
+        self.nll = make(Gauge, "macrid_train_nll", "last epoch's mean reconstruction NLL per user (nats)")
+        self.kl = make(Gauge, "macrid_train_kl", "last epoch's mean KL per user (nats)")
+        self.beta = make(Gauge, "macrid_train_beta", "current KL weight")
+        self.val_ndcg = make(Gauge, "macrid_train_val_ndcg_at_100", "validation NDCG@100 of the last evaluation "
+                                                                   "(rank 0)")
         self.server, self.thread = start_http_server(port, addr="0.0.0.0", registry=self.registry)
 
-    def on_step(self, users: int, loss: float, parts: dict, lr: float) -> None:
+    def on_step(self, users: int) -> None:
+        """Host-side counters only: nothing here reads a device tensor."""
         self.steps.inc()
         self.users.inc(users)
-        self.loss.set(loss)
-        self.nll.set(parts["nll"])
-        self.kl.set(parts["kl"])
-        self.beta.set(parts["beta"])
-        self.lr.set(lr)
 
     def on_epoch(self, row: dict, users: int) -> None:
-        self.epoch.set(row["epoch"])
-        self.epoch_seconds.set(row["seconds"])
-        self.users_per_second.set(users / max(row["seconds"], 1e-9))
+        self.epochs.inc()
+        self.train_seconds.inc(row["seconds"])
+        self.epoch_duration.observe(row["seconds"])
+        self.loss.set(row["loss"])
+        self.nll.set(row["nll"])
+        self.kl.set(row["kl"])
+        self.beta.set(row["beta"])
         if "val_ndcg@100" in row:
             self.val_ndcg.set(row["val_ndcg@100"])
 

@@ -2,13 +2,16 @@
 
 Batch size is global: with W workers each takes batch_size / W users of every step, and DDP
 averages the gradients, so a step with W workers equals a step with one worker on all B users.
-Only rank 0 evaluates (validation sets are small); it broadcasts whether to stop, so every rank
-runs the same number of steps. Checkpoints go to <lake>/runs/<run>/checkpoints/ after every epoch;
-a run whose folder already has one resumes from it.
+Every tensor lives on the session's device (a worker's GPU, or the CPU); batches are copied there
+through pinned memory. Only rank 0 evaluates (validation sets are small); it broadcasts whether to
+stop, so every rank runs the same number of steps. Each epoch ends with one report to the session
+(macrid/session.py): the metrics, and rank 0's checkpoint, from which a restarted run resumes.
+After training, `finish` scores the best epoch on validation and test and writes the run folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -21,7 +24,8 @@ import numpy as np
 import torch
 
 from macrid import checkpoint, lake
-from macrid.batches import Dataset, item_counts, iter_batches, load_dataset
+from macrid.bags import to_device
+from macrid.batches import Dataset, item_counts, iter_batches, load_dataset, load_meta
 from macrid.config import Config
 from macrid.errors import ConfigError
 from macrid.evaluate import evaluate, model_ranker
@@ -30,55 +34,58 @@ from macrid.model import build_model
 from macrid.report import format_metrics, plot_learning_curve
 from macrid.row_sparse import Optimizers, allreduce_rows, broadcast_tables, ignore_in_ddp, tables_of
 from macrid.sampling import NegativeSampler
+from macrid.session import SCORE, LocalSession
 
 log = logging.getLogger(__name__)
-Reporter = Callable[[dict], None]
-# epoch -> this worker's batches of (indices (N,), offsets (B+1,))
+# epoch -> this worker's batches of (indices (N,), offsets (B+1,)), on the host
 BatchSource = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+MODEL_FILE = "model.pt"  # the published best model: evaluation weights, config, vocabulary
 
 
 def run_uri(cfg: Config) -> str:
     return lake.join(cfg.data.lake, "runs", cfg.run.name)
 
 
-def has_checkpoint(cfg: Config) -> bool:
-    """Whether the run folder holds a checkpoint; one that does is refused unless run.resume is set."""
-    if not lake.exists(lake.join(run_uri(cfg), "checkpoints", "latest.pt")):
+def has_run(cfg: Config) -> bool:
+    """Whether the run folder already holds a run (Ray's or in-process); refused unless run.resume is set."""
+    run = run_uri(cfg)
+    if not (lake.exists(f"{run}/{RAY_SNAPSHOT}") or lake.exists(f"{run}/checkpoints/latest.pt")):
         return False
     if not cfg.run.resume:
-        raise ConfigError(f"{run_uri(cfg)} already holds a run; pass --resume to continue it or pick another "
+        raise ConfigError(f"{run} already holds a run; pass --resume to continue it or pick another "
                           "--set run.name=...")
     return True
 
 
-def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int = 1,
-        wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
-        train_batches: BatchSource | None = None) -> dict:
-    """Train, select the best epoch on validation NDCG@100, write the run folder. Returns metrics.json."""
+def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[dict]:
+    """Train, reporting every epoch to `session`; returns the history (one row per epoch, all epochs)."""
+    rank, world, device = session.rank, session.world, session.device
     torch.set_num_threads(cfg.run.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count())
     torch.manual_seed(cfg.run.seed + rank)
     # Streamed runs read the training bags through Ray Data only; the worker keeps the held-out sets.
     data = load_dataset(cfg.data.lake, cfg.data.dataset, with_train=train_batches is None)
     row_sparse = cfg.optim.negatives > 0 and cfg.optim.row_sparse
-    model = build_model(cfg.model, data.n_items, row_sparse)
+    model = build_model(cfg.model, data.n_items, row_sparse).to(device)
     tables = tables_of(model, row_sparse)  # exchanged row-wise, outside DDP
     opt = Optimizers(model, tables, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay)
     # Polyak/EMA weight averaging: evaluation, selection and export use the averaged weights.
     ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
         cfg.optim.ema)) if cfg.optim.ema > 0 else None)
     eval_model = ema.module if ema is not None else model
-    ckpt_dir = lake.join(run_uri(cfg), "checkpoints")
     fingerprint = data.meta["vocabulary_fingerprint"]
     ckpt_meta = dict(config=cfg.to_dict(), n_items=data.n_items, fingerprint=fingerprint)
 
     state = {"step": 0, "epoch": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "history": []}
-    if has_checkpoint(cfg):
-        state = _restore(f"{ckpt_dir}/latest.pt", fingerprint, model, opt, ema)
-        log.info("resumed %s at epoch %d, step %d", cfg.run.name, state["epoch"], state["step"])
+    saved = session.restore(fingerprint)
+    if saved is not None:
+        state = _restore(saved, model, opt, ema)
+        if rank == 0:
+            log.info("resumed %s at epoch %d, step %d", cfg.run.name, state["epoch"], state["step"])
     if world > 1 and tables:
         ignore_in_ddp(model, tables)
         broadcast_tables(tables)
-    train_model = wrap_model(model)  # DDP after restoring, so every rank starts from the same weights
+    train_model = session.wrap(model)  # DDP after restoring, so every rank starts from the same weights
     if train_batches is None:
         train_batches = _memory_batches(cfg, data, rank, world)
     metrics = _telemetry(cfg, rank)
@@ -88,80 +95,91 @@ def fit(cfg: Config, report: Reporter | None = None, rank: int = 0, world: int =
         if counts is None:  # a dataset from before train_count: count the bags (loads them on streamed workers)
             train = data.train or load_dataset(cfg.data.lake, cfg.data.dataset).train
             counts = train.item_counts(data.n_items)
-        sampler = NegativeSampler(counts, cfg.optim.negatives,
-                                  cfg.optim.proposal_alpha, seed=cfg.run.seed + rank)
+        sampler = NegativeSampler(counts, cfg.optim.negatives, cfg.optim.proposal_alpha, seed=cfg.run.seed + rank,
+                                  device=device)
+    autocast = _precision(cfg.run.precision, device)
     steps_per_epoch = math.ceil(data.meta["train"]["users"] / cfg.optim.batch_size)
     bar = _progress(cfg.optim.epochs, state["epoch"], enabled=cfg.run.progress and rank == 0, desc=cfg.run.name)
-    t_train = time.perf_counter()
     for epoch in range(state["epoch"] + 1, cfg.optim.epochs + 1):
         t0 = time.perf_counter()
         model.train()
-        sums, n_steps, n_users, exchanged = {"loss": 0.0, "nll": 0.0, "kl": 0.0}, 0, 0, 0
+        # running sums stay on the device: a .item() per step would stall the GPU on the host
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, kl
+        n_steps, n_users, exchanged = 0, 0, 0
         beta = beta_at(state["step"], steps_per_epoch, cfg.optim.beta, cfg.optim.anneal_epochs)
         for idx, off in train_batches(epoch):
             if state["step"] == cfg.run.fail_at_step and rank == cfg.run.fail_rank and _first_failure(cfg):
                 raise RuntimeError(f"run.fail_at_step: injected failure at step {state['step']} on rank {rank}")
+            idx, off = to_device(idx, device), to_device(off, device)
             beta = beta_at(state["step"], steps_per_epoch, cfg.optim.beta, cfg.optim.anneal_epochs)
             loss, parts, received = train_step(train_model, opt, tables, sampler, idx, off, beta, world,
-                                               per_user=cfg.optim.candidates == "user")
+                                               per_user=cfg.optim.candidates == "user", autocast=autocast)
             exchanged += received
             if ema is not None:
                 ema.update_parameters(model)
             state["step"] += 1
             n_steps, n_users = n_steps + 1, n_users + len(off) - 1
-            sums["loss"] += loss.item()
-            sums["nll"] += parts["nll"]
-            sums["kl"] += parts["kl"]
+            sums += torch.stack([loss.detach(), parts["nll"], parts["kl"]]).double()
             if metrics is not None:
-                metrics.on_step(len(off) - 1, loss.item(), parts, cfg.optim.lr)
+                metrics.on_step(len(off) - 1)
+        mean_loss, mean_nll, mean_kl = (sums / max(n_steps, 1)).tolist()  # one sync per epoch
         row = {"epoch": epoch, "step": state["step"], "beta": beta, "seconds": time.perf_counter() - t0,
-               "users": n_users * world, **{k: v / max(n_steps, 1) for k, v in sums.items()}}
+               "users": n_users * world, "loss": mean_loss, "nll": mean_nll, "kl": mean_kl}
         if tables and world > 1:
             row["row_exchange_mb_per_step"] = exchanged / max(n_steps, 1) / 1e6
-        stop = False
-        if rank == 0:
-            stop = _validate(cfg, data, eval_model, epoch, row, state, ckpt_dir, ckpt_meta)
+        stop = _validate(cfg, data, eval_model, epoch, row, state) if rank == 0 else False
+        if metrics is not None:
+            metrics.on_epoch(row, n_users)
+        row[SCORE] = row.get("val_ndcg@100", -1.0)
         state["epoch"] = epoch
         state["history"].append(row)
+        ckpt = None
         if rank == 0:
-            checkpoint.save(f"{ckpt_dir}/latest.pt", model=model, optimizer=opt, step=state["step"], epoch=epoch,
-                            extra={k: state[k] for k in ("best", "best_epoch", "bad_evals", "history")}
-                            | {"ema": ema.state_dict() if ema is not None else None}, **ckpt_meta)
-            if metrics is not None:
-                metrics.on_epoch(row, row["users"])
+            ckpt = checkpoint.to_bytes(
+                model=model, optimizer=opt, step=state["step"], epoch=epoch,
+                extra={k: state[k] for k in ("best", "best_epoch", "bad_evals", "history")}
+                | {"ema": ema.state_dict() if ema is not None else None}, **ckpt_meta)
+        session.report(row, ckpt, state["history"])
         bar.set_postfix_str(f"loss {row['loss']:.1f} val ndcg@100 {row.get('val_ndcg@100', float('nan')):.4f}"
                             f" best {state['best']:.4f}@{state['best_epoch']}", refresh=False)
         bar.update(1)  # one redraw per epoch: Ray forwards every redraw as a log line
-        if report is not None:
-            report(row)
-        if _agree(stop, world):
-            log.info("no validation gain for %d evaluations: stopping at epoch %d", state["bad_evals"], epoch)
+        if _agree(stop, world, device):
+            if rank == 0:
+                log.info("no validation gain for %d evaluations: stopping at epoch %d", state["bad_evals"], epoch)
             break
     bar.close()
     if metrics is not None:
         metrics.close()
-    if rank != 0:
-        return {}
-    return finish(cfg, data, eval_model, state["history"], state["best_epoch"], time.perf_counter() - t_train)
+    return state["history"]
 
 
 def train_step(model: torch.nn.Module, opt: Optimizers, tables: list[torch.nn.Parameter],
                sampler: NegativeSampler | None, idx: torch.Tensor, off: torch.Tensor, beta: float,
-               world: int, per_user: bool = False) -> tuple[torch.Tensor, dict, int]:
-    """One optimizer step on a batch: full or sampled softmax, row-wise exchange of the item tables.
+               world: int, per_user: bool = False,
+               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+               ) -> tuple[torch.Tensor, dict, int]:
+    """One optimizer step on a batch already on the model's device: full or sampled softmax, row-wise
+    exchange of the item tables.
 
     per_user: sampled softmax with per-user candidates (optim.candidates = "user").
+    autocast: the precision context of the forward pass (run.precision); the loss is fp32 in any case.
 
-    Returns the loss, its parts, and the bytes this rank received in the row exchange.
+    Returns the loss, its parts (detached tensors), and the bytes this rank received in the row exchange.
     """
     cand = sampler.candidates(idx) if sampler is not None else None
+    with autocast():
+        if cand is None:
+            out = model(idx, off)
+        elif per_user:
+            out = model(idx, off, cand.items, cand.negatives)
+        else:
+            out = model(idx, off, cand.items)
     if cand is None:
-        loss, parts = elbo_loss(model(idx, off), idx, off, beta)
+        loss, parts = elbo_loss(out, idx, off, beta)
     elif per_user:
-        out = model(idx, off, cand.items, cand.negatives)
         loss, parts = elbo_loss(out, idx, off, beta, negatives=(cand.items[cand.negatives], cand.log_pi_negatives))
     else:
-        loss, parts = elbo_loss(model(idx, off, cand.items), cand.positions(idx), off, beta, cand.log_pi)
+        loss, parts = elbo_loss(out, cand.positions(idx), off, beta, cand.log_pi)
     opt.zero_grad()
     loss.backward()
     received = 0
@@ -173,24 +191,30 @@ def train_step(model: torch.nn.Module, opt: Optimizers, tables: list[torch.nn.Pa
     return loss, parts, received
 
 
-def _validate(cfg: Config, data: Dataset, eval_model, epoch: int, row: dict, state: dict, ckpt_dir: str,
-              ckpt_meta: dict) -> bool:
-    """Rank 0: evaluate when due, keep best.pt; returns whether patience ran out."""
+def _precision(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """run.precision -> the forward pass's autocast context (and the process's TF32 switch on CUDA)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    if precision == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _validate(cfg: Config, data: Dataset, eval_model, epoch: int, row: dict, state: dict) -> bool:
+    """Rank 0: evaluate when due and track the best epoch; returns whether patience ran out."""
     if not (epoch % cfg.run.eval_every == 0 or epoch == cfg.optim.epochs):
         return False
     row["val_ndcg@100"] = evaluate(model_ranker(eval_model, data.n_items), data.val, data.n_items,
                                    max_users=cfg.run.eval_users, seed=cfg.run.seed)["ndcg@100"][0]
     if row["val_ndcg@100"] > state["best"]:
         state.update(best=row["val_ndcg@100"], best_epoch=epoch, bad_evals=0)
-        checkpoint.save(f"{ckpt_dir}/best.pt", model=eval_model, optimizer=None, step=state["step"], epoch=epoch,
-                        **ckpt_meta)
     else:
         state["bad_evals"] += 1
     return bool(cfg.run.patience and state["bad_evals"] >= cfg.run.patience)
 
 
-def _restore(path: str, fingerprint: str, model, opt, ema) -> dict:
-    saved = checkpoint.load(path, fingerprint)
+def _restore(saved: dict, model, opt, ema) -> dict:
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["optimizer"])
     extra = saved["extra"]
@@ -200,18 +224,38 @@ def _restore(path: str, fingerprint: str, model, opt, ema) -> dict:
                                                                 ("best", "best_epoch", "bad_evals", "history")}}
 
 
-def finish(cfg: Config, data: Dataset, model: torch.nn.Module, history: list[dict], best_epoch: int,
-           train_seconds: float) -> dict:
-    """Reload the best epoch, score validation and test, write metrics.json and the learning curve."""
+def run_in_process(cfg: Config, on_report: Callable[[dict], None] | None = None) -> dict:
+    """Train in this process (no Ray) and finish the run; returns metrics.json. Resumes when run.resume is set."""
+    has_run(cfg)
+    session = LocalSession(run_uri(cfg), cfg.run.device, on_report)
+    history = fit(cfg, session)
+    fingerprint = load_meta(cfg.data.lake, cfg.data.dataset)["vocabulary_fingerprint"]
+    return finish(cfg, session.best_checkpoint(fingerprint), history, session.device)
+
+
+def eval_weights(saved: dict) -> dict:
+    """The weights evaluation uses: the EMA average when the run kept one, else the trained weights."""
+    ema = saved["extra"].get("ema")
+    if ema is None:
+        return saved["model"]
+    return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+
+
+def finish(cfg: Config, best: dict, history: list[dict], device: torch.device | str = "cpu") -> dict:
+    """Score the best checkpoint on validation and test; write metrics.json, the learning curve and model.pt."""
     out = run_uri(cfg)
-    state = checkpoint.load(f"{out}/checkpoints/best.pt", data.meta["vocabulary_fingerprint"])
-    model.load_state_dict(state["model"])
+    data = load_dataset(cfg.data.lake, cfg.data.dataset, with_train=False)
+    model = build_model(cfg.model, data.n_items).to(device)
+    weights = eval_weights(best)
+    model.load_state_dict(weights)
+    checkpoint.save(f"{out}/{MODEL_FILE}", model=model, step=best["step"], epoch=best["epoch"],
+                    config=best["config"], n_items=best["n_items"], fingerprint=best["vocabulary_fingerprint"])
     val, test = (evaluate(model_ranker(model, data.n_items), split, data.n_items, max_users=cfg.run.eval_users,
                           seed=cfg.run.seed) for split in (data.val, data.test))
     epoch_secs = [h["seconds"] for h in history]
     metrics = {
         "run": cfg.run.name, "dataset": cfg.data.dataset, "model": cfg.model.name, "config": cfg.to_dict(),
-        "best_epoch": best_epoch, "epochs_run": len(history), "train_seconds": train_seconds,
+        "best_epoch": best["epoch"], "epochs_run": len(history), "train_seconds": float(sum(epoch_secs)),
         "median_epoch_seconds": float(np.median(epoch_secs)), "val": val, "test": test, "history": history,
         "vocabulary_fingerprint": data.meta["vocabulary_fingerprint"],
     }
@@ -219,7 +263,7 @@ def finish(cfg: Config, data: Dataset, model: torch.nn.Module, history: list[dic
     with tempfile.TemporaryDirectory() as tmp:
         plot_learning_curve(history, f"{tmp}/curve.png", f"{cfg.run.name} ({cfg.model.name})")
         lake.write_bytes(f"{out}/learning_curve.png", open(f"{tmp}/curve.png", "rb").read())
-    print(f"[macrid] best epoch {best_epoch}  val: {format_metrics(val)}", flush=True)
+    print(f"[macrid] best epoch {best['epoch']}  val: {format_metrics(val)}", flush=True)
     print(f"[macrid] test: {format_metrics(test)}", flush=True)
     print(f"[macrid] run folder: {out}", flush=True)
     return metrics
@@ -236,21 +280,21 @@ def _memory_batches(cfg: Config, data: Dataset, rank: int, world: int) -> BatchS
     return batches
 
 
-def _agree(stop: bool, world: int) -> bool:
-    """Rank 0's stop decision, broadcast so that every rank leaves the loop at the same epoch."""
+def _agree(stop: bool, world: int, device: torch.device) -> bool:
+    """Rank 0's stop decision, broadcast (on the device: NCCL takes no CPU tensors) so all ranks stop together."""
     if world == 1:
         return stop
-    flag = torch.tensor([int(stop)])
+    flag = torch.tensor([int(stop)], device=device)
     torch.distributed.broadcast(flag, src=0)
     return bool(flag.item())
 
 
 def _telemetry(cfg: Config, rank: int):
-    if rank != 0 or not cfg.run.metrics_port:
+    if not cfg.run.metrics_port:
         return None
     from macrid.telemetry import TrainMetrics
 
-    return TrainMetrics(cfg.run.metrics_port, cfg.run.name)
+    return TrainMetrics(cfg.run.metrics_port + rank, cfg.run.name, rank)
 
 
 def _first_failure(cfg: Config) -> bool:
@@ -269,11 +313,10 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):
                 ncols=110, mininterval=1.0)
 
 
-def load_model(run: str, fingerprint: str | None = None, which: str = "best") -> tuple[torch.nn.Module, dict]:
-    """Rebuild a trained model from its run folder alone (constructor args live in the checkpoint)."""
-    saved = checkpoint.load(lake.join(run, "checkpoints", f"{which}.pt"), fingerprint)
-    cfg = Config.from_dict(saved["config"], source=f"{run} checkpoint")
+def load_model(run: str, fingerprint: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a trained model from its run folder alone (constructor args live in model.pt)."""
+    saved = checkpoint.load(lake.join(run, MODEL_FILE), fingerprint)
+    cfg = Config.from_dict(saved["config"], source=f"{run}/{MODEL_FILE}")
     model = build_model(cfg.model, saved["n_items"])
     model.load_state_dict(saved["model"])
     return model.eval(), saved
-

@@ -18,7 +18,7 @@ from macrid.model import build_model
 from macrid.prepare import prepare
 from macrid.split import Protocol
 from macrid.synthetic import SyntheticSpec, generate
-from macrid.train import fit
+from macrid.train import run_in_process
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -67,7 +67,7 @@ def test_ddp_step_equals_single_worker_step(s3_lake, softmax):
              "model.sample=false", "optim.optimizer='sgd'", "optim.lr=0.5", "run.data='memory'"]
     if softmax == "row-sparse":
         exact.append("optim.negatives=4000")
-    fit(cfg_for(s3_lake, f"one-worker-{softmax}", *exact))
+    run_in_process(cfg_for(s3_lake, f"one-worker-{softmax}", *exact))
     two_run = launch(cfg_for(s3_lake, f"two-workers-{softmax}", *exact, "run.num_workers=2"))
     if softmax == "row-sparse":  # the tables really went through the row exchange: ~200 rows x 2 tables
         assert 0 < two_run["history"][0]["row_exchange_mb_per_step"] < 2 * 200 * 17 * 8 * 2 / 1e6
@@ -121,5 +121,5 @@ def test_prometheus_endpoint_shows_training_moving(s3_lake):
 def test_resume_on_another_vocabulary_is_refused(s3_lake, tmp_path):
     prepare(generate(SyntheticSpec(n_users=300, n_items=150, K=3, seed=2)), s3_lake, "other", Protocol())
     with pytest.raises(CheckpointError, match="vocabulary"):
-        fit(load_config(None, [f"data.lake={s3_lake!r}", "data.dataset='other'", "run.name='two'", "model.K=4",
+        run_in_process(load_config(None, [f"data.lake={s3_lake!r}", "data.dataset='other'", "run.name='two'", "model.K=4",
                                "model.D=16", "run.resume=true", "run.progress=false"]))

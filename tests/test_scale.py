@@ -80,7 +80,7 @@ from macrid.config import load_config
 from macrid.prepare import prepare
 from macrid.split import Protocol
 from macrid.synthetic import SyntheticSpec, generate
-from macrid.train import fit
+from macrid.train import run_in_process
 
 lake = sys.argv[1]
 meta = prepare(generate(SyntheticSpec(n_users=3000, n_items=1_000_000, seed=3)), lake, "m1e6",
@@ -88,7 +88,7 @@ meta = prepare(generate(SyntheticSpec(n_users=3000, n_items=1_000_000, seed=3)),
 cfg = load_config(None, [f"data.lake={lake!r}", "data.dataset='m1e6'", "run.name='smoke'", "model.K=5",
                          "model.D=16", "optim.negatives=2000", "optim.proposal_alpha=0.75", "optim.epochs=1",
                          "optim.batch_size=500", "run.eval_users=200", "run.progress=false"])
-m = fit(cfg)
+m = run_in_process(cfg)
 print(json.dumps({"n_items": meta["n_items"], "steps": m["history"][-1]["step"], "val": m["val"],
                   "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}))
 """

@@ -9,14 +9,14 @@ from macrid.baselines import popularity_scorer
 from macrid.batches import load_dataset
 from macrid.config import load_config
 from macrid.evaluate import evaluate, scores_ranker
-from macrid.train import fit
+from macrid.train import run_in_process
 
 
 @pytest.mark.slow
 def test_few_epochs_on_ml100k_beat_popularity_clearly(ml100k_lake):
     cfg = load_config(None, [f"data.lake={ml100k_lake!r}", "data.dataset='ml-100k'", "run.name='e2e'",
                              "optim.epochs=8", "optim.batch_size=100", "run.progress=false"])
-    metrics = fit(cfg)
+    metrics = run_in_process(cfg)
     data = load_dataset(ml100k_lake, "ml-100k")
     pop = evaluate(scores_ranker(popularity_scorer(data.train, data.n_items)), data.val, data.n_items)["ndcg@100"][0]
     ours = metrics["val"]["ndcg@100"][0]
@@ -41,7 +41,7 @@ def test_baselines_train_in_the_same_harness(synthetic_lake, model):
     cfg = load_config(None, [f"data.lake={synthetic_lake!r}", f"model.name={model!r}", f"run.name='{model}'",
                              "optim.epochs=15", "optim.batch_size=64", "run.progress=false", "model.D=16",
                              "model.hidden=16"])
-    metrics = fit(cfg)
+    metrics = run_in_process(cfg)
     data = load_dataset(synthetic_lake, "synthetic")
     pop = evaluate(scores_ranker(popularity_scorer(data.train, data.n_items)), data.val, data.n_items)["ndcg@100"][0]
     assert metrics["model"] == model and metrics["history"][-1]["nll"] < metrics["history"][0]["nll"]

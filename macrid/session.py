@@ -1,0 +1,118 @@
+"""Where a training run's workers report each epoch and restore from: Ray Train, or a local run folder.
+
+`fit` (macrid/train.py) is the same loop in both cases; a session gives it its rank, world size and
+device, wraps the model for data parallelism, hands it the checkpoint to resume from, and takes one
+report per epoch (metrics from every rank, the checkpoint from rank 0).
+
+- `RaySession` (Ray Train workers): `ray.train.report(metrics, checkpoint)` every epoch, uploaded
+  asynchronously so the other ranks do not wait on rank 0's upload; Ray's storage (the run folder)
+  keeps the latest checkpoint and the best by validation NDCG@100; `ray.train.get_checkpoint()`
+  resumes after a worker failure or a restart of the run with --resume.
+- `LocalSession` (in-process runs, sweeps' trials, tests): the same checkpoint file as
+  <run>/checkpoints/latest.pt and best.pt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+
+import torch
+
+from macrid import checkpoint, lake
+from macrid.errors import ConfigError
+
+SCORE = "selection_score"  # validation NDCG@100 on evaluated epochs, -1 (below any NDCG) on the others
+STATE_FILE = "train_state.json"  # epoch, step and history beside the checkpoint, readable without the weights
+
+
+def resolve_device(name: str) -> torch.device:
+    """run.device -> a torch device; 'auto' is CUDA when present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={name!r} but torch sees no CUDA device (torch {torch.__version__}); "
+                          "use run.device='cpu' or install a CUDA build of torch")
+    return device
+
+
+class LocalSession:
+    """Rank 0 of 1 in this process; checkpoints in <run>/checkpoints/{latest,best}.pt."""
+
+    rank, world = 0, 1
+
+    def __init__(self, run_uri: str, device: str = "auto", on_report: Callable[[dict], None] | None = None):
+        self.dir = lake.join(run_uri, "checkpoints")
+        self.device = resolve_device(device)
+        self.on_report = on_report
+        self.best_score = -math.inf
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def restore(self, fingerprint: str) -> dict | None:
+        path = f"{self.dir}/latest.pt"
+        if not lake.exists(path):
+            return None
+        state = checkpoint.load(path, fingerprint)
+        self.best_score = state["extra"]["best"]
+        return state
+
+    def report(self, row: dict, ckpt: bytes | None, history: list[dict]) -> None:
+        lake.write_bytes(f"{self.dir}/latest.pt", ckpt)
+        if row[SCORE] > self.best_score:
+            self.best_score = row[SCORE]
+            lake.write_bytes(f"{self.dir}/best.pt", ckpt)
+        if self.on_report is not None:
+            self.on_report(row)
+
+    def best_checkpoint(self, fingerprint: str) -> dict:
+        return checkpoint.load(f"{self.dir}/best.pt", fingerprint)
+
+
+class RaySession:
+    """A Ray Train worker: rank, world and device from Ray; reports and checkpoints go to Ray."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        # DDP for world > 1, the model as it is for one worker; it already sits on self.device
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def restore(self, fingerprint: str) -> dict | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as folder:
+            with open(os.path.join(folder, checkpoint.FILE), "rb") as f:
+                return checkpoint.from_bytes(f.read(), f"{ckpt.path}/{checkpoint.FILE}", fingerprint)
+
+    def report(self, row: dict, ckpt: bytes | None, history: list[dict]) -> None:
+        import ray.train
+        from ray.train import Checkpoint, CheckpointUploadMode
+
+        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+        if ckpt is None:  # ranks other than 0: metrics only (every rank must call report, it is a barrier)
+            ray.train.report(metrics)
+            return
+        folder = tempfile.mkdtemp(prefix="macrid-ckpt-")  # Ray deletes it once uploaded
+        with open(os.path.join(folder, checkpoint.FILE), "wb") as f:
+            f.write(ckpt)
+        with open(os.path.join(folder, STATE_FILE), "w") as f:
+            json.dump({k: row[k] for k in ("epoch", "step")} | {"history": history}, f)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
