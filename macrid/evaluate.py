@@ -78,7 +78,7 @@ def chunked_top_k(model: torch.nn.Module, indices: torch.Tensor, offsets: torch.
     visited in index order and merged with a stable sort.
     """
     model.eval()
-    device = next(model.parameters()).device
+    device = next(model.parameters(), indices).device  # a parameterless scorer: the batch's device
     indices, offsets = to_device(indices, device), to_device(offsets, device)
     B = len(offsets) - 1
     mu = model.represent(indices, offsets)  # (B, K, D)

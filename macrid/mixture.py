@@ -22,9 +22,9 @@ import torch
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """a @ b with operands in `dtype`; fp32 out where the device can (CUDA), else `dtype` out."""
-    if dtype == torch.float32:
-        return a.float() @ b.float()
+    """a @ b with operands in `dtype`: as they are when they already have it, else cast, with an fp32 result."""
+    if dtype == a.dtype:
+        return a @ b
     a, b = a.to(dtype), b.to(dtype)
     if a.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32)
@@ -40,8 +40,8 @@ class _MixtureScores(torch.autograd.Function):
         E = _gemm(zs, hn.T, dtype)  # (B*K, M) cos/tau, which lies in [-1/tau, 1/tau]
         E.exp_()  # cannot overflow for tau >= 0.02
         E = E.view(B, K, -1)  # (B, K, M)
-        cT = c.T.float().contiguous()  # (K, M)
-        A = E[:, 0] * cT[0]  # (B, M) fp32
+        cT = c.T.contiguous()  # (K, M)
+        A = E[:, 0] * cT[0]  # (B, M)
         for k in range(1, K):
             A.addcmul_(E[:, k], cT[k])
         ctx.save_for_backward(zs, hn, cT, E)
@@ -69,14 +69,14 @@ class _MixtureScores(torch.autograd.Function):
 
 
 def mixture_scores(zn: torch.Tensor, hn: torch.Tensor, c: torch.Tensor, tau: float) -> torch.Tensor:
-    """zn (B, K, D), hn (M, D) unit-norm; c (M, K) concept weights -> A (B, M) > 0, fp32.
+    """zn (B, K, D), hn (M, D) unit-norm; c (M, K) concept weights -> A (B, M) > 0, in the inputs' dtype.
 
     The GEMMs run in bf16 when bf16 autocast is on for the inputs' device (see the module notes).
     """
     device = zn.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else zn.dtype
     with torch.autocast(device_type=device, enabled=False):
-        return _MixtureScores.apply(zn.float(), hn.float(), c.float(), tau, dtype)
+        return _MixtureScores.apply(zn, hn, c, tau, dtype)
 
 
 def mixture_scores_reference(zn: torch.Tensor, hn: torch.Tensor, c: torch.Tensor, tau: float) -> torch.Tensor:

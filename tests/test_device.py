@@ -1,0 +1,98 @@
+"""Device correctness without a GPU, and the bf16 path.
+
+The default device is switched to `meta` while the model and the batch live on the CPU explicitly.
+A tensor created without `device=` (the bug that breaks GPU workers: `torch.zeros(B, K)` next to
+CUDA weights) then lands on meta, and the first operation that mixes it with the CPU tensors fails,
+exactly as a CPU tensor mixed with CUDA tensors fails on a GPU worker.
+"""
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+
+from macrid.batches import CSR, iter_batches
+from macrid.config import ModelConfig
+from macrid.evaluate import evaluate, model_ranker
+from macrid.batches import HeldOut
+from macrid.model import build_model
+from macrid.row_sparse import Optimizers, tables_of
+from macrid.sampling import NegativeSampler
+from macrid.train import _precision, train_step
+
+CPU = torch.device("cpu")
+M = 40
+
+
+@contextlib.contextmanager
+def default_device_meta():
+    torch.set_default_device("meta")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+
+
+def bags(n_users: int, seed: int) -> CSR:
+    rng = np.random.default_rng(seed)
+    rows = [np.sort(rng.choice(M, rng.integers(3, 9), replace=False)) for _ in range(n_users)]
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    return CSR(indptr, np.concatenate(rows).astype(np.int64))
+
+
+def step_setup(name: str, sampled: bool):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, K=3, D=8, hidden=8), M, row_sparse=sampled).to(CPU)
+    tables = tables_of(model, sampled)
+    opt = Optimizers(model, tables, "adam", 1e-2, 0.0)
+    sampler = NegativeSampler(np.arange(M), 15, 0.5, seed=1, device=CPU) if sampled else None
+    idx, off = next(iter_batches(bags(12, 0), 12))
+    return model, opt, tables, sampler, idx, off
+
+
+def test_the_guard_catches_a_tensor_created_without_a_device():
+    x = torch.ones(3, device=CPU)
+    with default_device_meta(), pytest.raises(RuntimeError, match="device"):
+        x.index_add(0, torch.arange(3, device=CPU), torch.zeros(3))  # torch.zeros without device=
+
+
+@pytest.mark.parametrize("name,mode", [("macridvae", "full"), ("macridvae", "batch"), ("macridvae", "user"),
+                                       ("multvae", "full"), ("multdae", "full"), ("multvae", "batch")])
+def test_training_step_creates_every_tensor_on_the_models_device(name, mode):
+    model, opt, tables, sampler, idx, off = step_setup(name, mode != "full")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with default_device_meta():
+        loss, parts, _ = train_step(model, opt, tables, sampler, idx, off, beta=0.2, world=1,
+                                    per_user=mode == "user")
+    assert loss.device == CPU and parts["nll"].device == CPU and torch.isfinite(loss)
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert moved, "the step changed no weight"
+
+
+@pytest.mark.parametrize("name", ["macridvae", "multvae"])
+def test_evaluation_creates_every_tensor_on_the_models_device(name):
+    model, *_ = step_setup(name, False)
+    split = HeldOut(np.arange(10), bags(10, 1), bags(10, 2))
+    with default_device_meta():
+        result = evaluate(model_ranker(model, M), split, M, batch_size=4)
+    assert 0.0 <= result["ndcg@100"][0] <= 1.0 and result["users"] == 10
+
+
+def test_bf16_step_tracks_the_fp32_step():
+    """bf16 autocast rounds the matmul operands only: loss and gradients stay close to fp32's."""
+    losses, grads = [], []
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(K=3, D=16, dropout=0.0, gumbel=False, sample=False), M).to(CPU)
+        opt = Optimizers(model, [], "sgd", 1e-9, 0.0)
+        idx, off = next(iter_batches(bags(32, 3), 32))
+        loss, _, _ = train_step(model, opt, [], None, idx, off, beta=0.2, world=1,
+                                autocast=_precision(precision, CPU))
+        losses.append(loss.item())
+        grads.append(model.h.grad.flatten().clone())
+        assert loss.dtype == torch.float32  # the loss is fp32 whatever the precision
+    assert abs(losses[1] - losses[0]) / abs(losses[0]) < 0.01, losses
+    cosine = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
+    assert cosine > 0.99, cosine
+    assert not torch.equal(grads[0], grads[1])  # bf16 really ran

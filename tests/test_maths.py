@@ -1,0 +1,186 @@
+"""The model's formulas against independent restatements, on fixed inputs.
+
+Each expectation is written here from the paper's equations with numpy or plain arithmetic, never
+with the function under test, so that changing a formula in macrid/ (dropping tau from Eq. 6, a
+hard Gumbel sample, the sign of the log-Q correction, exp(+b/2) for sigma, no re-normalisation of
+z) fails a test.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from macrid.loss import beta_at, multinomial_nll
+from macrid.model import MacridVAE, MultVAE
+
+TAU = 0.25
+
+
+def tiny_macrid(K=2, D=3, M=4, **kw) -> MacridVAE:
+    torch.manual_seed(0)
+    model = MacridVAE(M, K=K, D=D, tau=TAU, sigma0=0.1, dropout=0.0, **kw)
+    with torch.no_grad():
+        model.h.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 3.0]])[:M, :D])
+        model.m.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])[:K, :D])
+    return model
+
+
+def np_softmax(x, axis):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def np_cos(a, b):
+    return (a / np.linalg.norm(a, axis=-1, keepdims=True)) @ (b / np.linalg.norm(b, axis=-1, keepdims=True)).T
+
+
+def test_eq6_concepts_are_a_softmax_of_cosines_over_tau():
+    model = tiny_macrid().eval()
+    h = np.array([[1, 0, 0], [0, 2, 0], [1, 1, 0], [0, 0, 3]], dtype=float)
+    m = np.array([[1, 0, 0], [0, 1, 1]], dtype=float)
+    want = np_softmax(np_cos(h, m) / TAU, axis=1)  # (M, K)
+    np.testing.assert_allclose(model.concepts().detach().numpy(), want, rtol=1e-5)
+    # item 0 = prototype 0 exactly: cos 1 and 0 -> c_00 = 1 / (1 + e^{-1/tau}), by hand
+    assert model.concepts()[0, 0].item() == pytest.approx(1 / (1 + math.exp(-1 / TAU)), rel=1e-5)
+
+
+def test_training_concepts_are_relaxed_gumbel_samples_at_temperature_one():
+    """log y_0 - log y_1 = (l_0 + g_0 - l_1 - g_1) / lambda with g ~ Gumbel(0, 1): mean (l_0 - l_1) / lambda and
+    variance pi^2 / (3 lambda^2) (the difference of two Gumbels is logistic). lambda = 1 in the paper."""
+    model = tiny_macrid().train()
+    logits = np_cos(np.array([[1.0, 0, 0], [0, 2, 0], [1, 1, 0], [0, 0, 3]]),
+                    np.array([[1.0, 0, 0], [0, 1, 1]])) / TAU  # (M, K)
+    torch.manual_seed(1)
+    draws = torch.stack([model.concepts().detach() for _ in range(4000)]).numpy()  # (n, M, K)
+    assert (draws > 0).all() and (draws < 1).all(), "the sample must be relaxed, not one-hot"
+    log_ratio = np.log(draws[:, :, 0]) - np.log(draws[:, :, 1])  # (n, M)
+    np.testing.assert_allclose(log_ratio.mean(0), logits[:, 0] - logits[:, 1], atol=0.15)
+    np.testing.assert_allclose(log_ratio.var(0), np.pi**2 / 3, rtol=0.1)
+
+
+def test_eq7_encoder_against_a_restatement():
+    """mu_u^k = a/|a|, (a, b) = f_nn(tanh(sum_i x_ui c_ik t_i / sqrt(sum_i x_ui c_ik^2) + t_bias))."""
+    model = tiny_macrid().eval()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        model.t.normal_()
+        model.t_bias.normal_()
+    idx, off = torch.tensor([0, 2, 1, 2, 3]), torch.tensor([0, 2, 5])  # user 0: {0, 2}; user 1: {1, 2, 3}
+    c = model.concepts().detach().numpy()
+    t, tb = model.t.detach().numpy(), model.t_bias.detach().numpy()
+    W, bias = model.f_nn.weight.detach().numpy(), model.f_nn.bias.detach().numpy()
+    mu_want, lnvar_want = [], []
+    for items in ([0, 2], [1, 2, 3]):
+        per_k_mu, per_k_lnvar = [], []
+        for k in range(2):
+            w = c[items, k] / np.sqrt((c[items, k] ** 2).sum())
+            a_b = W @ np.tanh(w @ t[items] + tb) + bias
+            a, b = a_b[:3], a_b[3:]
+            per_k_mu.append(a / np.linalg.norm(a))
+            per_k_lnvar.append(-b)  # sigma = sigma0 * exp(-b / 2), so ln(sigma^2 / sigma0^2) = -b
+        mu_want.append(per_k_mu)
+        lnvar_want.append(per_k_lnvar)
+    mu, lnvar = model.encode(idx, off, model.concepts()[idx])
+    np.testing.assert_allclose(mu.detach().numpy(), np.array(mu_want), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lnvar.detach().numpy(), np.array(lnvar_want), rtol=1e-5, atol=1e-6)
+
+
+def test_decoder_is_a_concept_mixture_of_cosines_over_tau():
+    """log p(i|u) up to a constant = log sum_k c_ik exp(cos(z_u^k, h_i) / tau), z = mu in evaluation."""
+    model = tiny_macrid().eval()
+    idx, off = torch.tensor([0, 3]), torch.tensor([0, 2])
+    out = model(idx, off)
+    mu = out.mu.detach().numpy()[0]  # (K, D)
+    h = model.h.detach().numpy()
+    c = model.concepts().detach().numpy()  # (M, K), checked against Eq. 6 above
+    want = np.log((c * np.exp(np_cos(h, mu) / TAU)).sum(1))  # (M,)
+    np.testing.assert_allclose(out.log_scores.detach().numpy()[0], want, rtol=1e-5)
+
+
+def fixed_code_model(b_value: float, D: int = 2) -> MacridVAE:
+    """K = 1, D = 2, items h_0 = e_0 and h_1 = e_1; f_nn ignores its input: a = (1, 0), b = b_value."""
+    model = MacridVAE(2, K=1, D=D, tau=TAU, sigma0=0.1, dropout=0.0, gumbel=False)
+    with torch.no_grad():
+        model.h.copy_(torch.eye(2))
+        model.f_nn.weight.zero_()
+        model.f_nn.bias.copy_(torch.tensor([1.0, 0.0, b_value, b_value]))
+    return model.train()
+
+
+def test_sampled_z_has_sigma0_exp_minus_b_over_2_and_is_renormalised():
+    """With K = 1 the score of item i is cos(z, h_i) / tau, so the scores give z's direction back."""
+    b = 2.0
+    sigma = 0.1 * math.exp(-b / 2)  # Eq. 7: sigma = sigma0 * exp(-b / 2)
+    model = fixed_code_model(b)
+    n = 20000
+    idx, off = torch.zeros(n, dtype=torch.long), torch.arange(n + 1)
+    torch.manual_seed(3)
+    s = model(idx, off).log_scores.detach().numpy() * TAU  # (n, 2) = cos(z, e_0), cos(z, e_1)
+    np.testing.assert_allclose(s[:, 0] ** 2 + s[:, 1] ** 2, 1.0, rtol=1e-5)  # z is unit-norm before decoding
+    # z = (1 + sigma e1, sigma e2): its angle atan2(sigma e2, 1 + sigma e1), simulated here with numpy
+    e = np.random.default_rng(0).standard_normal((200000, 2))
+    want_std = np.arctan2(sigma * e[:, 1], 1 + sigma * e[:, 0]).std()
+    got_std = np.arctan2(s[:, 1], s[:, 0]).std()
+    assert got_std == pytest.approx(want_std, rel=0.05), (got_std, want_std)
+
+
+def test_kl_against_n0_sigma0_per_component():
+    """The authors' KL: 1/2 sum_d (-ln v + v - 1), v = sigma^2 / sigma0^2 = exp(-b), here D = 2, K = 1, b = 2."""
+    model = fixed_code_model(2.0).eval()
+    kl = model(torch.tensor([0]), torch.tensor([0, 1])).kl.item()
+    v = math.exp(-2.0)
+    assert kl == pytest.approx(2 * 0.5 * (-math.log(v) + v - 1), rel=1e-6)
+
+
+def test_log_q_correction_divides_each_candidate_by_its_inclusion_probability():
+    """-log softmax with Z = sum_j exp(s_j) / pi_j: the user holds item 0, the candidates have pi = 1, 1/2, 1/4."""
+    s = [1.0, 2.0, 0.5]
+    pi = [1.0, 0.5, 0.25]
+    want = -(s[0] - math.log(sum(math.exp(x) / p for x, p in zip(s, pi))))
+    got = multinomial_nll(torch.tensor([s]), torch.tensor([0]), torch.tensor([0, 1]),
+                          torch.log(torch.tensor(pi))).item()
+    assert got == pytest.approx(want, rel=1e-6)
+    full = -(s[0] - math.log(sum(math.exp(x) for x in s)))  # no correction = full softmax on these items
+    assert multinomial_nll(torch.tensor([s]), torch.tensor([0]), torch.tensor([0, 1])).item() == pytest.approx(full)
+
+
+@pytest.mark.parametrize("step,want", [(0, 0.0), (25, 0.1), (50, 0.2), (500, 0.2)])
+def test_beta_rises_linearly_to_its_cap(step, want):
+    # cap 0.2 over 5 epochs of 10 steps: 0.2 * step / 50, then the cap
+    assert beta_at(step, 10, 0.2, 5.0) == pytest.approx(want)
+
+
+def test_beta_without_annealing_is_the_cap():
+    assert beta_at(0, 10, 0.3, 0.0) == 0.3
+
+
+def tiny_mult(variational: bool) -> MultVAE:
+    torch.manual_seed(4)
+    model = MultVAE(4, D=2, hidden=3, dropout=0.0, variational=variational)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("variational", [True, False])
+def test_mult_encoder_decoder_and_kl_against_a_restatement(variational):
+    """x_u / |x_u| -> tanh(x T + b) -> f_nn -> (mu, logvar) or tanh(code); scores z H^T + h_bias;
+    KL = 1/2 sum(-logvar + e^logvar + mu^2 - 1) for beta-MultVAE, 0 for MultDAE."""
+    model = tiny_mult(variational)
+    idx, off = torch.tensor([1, 3]), torch.tensor([0, 2])
+    out = model(idx, off)
+    P = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    x = np.zeros(4)
+    x[[1, 3]] = 1 / math.sqrt(2)
+    code = P["f_nn.weight"] @ np.tanh(x @ P["t"] + P["t_bias"]) + P["f_nn.bias"]
+    if variational:
+        mu, logvar = code[:2], code[2:]
+        kl = 0.5 * (-logvar + np.exp(logvar) + mu**2 - 1).sum()
+    else:
+        mu, kl = np.tanh(code), 0.0
+    np.testing.assert_allclose(out.mu.detach().numpy()[0, 0], mu, rtol=1e-5)
+    assert out.kl.item() == pytest.approx(kl, rel=1e-5, abs=1e-7)
+    np.testing.assert_allclose(out.log_scores.detach().numpy()[0], P["h"] @ mu + P["h_bias"], rtol=1e-5, atol=1e-6)
