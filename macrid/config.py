@@ -108,7 +108,7 @@ class RunConfig:
     # "fp32"; "tf32" (TF32 matmuls on CUDA, fp32 on CPU); "bf16" (bf16 autocast for the matmuls; the loss,
     # log-sum-exp, KL and evaluation stay fp32: docs/distributed.md)
     precision: str = "fp32"
-    fail_at_step: int = -1  # fault injection for recovery tests: raise once at this step on rank fail_rank
+    fail_at_step: int = -1  # fault injection for recovery tests: SIGKILL rank fail_rank once at this step
     fail_rank: int = 0
 
 

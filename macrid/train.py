@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -109,7 +110,8 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
         beta = beta_at(state["step"], steps_per_epoch, cfg.optim.beta, cfg.optim.anneal_epochs)
         for idx, off in train_batches(epoch):
             if state["step"] == cfg.run.fail_at_step and rank == cfg.run.fail_rank and _first_failure(cfg):
-                raise RuntimeError(f"run.fail_at_step: injected failure at step {state['step']} on rank {rank}")
+                print(f"[macrid] run.fail_at_step: killing rank {rank} at step {state['step']}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)  # a dead worker, as when a node is lost
             idx, off = to_device(idx, device), to_device(off, device)
             beta = beta_at(state["step"], steps_per_epoch, cfg.optim.beta, cfg.optim.anneal_epochs)
             loss, parts, received = train_step(train_model, opt, tables, sampler, idx, off, beta, world,

@@ -110,3 +110,38 @@ def test_sampled_softmax_settings_that_cannot_work_are_refused():
         load_config(None, ["optim.negatives=10", "optim.weight_decay=0.01"])
     with pytest.raises(ConfigError, match="'batch' or 'user'"):
         load_config(None, ["optim.candidates='all'"])
+
+
+class _RunsCode:
+    """What a tampered checkpoint carries: unpickling it would create a file (or do anything else)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_tampered_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    import io
+
+    import torch
+
+    from macrid import checkpoint
+    from macrid.model import MacridVAE
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "latest.pt"
+    good = checkpoint.to_bytes(model=MacridVAE(5, K=2, D=3), step=0, epoch=0, config={}, n_items=5,
+                               fingerprint="a" * 64)
+    state = torch.load(io.BytesIO(good), weights_only=True)
+    state["extra"] = {"payload": _RunsCode(str(marker))}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(CheckpointError, match=f"{path}: not a macrid checkpoint that can be loaded safely"):
+        checkpoint.load(str(path), "a" * 64)
+    assert not marker.exists(), "unpickling ran the payload"
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="loaded safely"):
+        checkpoint.load(str(path))

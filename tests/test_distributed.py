@@ -32,7 +32,9 @@ def s3_lake(ray_cluster, s3_endpoint):
 
 def cfg_for(lake, run, *extra):
     return load_config(None, [f"data.lake={lake!r}", "data.dataset='syn'", f"run.name={run!r}", "model.K=4",
-                              "model.D=16", "optim.batch_size=100", "run.progress=false", *extra])
+                              "model.D=16", "optim.batch_size=100", "run.progress=false",
+                              # two workers and Ray Data's read tasks share the 2-CPU test cluster
+                              "run.cpus_per_worker=0.5", *extra])
 
 
 def s3_keys(prefix):
@@ -44,8 +46,14 @@ def test_s3_prepare_train_two_workers_checkpoint_resume(s3_lake):
     first = launch(cfg_for(s3_lake, "two", "optim.epochs=2", "run.num_workers=2", "run.data='ray'"))
     assert first["epochs_run"] == 2
     keys = s3_keys("ci/runs/two/")
-    assert {"ci/runs/two/metrics.json", "ci/runs/two/checkpoints/latest.pt", "ci/runs/two/checkpoints/best.pt",
-            "ci/runs/two/learning_curve.png"} <= keys
+    assert {"ci/runs/two/metrics.json", "ci/runs/two/model.pt", "ci/runs/two/learning_curve.png",
+            "ci/runs/two/checkpoint_manager_snapshot.json"} <= keys
+    # Ray Train's own checkpoints, one per reported epoch, in the run folder; the latest and the best are kept
+    ray_ckpts = {k.split("/")[3] for k in keys if k.split("/")[3].startswith("checkpoint_") and k.endswith(".pt")}
+    assert 1 <= len(ray_ckpts) <= 2, keys
+    snapshot = json.loads(boto3.client("s3").get_object(
+        Bucket="lake", Key="ci/runs/two/checkpoint_manager_snapshot.json")["Body"].read())
+    assert "checkpoint" in json.dumps(snapshot)
     resumed = launch(cfg_for(s3_lake, "two", "optim.epochs=3", "run.num_workers=2", "run.resume=true",
                              "run.data='ray'"))
     assert resumed["epochs_run"] == 3  # two restored epochs plus one new one, not three new ones
@@ -71,9 +79,10 @@ def test_ddp_step_equals_single_worker_step(s3_lake, softmax):
     two_run = launch(cfg_for(s3_lake, f"two-workers-{softmax}", *exact, "run.num_workers=2"))
     if softmax == "row-sparse":  # the tables really went through the row exchange: ~200 rows x 2 tables
         assert 0 < two_run["history"][0]["row_exchange_mb_per_step"] < 2 * 200 * 17 * 8 * 2 / 1e6
-    saved = checkpoint.load(f"{s3_lake}/runs/one-worker-{softmax}/checkpoints/latest.pt")
+    # model.pt holds the best epoch's weights: with one epoch and no EMA, the weights after the one step
+    saved = checkpoint.load(f"{s3_lake}/runs/one-worker-{softmax}/model.pt")
     one = saved["model"]
-    two = checkpoint.load(f"{s3_lake}/runs/two-workers-{softmax}/checkpoints/latest.pt")["model"]
+    two = checkpoint.load(f"{s3_lake}/runs/two-workers-{softmax}/model.pt")["model"]
     torch.manual_seed(98765)  # rank 0's seed: both runs start from this initialisation
     init = build_model(cfg_for(s3_lake, "x").model, saved["n_items"]).state_dict()
     assert saved["step"] == 1
@@ -82,7 +91,8 @@ def test_ddp_step_equals_single_worker_step(s3_lake, softmax):
     assert (one["h"] - init["h"]).abs().max() > 1e-4  # the step really moved the weights
 
 
-def test_worker_failure_resumes_from_last_checkpoint(s3_lake):
+def test_killed_worker_resumes_from_rays_last_checkpoint(s3_lake):
+    """Rank 1 is SIGKILLed at step 8 (epoch 2); Ray Train restarts the group from the epoch-1 checkpoint."""
     metrics = launch(cfg_for(s3_lake, "faulty", "optim.epochs=3", "run.num_workers=2", "run.fail_at_step=8",
                              "run.data='ray'",
                              "run.fail_rank=1", "run.max_failures=2"))
@@ -92,30 +102,42 @@ def test_worker_failure_resumes_from_last_checkpoint(s3_lake):
     assert metrics["history"][-1]["step"] == 15
 
 
-def test_prometheus_endpoint_shows_training_moving(s3_lake):
+def test_every_rank_serves_prometheus_metrics_while_training(s3_lake):
+    """Two workers: rank r serves on port + r; each rank's counters move during the run and never go back."""
     port = 19464
-    seen = []
+    seen = {0: {}, 1: {}}  # rank -> metric name -> values scraped in order
 
     def scrape():
         while not done.is_set():
-            try:
-                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read().decode()
+            for rank in seen:
+                try:
+                    text = urllib.request.urlopen(f"http://127.0.0.1:{port + rank}/metrics", timeout=1).read().decode()
+                except OSError:
+                    continue
                 for line in text.splitlines():
-                    if line.startswith("macrid_train_steps_total"):
-                        seen.append(float(line.rsplit(" ", 1)[1]))
-            except OSError:
-                pass
+                    if line.startswith("macrid_train_") and not line.startswith("macrid_train_epoch_duration"):
+                        name, labels_value = line.split("{", 1)
+                        assert f'rank="{rank}"' in labels_value, line
+                        seen[rank].setdefault(name, []).append(float(line.rsplit(" ", 1)[1]))
             time.sleep(0.2)
 
     done = threading.Event()
     thread = threading.Thread(target=scrape, daemon=True)
     thread.start()
     try:
-        launch(cfg_for(s3_lake, "metrics", "optim.epochs=6", f"run.metrics_port={port}", "optim.batch_size=20"))
+        launch(cfg_for(s3_lake, "metrics", "optim.epochs=6", f"run.metrics_port={port}", "optim.batch_size=20",
+                       "run.num_workers=2", "run.data='memory'"))
     finally:
         done.set()
         thread.join()
-    assert len(set(seen)) >= 2 and seen == sorted(seen), seen[:20]
+    for rank in (0, 1):
+        for counter in ("macrid_train_steps_total", "macrid_train_users_total", "macrid_train_seconds_total"):
+            values = seen[rank].get(counter, [])
+            assert len(set(values)) >= 2 and values == sorted(values), (rank, counter, values[:20])
+        assert seen[rank]["macrid_train_loss"][-1] > 0
+    # 480 training users in batches of 20 split over two ranks: each rank sees 10 users per step
+    steps, users = seen[0]["macrid_train_steps_total"][-1], seen[0]["macrid_train_users_total"][-1]
+    assert 10 * (steps - 1) <= users <= 10 * steps, (steps, users)  # a scrape may fall between the two increments
 
 
 def test_resume_on_another_vocabulary_is_refused(s3_lake, tmp_path):

@@ -67,5 +67,6 @@ def test_job_submit_end_to_end(tmp_path):
         stop_head(temp_dir)
     metrics = json.loads((lake / "runs" / "job" / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and metrics["test"]["ndcg@100"][0] > 0
-    assert (lake / "runs" / "job" / "checkpoints" / "best.pt").exists()
+    assert (lake / "runs" / "job" / "model.pt").exists()
+    assert (lake / "runs" / "job" / "checkpoint_manager_snapshot.json").exists()  # Ray Train's own checkpoints
     assert (lake / "datasets" / "synthetic" / "_meta.json").exists()  # generated offline by the job itself
