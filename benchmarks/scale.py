@@ -69,7 +69,7 @@ def one_config(M: int, variant: str, B: int, S: int, D: int, K: int, steps: int,
                pool: int = 0) -> dict:
     """Runs in its own process: median step seconds and peak RSS."""
     from macrid.row_sparse import Optimizers
-    from macrid.train import train_step
+    from macrid.step import train_step
 
     model, tables, sampler = setup(M, variant, S, D, K)
     opt = Optimizers(model, tables, "adam", 1e-3, 0.0)
@@ -107,7 +107,7 @@ def ddp_worker(rank: int, world: int, port: int, args, variant: str, out: dict) 
     import torch.distributed as dist
 
     from macrid.row_sparse import Optimizers, broadcast_tables, ignore_in_ddp
-    from macrid.train import train_step
+    from macrid.step import train_step
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, args.threads // world))

@@ -33,9 +33,10 @@ from macrid.evaluate import evaluate, model_ranker
 from macrid.loss import beta_at, elbo_loss
 from macrid.model import build_model
 from macrid.report import format_metrics, plot_learning_curve
-from macrid.row_sparse import Optimizers, allreduce_rows, broadcast_tables, ignore_in_ddp, tables_of
+from macrid.row_sparse import Optimizers, broadcast_tables, ignore_in_ddp, tables_of
 from macrid.sampling import NegativeSampler
 from macrid.session import SCORE, LocalSession
+from macrid.step import precision_context, train_step
 
 log = logging.getLogger(__name__)
 # epoch -> this worker's batches of (indices (N,), offsets (B+1,)), on the host
@@ -98,7 +99,7 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
             counts = train.item_counts(data.n_items)
         sampler = NegativeSampler(counts, cfg.optim.negatives, cfg.optim.proposal_alpha, seed=cfg.run.seed + rank,
                                   device=device)
-    autocast = _precision(cfg.run.precision, device)
+    autocast = precision_context(cfg.run.precision, device)
     steps_per_epoch = math.ceil(data.meta["train"]["users"] / cfg.optim.batch_size)
     bar = _progress(cfg.optim.epochs, state["epoch"], enabled=cfg.run.progress and rank == 0, desc=cfg.run.name)
     for epoch in range(state["epoch"] + 1, cfg.optim.epochs + 1):
@@ -153,54 +154,6 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
     if metrics is not None:
         metrics.close()
     return state["history"]
-
-
-def train_step(model: torch.nn.Module, opt: Optimizers, tables: list[torch.nn.Parameter],
-               sampler: NegativeSampler | None, idx: torch.Tensor, off: torch.Tensor, beta: float,
-               world: int, per_user: bool = False,
-               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-               ) -> tuple[torch.Tensor, dict, int]:
-    """One optimizer step on a batch already on the model's device: full or sampled softmax, row-wise
-    exchange of the item tables.
-
-    per_user: sampled softmax with per-user candidates (optim.candidates = "user").
-    autocast: the precision context of the forward pass (run.precision); the loss is fp32 in any case.
-
-    Returns the loss, its parts (detached tensors), and the bytes this rank received in the row exchange.
-    """
-    cand = sampler.candidates(idx) if sampler is not None else None
-    with autocast():
-        if cand is None:
-            out = model(idx, off)
-        elif per_user:
-            out = model(idx, off, cand.items, cand.negatives)
-        else:
-            out = model(idx, off, cand.items)
-    if cand is None:
-        loss, parts = elbo_loss(out, idx, off, beta)
-    elif per_user:
-        loss, parts = elbo_loss(out, idx, off, beta, negatives=(cand.items[cand.negatives], cand.log_pi_negatives))
-    else:
-        loss, parts = elbo_loss(out, cand.positions(idx), off, beta, cand.log_pi)
-    opt.zero_grad()
-    loss.backward()
-    received = 0
-    if world > 1:
-        for p in tables:
-            p.grad, n_bytes = allreduce_rows(p.grad, world)
-            received += n_bytes
-    opt.step()
-    return loss, parts, received
-
-
-def _precision(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """run.precision -> the forward pass's autocast context (and the process's TF32 switch on CUDA)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    if precision == "bf16":
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 def _validate(cfg: Config, data: Dataset, eval_model, epoch: int, row: dict, state: dict) -> bool:

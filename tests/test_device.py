@@ -19,7 +19,7 @@ from macrid.batches import HeldOut
 from macrid.model import build_model
 from macrid.row_sparse import Optimizers, tables_of
 from macrid.sampling import NegativeSampler
-from macrid.train import _precision, train_step
+from macrid.step import precision_context, train_step
 
 CPU = torch.device("cpu")
 M = 40
@@ -88,7 +88,7 @@ def test_bf16_step_tracks_the_fp32_step():
         opt = Optimizers(model, [], "sgd", 1e-9, 0.0)
         idx, off = next(iter_batches(bags(32, 3), 32))
         loss, _, _ = train_step(model, opt, [], None, idx, off, beta=0.2, world=1,
-                                autocast=_precision(precision, CPU))
+                                autocast=precision_context(precision, CPU))
         losses.append(loss.item())
         grads.append(model.h.grad.flatten().clone())
         assert loss.dtype == torch.float32  # the loss is fp32 whatever the precision

@@ -1,0 +1,69 @@
+"""One optimizer step, and the precision it runs in. Plain torch: no I/O, no Ray (benchmarks/gpu.py uses it).
+
+Precision (run.precision):
+- "fp32": everything in fp32;
+- "tf32": fp32 tensors, matmuls on CUDA tensor cores in TF32 (10-bit mantissa operands, fp32
+  accumulation); on CPU the same as fp32;
+- "bf16": the forward pass under bf16 autocast. The matmuls (encoder's f_nn, the decoder's GEMMs in
+  mixture.py) take bf16 operands and produce fp32; the concept logits (small, and amplified by
+  1/tau), the KL, the log-sum-exp and the loss are computed in fp32; evaluation always runs in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+
+from macrid.loss import elbo_loss
+from macrid.row_sparse import Optimizers, allreduce_rows
+from macrid.sampling import NegativeSampler
+
+
+def train_step(model: torch.nn.Module, opt: Optimizers, tables: list[torch.nn.Parameter],
+               sampler: NegativeSampler | None, idx: torch.Tensor, off: torch.Tensor, beta: float,
+               world: int, per_user: bool = False,
+               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+               ) -> tuple[torch.Tensor, dict, int]:
+    """One optimizer step on a batch already on the model's device: full or sampled softmax, row-wise
+    exchange of the item tables.
+
+    per_user: sampled softmax with per-user candidates (optim.candidates = "user").
+    autocast: the precision context of the forward pass (run.precision); the loss is fp32 in any case.
+
+    Returns the loss, its parts (detached tensors), and the bytes this rank received in the row exchange.
+    """
+    cand = sampler.candidates(idx) if sampler is not None else None
+    with autocast():
+        if cand is None:
+            out = model(idx, off)
+        elif per_user:
+            out = model(idx, off, cand.items, cand.negatives)
+        else:
+            out = model(idx, off, cand.items)
+    if cand is None:
+        loss, parts = elbo_loss(out, idx, off, beta)
+    elif per_user:
+        loss, parts = elbo_loss(out, idx, off, beta, negatives=(cand.items[cand.negatives], cand.log_pi_negatives))
+    else:
+        loss, parts = elbo_loss(out, cand.positions(idx), off, beta, cand.log_pi)
+    opt.zero_grad()
+    loss.backward()
+    received = 0
+    if world > 1:
+        for p in tables:
+            p.grad, n_bytes = allreduce_rows(p.grad, world)
+            received += n_bytes
+    opt.step()
+    return loss, parts, received
+
+
+def precision_context(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """run.precision -> the forward pass's autocast context (and the process's TF32 switch on CUDA)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    if precision == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
