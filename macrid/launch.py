@@ -22,7 +22,7 @@ from macrid import lake
 from macrid.config import Config
 from macrid.errors import ConfigError, DataError
 from macrid.session import SCORE, STATE_FILE, RaySession
-from macrid.train import finish, fit, has_run, run_uri
+from macrid.train import claim_run, finish, fit, has_run, run_uri
 
 log = logging.getLogger(__name__)
 MEMORY_INPUT_MAX_INTERACTIONS = 20_000_000  # ~160 MB of int64 item ids per worker
@@ -124,6 +124,7 @@ def launch(cfg: Config) -> dict:
 
     cfg = prepare_config(cfg)
     meta = load_meta(cfg.data.lake, cfg.data.dataset)  # fail here, with the cause, before starting workers
+    claim_run(cfg, meta["vocabulary_fingerprint"], "ray")
     if cfg.run.data == "auto":
         # Ray Data re-runs its pipeline every epoch: seconds of fixed cost that only pay off when the
         # training set is too big to hold on each worker (benchmarks/throughput.md).

@@ -28,7 +28,7 @@ from macrid import checkpoint, lake
 from macrid.bags import to_device
 from macrid.batches import Dataset, item_counts, iter_batches, load_dataset, load_meta
 from macrid.config import Config
-from macrid.errors import ConfigError
+from macrid.errors import CheckpointError, ConfigError
 from macrid.evaluate import evaluate, model_ranker
 from macrid.loss import beta_at, elbo_loss
 from macrid.model import build_model
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 BatchSource = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 MODEL_FILE = "model.pt"  # the published best model: evaluation weights, config, vocabulary
+RUN_FILE = "run.json"  # what the run trains on: dataset, vocabulary fingerprint, runner (ray or in-process)
 
 
 def run_uri(cfg: Config) -> str:
@@ -58,6 +59,29 @@ def has_run(cfg: Config) -> bool:
         raise ConfigError(f"{run} already holds a run; pass --resume to continue it or pick another "
                           "--set run.name=...")
     return True
+
+
+def claim_run(cfg: Config, fingerprint: str, runner: str) -> None:
+    """Record what the run trains on (run.json), or check that a resumed run continues on the same thing.
+
+    runner: "ray" or "in-process". Checked on the driver before any worker starts, so a wrong resume fails
+    at once with the cause instead of inside every worker (where Ray would retry it).
+    """
+    path = lake.join(run_uri(cfg), RUN_FILE)
+    if not lake.exists(path):
+        lake.write_json(path, {"dataset": cfg.data.dataset, "vocabulary_fingerprint": fingerprint, "runner": runner,
+                               "model": cfg.model.name})
+        return
+    claimed = lake.read_json(path)
+    if claimed["vocabulary_fingerprint"] != fingerprint:
+        raise CheckpointError(
+            f"{run_uri(cfg)}: trained on dataset {claimed['dataset']!r} (item vocabulary "
+            f"{claimed['vocabulary_fingerprint'][:12]}) but data.dataset={cfg.data.dataset!r} has vocabulary "
+            f"{fingerprint[:12]}; resume it on the same dataset, or start a new run with --set run.name=...")
+    if claimed["runner"] != runner:
+        how = "jobs/train.py --resume" if claimed["runner"] == "ray" else "jobs/train.py --in-process --resume"
+        raise ConfigError(f"{run_uri(cfg)} was trained {'under Ray Train' if claimed['runner'] == 'ray' else 'in-process'}"
+                          f"; its checkpoints are kept that way, so continue it with {how}")
 
 
 def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[dict]:
@@ -182,9 +206,10 @@ def _restore(saved: dict, model, opt, ema) -> dict:
 def run_in_process(cfg: Config, on_report: Callable[[dict], None] | None = None) -> dict:
     """Train in this process (no Ray) and finish the run; returns metrics.json. Resumes when run.resume is set."""
     has_run(cfg)
+    fingerprint = load_meta(cfg.data.lake, cfg.data.dataset)["vocabulary_fingerprint"]
+    claim_run(cfg, fingerprint, "in-process")
     session = LocalSession(run_uri(cfg), cfg.run.device, on_report)
     history = fit(cfg, session)
-    fingerprint = load_meta(cfg.data.lake, cfg.data.dataset)["vocabulary_fingerprint"]
     return finish(cfg, session.best_checkpoint(fingerprint), history, session.device)
 
 

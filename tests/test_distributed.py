@@ -12,7 +12,7 @@ from torch.testing import assert_close
 
 from macrid import checkpoint
 from macrid.config import load_config
-from macrid.errors import CheckpointError
+from macrid.errors import CheckpointError, ConfigError
 from macrid.launch import launch
 from macrid.model import build_model
 from macrid.prepare import prepare
@@ -142,6 +142,7 @@ def test_every_rank_serves_prometheus_metrics_while_training(s3_lake):
 
 def test_resume_on_another_vocabulary_is_refused(s3_lake, tmp_path):
     prepare(generate(SyntheticSpec(n_users=300, n_items=150, K=3, seed=2)), s3_lake, "other", Protocol())
-    with pytest.raises(CheckpointError, match="vocabulary"):
-        run_in_process(load_config(None, [f"data.lake={s3_lake!r}", "data.dataset='other'", "run.name='two'", "model.K=4",
-                               "model.D=16", "run.resume=true", "run.progress=false"]))
+    with pytest.raises(CheckpointError, match="trained on dataset 'syn'.*data.dataset='other'"):
+        launch(cfg_for(s3_lake, "two", "run.resume=true", "optim.epochs=5", "data.dataset='other'"))
+    with pytest.raises(ConfigError, match="under Ray Train.*jobs/train.py --resume"):
+        run_in_process(cfg_for(s3_lake, "two", "run.resume=true", "optim.epochs=5"))
