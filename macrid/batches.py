@@ -7,11 +7,13 @@ No dense B x M matrix is ever built.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from macrid import lake
@@ -88,6 +90,39 @@ def load_dataset(lake_root: str, name: str, with_train: bool = True) -> Dataset:
     meta = load_meta(lake_root, name)
     train = CSR.from_lists(lake.read_table(f"{uri}/train", ["items"])["items"]) if with_train else None
     return Dataset(meta, int(meta["n_items"]), train, _heldout(f"{uri}/val"), _heldout(f"{uri}/test"))
+
+
+def load_train_share(lake_root: str, name: str, rank: int, world: int) -> CSR:
+    """This rank's share of the training bags: rows rank, rank + W, rank + 2W, ... of the train table.
+
+    Reads record batch by record batch, so a rank holds its 1/W share plus one batch, never the
+    whole training set. A shard that cannot be read is named in the error.
+    """
+    uri = f"{dataset_uri(lake_root, name)}/train"
+    fs, _ = lake.resolve(uri)
+    files = lake.list_parquet(uri)
+    if not files:
+        raise DataError(f"{uri}: no Parquet files found; run jobs/prepare.py to build the dataset")
+    parts, seen = [], 0
+    for path in files:
+        with lake.explained(uri), unreadable_shard(lake.join(uri, path.rsplit("/", 1)[-1])):
+            for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=65_536, columns=["items"]):
+                first = (rank - seen) % world  # the first row of this batch that belongs to this rank
+                parts.append(batch.column(0).take(pa.array(np.arange(first, batch.num_rows, world))))
+                seen += batch.num_rows
+    return CSR.from_lists(pa.chunked_array(parts) if parts else pa.chunked_array([], pa.list_(pa.int32())))
+
+
+@contextlib.contextmanager
+def unreadable_shard(uri: str) -> Iterator[None]:
+    """A corrupt or truncated Parquet shard -> a DataError that names it and says what to do."""
+    try:
+        yield
+    except (pa.ArrowInvalid, pa.ArrowIOError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise DataError(f"{uri}: cannot read this training shard ({str(e).splitlines()[0][:200]}); restore it or "
+                        "re-run jobs/prepare.py --overwrite, then resume the run with --resume") from None
 
 
 def item_counts(lake_root: str, name: str) -> np.ndarray | None:

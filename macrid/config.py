@@ -16,6 +16,7 @@ from macrid.errors import ConfigError
 
 MODELS = ("macridvae", "multvae", "multdae")
 PRECISIONS = ("fp32", "tf32", "bf16")
+DATA_MODES = ("auto", "memory", "cache", "stream", "ray")
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,12 @@ class RunConfig:
     progress: bool = True  # progress bar while training
     resume: bool = False  # continue the run in <lake>/runs/<name> from its latest checkpoint
     max_failures: int = 2  # Ray Train restarts after a worker dies; each restart resumes from the checkpoint
-    # training input under Ray Train: "ray" (Ray Data streaming), "memory" (CSR in RAM on every worker),
-    # or "auto": memory up to MEMORY_INPUT_MAX_INTERACTIONS training interactions, Ray Data above
+    # training input (docs/distributed.md): "memory" (each worker reads its 1/W share of the users from the
+    # lake and permutes it in RAM), "cache" (the share read once through Ray Data, then in RAM), "stream"
+    # (Ray Data every epoch through a seeded shuffle buffer; "ray" is the old name), or "auto": memory when
+    # a worker's share fits run.memory_budget_gb, stream above
     data: str = "auto"
+    memory_budget_gb: float = 4.0  # "auto": the most a worker may hold of the training bags (8 B per interaction)
     metrics_port: int = 0  # Prometheus endpoints: rank r serves on metrics_port + r; 0 = off
     use_gpu: bool = False  # GPU workers (NCCL); CPU workers use gloo
     # CPUs each Ray Train worker reserves; 0 = 1 on a cluster the job joins, or the machine's CPUs / workers
@@ -113,8 +117,8 @@ class RunConfig:
 
 
     def __post_init__(self) -> None:
-        if self.data not in ("ray", "memory", "auto"):
-            raise ConfigError(f"run.data={self.data!r} must be 'auto', 'ray' or 'memory'")
+        if self.data not in DATA_MODES:
+            raise ConfigError(f"run.data={self.data!r} must be one of {DATA_MODES}")
         if self.num_workers < 1:
             raise ConfigError("run.num_workers must be >= 1")
         if self.precision not in PRECISIONS:

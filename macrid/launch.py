@@ -25,7 +25,6 @@ from macrid.session import SCORE, STATE_FILE, RaySession
 from macrid.train import claim_run, finish, fit, has_run, run_uri
 
 log = logging.getLogger(__name__)
-MEMORY_INPUT_MAX_INTERACTIONS = 20_000_000  # ~160 MB of int64 item ids per worker
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
 DEFAULT_CLUSTER_CPUS_PER_WORKER = 1.0
 
@@ -34,15 +33,19 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: rebuild the typed config once, then train on this worker's shard."""
     import ray.train
 
-    from macrid.ray_data import shard_batches
+    from macrid.ray_data import CachedShard, stream_batches
 
     cfg = Config.from_dict(config, source="train_loop_config")
-    source = None
-    if cfg.run.data == "ray":
+    session = RaySession()
+    per_worker, seed, rank = cfg.optim.batch_size // session.world, cfg.run.seed, session.rank
+    source = None  # "memory": fit reads this rank's share itself
+    if cfg.run.data == "stream":
         shard = ray.train.get_dataset_shard("train")
-        source = lambda epoch: shard_batches(shard)  # noqa: E731 - the shard reshuffles on every pass
+        source = lambda epoch: stream_batches(shard, per_worker, seed, epoch, rank)  # noqa: E731
+    elif cfg.run.data == "cache":
+        source = CachedShard(ray.train.get_dataset_shard("train"), per_worker, seed, rank)
     try:
-        fit(cfg, RaySession(), train_batches=source)
+        fit(cfg, session, train_batches=source)
     except DataError as e:
         if lake.is_s3(cfg.data.lake):
             raise
@@ -102,9 +105,10 @@ def worker_resources(cfg: Config, local: bool) -> Config:
 
     W, run = cfg.run.num_workers, cfg.run
     local_cpus = float(ray.cluster_resources().get("CPU", 1)) if local else 0.0
-    reserve = 1.0 if run.data == "ray" else 0.0  # Ray Data's read tasks need CPU beside the trainers
+    streams = run.data in ("stream", "cache")
+    reserve = 1.0 if streams else 0.0  # Ray Data's read tasks need CPU beside the trainers
     cpus = run.cpus_per_worker or (max(0.5, (local_cpus - reserve) / W) if local else DEFAULT_CLUSTER_CPUS_PER_WORKER)
-    if local and run.data == "ray" and local_cpus - W * cpus < DATA_TASK_CPUS:
+    if local and streams and local_cpus - W * cpus < DATA_TASK_CPUS:
         raise ConfigError(
             f"{W} workers x {cpus:g} CPUs leave no CPU for Ray Data's read tasks on this {local_cpus:g}-CPU machine, "
             f"and the run would wait forever; pass --cpus-per-worker {max(0.25, (local_cpus - 0.5) / W):g} "
@@ -125,11 +129,7 @@ def launch(cfg: Config) -> dict:
     cfg = prepare_config(cfg)
     meta = load_meta(cfg.data.lake, cfg.data.dataset)  # fail here, with the cause, before starting workers
     claim_run(cfg, meta["vocabulary_fingerprint"], "ray")
-    if cfg.run.data == "auto":
-        # Ray Data re-runs its pipeline every epoch: seconds of fixed cost that only pay off when the
-        # training set is too big to hold on each worker (benchmarks/throughput.md).
-        small = meta["train"]["interactions"] <= MEMORY_INPUT_MAX_INTERACTIONS
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, data="memory" if small else "ray"))
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, data=input_mode(cfg, meta)))
     local = connect()
     if not lake.is_s3(cfg.data.lake) and sum(n["Alive"] for n in ray.nodes()) > 1:
         raise ConfigError(f"--lake {cfg.data.lake} is a local path, but this Ray cluster has several nodes that "
@@ -138,8 +138,8 @@ def launch(cfg: Config) -> dict:
     W, run = cfg.run.num_workers, cfg.run
     resources = {"CPU": run.cpus_per_worker} | ({"GPU": run.gpus_per_worker} if run.use_gpu else {})
     datasets = {}
-    if run.data == "ray":
-        datasets["train"] = train_dataset(cfg.data.lake, cfg.data.dataset, max(1, cfg.optim.batch_size // W))
+    if run.data in ("stream", "cache"):
+        datasets["train"] = train_dataset(cfg.data.lake, cfg.data.dataset)
     fs, runs_path = lake.resolve(lake.join(cfg.data.lake, "runs"))
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -165,6 +165,19 @@ def launch(cfg: Config) -> dict:
     with result.checkpoint.filesystem.open_input_stream(f"{result.checkpoint.path}/{STATE_FILE}") as f:
         history = json.loads(f.read())["history"]
     return finish(cfg, best, history)
+
+
+def input_mode(cfg: Config, meta: dict) -> str:
+    """run.data -> "memory", "cache" or "stream". "auto": memory while a worker's share of the training bags
+    (8 bytes per interaction, 1/W of them) fits run.memory_budget_gb; past that, stream. Once read, memory
+    and cache input cost nothing per epoch, so streaming only pays when the share does not fit
+    (benchmarks/throughput.md)."""
+    if cfg.run.data == "ray":
+        return "stream"
+    if cfg.run.data != "auto":
+        return cfg.run.data
+    share_gb = 8 * meta["train"]["interactions"] / cfg.run.num_workers / 1e9
+    return "memory" if share_gb <= cfg.run.memory_budget_gb else "stream"
 
 
 def _submitted_job() -> bool:

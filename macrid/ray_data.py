@@ -1,11 +1,22 @@
-"""Ray Data input: the lake's training shards -> shuffled CSR user batches, streamed to workers.
+"""Ray Data input: the lake's training shards, one row per user, streamed to the Ray Train workers.
 
-    read_parquet(<lake>/datasets/<name>/train/*.parquet)      one row per user: items list<int32>
-      .randomize_block_order()                                  shards in a new order every epoch
-      .map_batches(shuffled_csr_batches, batch_size=window)     users permuted within a window, cut
-                                                                into CSR batches: one row = one batch
-    Ray Train splits it across workers (streaming_split, equal=True, so every worker runs the same
-    number of steps, which DDP requires) and each worker reads its shard with get_dataset_shard.
+    driver:  read_parquet(<lake>/datasets/<name>/train/*.parquet, columns=["items"])   rows = users
+             Ray Train splits it across workers (streaming_split, equal=True: every worker gets the
+             same number of users, so every worker runs the same number of steps, which DDP requires)
+    worker:  shard.iter_batches(batch_format="pyarrow", local shuffle buffer seeded by (seed, epoch, rank),
+             background prefetch) -> the Arrow list column's offsets and values, as tensors without a copy
+
+There is no map stage: a list<int32> column already is CSR. Reads run as one task per file (the lake
+writes 100,000-user shards), at a fraction of a CPU each so that they neither starve the trainers
+nor wait forever on a small machine. Two ways to consume it (run.data):
+
+- "stream": every epoch streams the shards again through the shuffle buffer; memory stays at the
+  buffer and the prefetched batches, whatever the dataset's size.
+- "cache": the first epoch reads the worker's share (1/W of the users) into CSR arrays and later
+  epochs permute it in memory: no Ray Data work and no fixed cost after the first epoch.
+
+`equal=True` drops at most W - 1 users per epoch, so that the shares are equal (counted in the
+history as `users`).
 """
 
 from __future__ import annotations
@@ -17,62 +28,67 @@ import pyarrow as pa
 import torch
 
 from macrid import lake
+from macrid.batches import CSR
 from macrid.prepare import dataset_uri
 
 DATA_TASK_CPUS = 0.25
-SHUFFLE_WINDOW = 100_000  # users permuted together; the lake's train shards hold 100k users each
+SHUFFLE_BUFFER_USERS = 20_000  # users mixed by each worker's local shuffle buffer ("stream")
+PREFETCH_BATCHES = 4
 
 
-def to_csr_batch(batch: pa.Table) -> pa.Table:
-    """A batch of user rows -> one row holding the batch as CSR: indices (N,), offsets (B+1,), counts (B,)."""
-    items = batch.column("items").combine_chunks()
-    offsets = np.asarray(items.offsets, dtype=np.int64)
-    indices = np.asarray(items.values, dtype=np.int32)[offsets[0]:offsets[-1]]
-    offsets = offsets - offsets[0]
-    return pa.table({
-        "indices": pa.array([indices], type=pa.list_(pa.int32())),
-        "offsets": pa.array([offsets], type=pa.list_(pa.int64())),
-        "counts": pa.array([np.diff(offsets).astype(np.int32)], type=pa.list_(pa.int32())),
-    })
-
-
-def shuffled_csr_batches(window: pa.Table, per_worker_batch: int) -> pa.Table:
-    """A window of user rows -> its rows in a fresh random order, cut into CSR batches (one per row).
-
-    Unseeded on purpose: Ray Data re-executes the pipeline on every epoch, so every epoch draws a
-    new order.
-    """
-    order = np.random.default_rng().permutation(window.num_rows)
-    window = window.take(order)
-    parts = [to_csr_batch(window.slice(lo, per_worker_batch)) for lo in range(0, window.num_rows, per_worker_batch)]
-    return pa.concat_tables(parts)
-
-
-def train_dataset(lake_root: str, name: str, per_worker_batch: int, shuffle_window: int = SHUFFLE_WINDOW):
-    """The training input as a lazy Ray Dataset of CSR batches.
-
-    Shuffling: block order is randomised and users are permuted within windows of `shuffle_window`
-    users (a shuffle buffer); a window holds the whole training set up to that size. This replaces
-    a global `random_shuffle`, whose all-to-all exchange cost ~7x the training compute per epoch
-    on ML-1M (benchmarks/throughput.md).
-    """
+def train_dataset(lake_root: str, name: str):
+    """The training users as a lazy Ray Dataset of rows `items: list<int32>`, one read task per file."""
     import ray.data
 
     uri = lake.join(dataset_uri(lake_root, name), "train")
     fs, _ = lake.resolve(uri)
-    # Fractional CPUs: the trainer's workers hold most of a small machine, and data tasks that each
-    # want a whole CPU would wait forever (the deadlock in ENVIRONMENT.md).
-    light = {"num_cpus": DATA_TASK_CPUS}
-    ds = ray.data.read_parquet(lake.list_parquet(uri), filesystem=fs, **light).select_columns(["items"])
-    window = max(shuffle_window // per_worker_batch, 1) * per_worker_batch
-    return ds.randomize_block_order().map_batches(
-        shuffled_csr_batches, batch_size=window, batch_format="pyarrow",
-        fn_kwargs={"per_worker_batch": per_worker_batch}, **light)
+    return ray.data.read_parquet(lake.list_parquet(uri), filesystem=fs, columns=["items"],
+                                 ray_remote_args={"num_cpus": DATA_TASK_CPUS})
 
 
-def shard_batches(shard) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """A worker's DataIterator of CSR rows -> (indices (N,), offsets (B+1,)) int64 tensors."""
-    for row in shard.iter_batches(batch_size=1, batch_format="pyarrow", prefetch_batches=2):
-        indices = np.asarray(row.column("indices")[0].values, dtype=np.int64)
-        offsets = np.asarray(row.column("offsets")[0].values, dtype=np.int64)
-        yield torch.from_numpy(indices), torch.from_numpy(offsets)
+def lists_to_batch(items: pa.ChunkedArray | pa.Array) -> tuple[torch.Tensor, torch.Tensor]:
+    """An Arrow list<int> column of B users -> (indices (N,), offsets (B+1,)) as int64 tensors.
+
+    The offsets and values are read from the Arrow buffers without a copy; the only copy is the
+    widening to int64 that embedding lookups want.
+    """
+    arr = items.combine_chunks() if isinstance(items, pa.ChunkedArray) else items
+    offsets = arr.offsets.to_numpy(zero_copy_only=True)  # (B+1,) int32 (int64 for large_list), a view
+    values = arr.values.to_numpy(zero_copy_only=True)  # (N_all,) int32, a view
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    indices = torch.from_numpy(values[lo:hi]).long()  # (N,)
+    return indices, torch.from_numpy(offsets - lo).long()
+
+
+def stream_batches(shard, per_worker_batch: int, seed: int, epoch: int, rank: int,
+                   buffer_users: int = SHUFFLE_BUFFER_USERS) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of this worker's shard: seeded local shuffle, background prefetch, CSR tensors."""
+    for batch in shard.iter_batches(batch_size=per_worker_batch, batch_format="pyarrow",
+                                    prefetch_batches=PREFETCH_BATCHES,
+                                    local_shuffle_buffer_size=max(buffer_users, per_worker_batch),
+                                    local_shuffle_seed=_seed(seed, epoch, rank)):
+        yield lists_to_batch(batch.column("items"))
+
+
+class CachedShard:
+    """"cache": the worker's share, read through Ray Data once, then permuted in memory every epoch."""
+
+    def __init__(self, shard, per_worker_batch: int, seed: int, rank: int):
+        self.shard, self.batch, self.seed, self.rank = shard, per_worker_batch, seed, rank
+        self.csr: CSR | None = None
+
+    def __call__(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.csr is None:
+            chunks = [b.column("items") for b in self.shard.iter_batches(batch_size=None, batch_format="pyarrow",
+                                                                         prefetch_batches=PREFETCH_BATCHES)]
+            arrays = [c for ch in chunks for c in ch.chunks]
+            self.csr = CSR.from_lists(pa.chunked_array(arrays) if arrays else pa.chunked_array([], pa.list_(pa.int32())))
+            self.shard = None  # nothing more is read
+        order = np.random.default_rng(_seed(self.seed, epoch, self.rank)).permutation(self.csr.n_rows)
+        for start in range(0, len(order), self.batch):
+            yield self.csr.take(order[start:start + self.batch])
+
+
+def _seed(seed: int, epoch: int, rank: int) -> int:
+    """A distinct, reproducible seed per (run seed, epoch, rank)."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])

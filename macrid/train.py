@@ -26,7 +26,7 @@ import torch
 
 from macrid import checkpoint, lake
 from macrid.bags import to_device
-from macrid.batches import Dataset, item_counts, iter_batches, load_dataset, load_meta
+from macrid.batches import CSR, Dataset, item_counts, load_dataset, load_meta, load_train_share
 from macrid.config import Config
 from macrid.errors import CheckpointError, ConfigError
 from macrid.evaluate import evaluate, model_ranker
@@ -89,8 +89,8 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
     rank, world, device = session.rank, session.world, session.device
     torch.set_num_threads(cfg.run.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count())
     torch.manual_seed(cfg.run.seed + rank)
-    # Streamed runs read the training bags through Ray Data only; the worker keeps the held-out sets.
-    data = load_dataset(cfg.data.lake, cfg.data.dataset, with_train=train_batches is None)
+    # The held-out sets; the training bags come from `train_batches` (Ray Data) or this rank's share below.
+    data = load_dataset(cfg.data.lake, cfg.data.dataset, with_train=False)
     row_sparse = cfg.optim.negatives > 0 and cfg.optim.row_sparse
     model = build_model(cfg.model, data.n_items, row_sparse).to(device)
     tables = tables_of(model, row_sparse)  # exchanged row-wise, outside DDP
@@ -113,13 +113,15 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
         broadcast_tables(tables)
     train_model = session.wrap(model)  # DDP after restoring, so every rank starts from the same weights
     if train_batches is None:
-        train_batches = _memory_batches(cfg, data, rank, world)
+        share = load_train_share(cfg.data.lake, cfg.data.dataset, rank, world)  # (1/W of the users)
+        train_batches = memory_batches(share, data.meta["train"]["users"], cfg.optim.batch_size, cfg.run.seed,
+                                       rank, world)
     metrics = _telemetry(cfg, rank)
     sampler = None
     if cfg.optim.negatives > 0:
         counts = item_counts(cfg.data.lake, cfg.data.dataset)
         if counts is None:  # a dataset from before train_count: count the bags (loads them on streamed workers)
-            train = data.train or load_dataset(cfg.data.lake, cfg.data.dataset).train
+            train = load_dataset(cfg.data.lake, cfg.data.dataset).train
             counts = train.item_counts(data.n_items)
         sampler = NegativeSampler(counts, cfg.optim.negatives, cfg.optim.proposal_alpha, seed=cfg.run.seed + rank,
                                   device=device)
@@ -249,14 +251,21 @@ def finish(cfg: Config, best: dict, history: list[dict], device: torch.device | 
     return metrics
 
 
-def _memory_batches(cfg: Config, data: Dataset, rank: int, world: int) -> BatchSource:
-    """In-memory CSR batches; every rank draws the same permutation and takes its slice of each batch."""
+def memory_batches(share: CSR, n_users: int, batch_size: int, seed: int, rank: int, world: int) -> BatchSource:
+    """In-memory batches from this rank's share (rows rank, rank + W, ... of the train table).
+
+    Every epoch each rank permutes its share with a seed of its own and takes batch_size // W users
+    per step. Ranks hold n_users // W or one more; each uses n_users // W of them per epoch (a different
+    one left out each epoch), so every rank runs the same number of steps, as DDP requires. With one
+    worker this is the whole training set in a fresh permutation per epoch.
+    """
+    per_rank, use = batch_size // world, n_users // world
+
     def batches(epoch: int):
-        rng = np.random.default_rng([cfg.run.seed, epoch])
-        for idx, off in iter_batches(data.train, cfg.optim.batch_size, rng):
-            B = len(off) - 1
-            lo, hi = rank * B // world, (rank + 1) * B // world
-            yield idx[off[lo]:off[hi]], off[lo:hi + 1] - off[lo]
+        rng = np.random.default_rng([seed, epoch] + ([rank] if world > 1 else []))
+        order = rng.permutation(share.n_rows)[:use]
+        for start in range(0, use, per_rank):
+            yield share.take(order[start:start + per_rank])
     return batches
 
 
