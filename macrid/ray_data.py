@@ -42,8 +42,9 @@ def train_dataset(lake_root: str, name: str):
 
     uri = lake.join(dataset_uri(lake_root, name), "train")
     fs, _ = lake.resolve(uri)
-    return ray.data.read_parquet(lake.list_parquet(uri), filesystem=fs, columns=["items"],
-                                 ray_remote_args={"num_cpus": DATA_TASK_CPUS})
+    # Blocks in file order whatever finishes first, so that a seed fixes the order users reach a worker.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    return ray.data.read_parquet(lake.list_parquet(uri), filesystem=fs, num_cpus=DATA_TASK_CPUS).select_columns(["items"])
 
 
 def lists_to_batch(items: pa.ChunkedArray | pa.Array) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,8 +57,8 @@ def lists_to_batch(items: pa.ChunkedArray | pa.Array) -> tuple[torch.Tensor, tor
     offsets = arr.offsets.to_numpy(zero_copy_only=True)  # (B+1,) int32 (int64 for large_list), a view
     values = arr.values.to_numpy(zero_copy_only=True)  # (N_all,) int32, a view
     lo, hi = int(offsets[0]), int(offsets[-1])
-    indices = torch.from_numpy(values[lo:hi]).long()  # (N,)
-    return indices, torch.from_numpy(offsets - lo).long()
+    indices = torch.from_numpy(values[lo:hi].astype(np.int64))  # (N,)
+    return indices, torch.from_numpy((offsets - lo).astype(np.int64))
 
 
 def stream_batches(shard, per_worker_batch: int, seed: int, epoch: int, rank: int,

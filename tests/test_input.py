@@ -1,0 +1,152 @@
+"""Training input: every user once per epoch across workers, seeded orders, corrupt shards named.
+
+The Ray Data tests run the workers' own functions (ray_data.stream_batches, CachedShard) on the
+real streaming_split that Ray Train uses, consumed by two threads as two workers would.
+"""
+
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from macrid.batches import load_dataset, load_train_share
+from macrid.errors import DataError
+from macrid.prepare import prepare
+from macrid.split import Protocol
+from macrid.synthetic import SyntheticSpec, generate
+from macrid.train import memory_batches
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def lake_with_shards(tmp_path_factory, monkeypatch_module):
+    """A dataset whose training users span three shards (the lake writes TRAIN_SHARD_USERS per file)."""
+    import macrid.prepare
+
+    monkeypatch_module.setattr(macrid.prepare, "TRAIN_SHARD_USERS", 200)
+    lake = str(tmp_path_factory.mktemp("lake"))
+    prepare(generate(SyntheticSpec(n_users=600, n_items=200, K=4, seed=5)), lake, "syn", Protocol())
+    return lake
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def bags_of(batches) -> list[tuple]:
+    """(indices, offsets) batches -> each user's bag as a sorted tuple of item ids."""
+    out = []
+    for idx, off in batches:
+        idx, off = idx.numpy(), off.numpy()
+        out += [tuple(sorted(idx[off[b]:off[b + 1]])) for b in range(len(off) - 1)]
+    return out
+
+
+def train_bags(lake) -> Counter:
+    csr = load_dataset(lake, "syn").train
+    return Counter(tuple(sorted(csr.indices[csr.indptr[r]:csr.indptr[r + 1]])) for r in range(csr.n_rows))
+
+
+def two_workers(make_iter):
+    """Run make_iter(rank) for ranks 0 and 1 concurrently (equal splits block until both consume)."""
+    got, errors = {}, []
+
+    def run(rank):
+        try:
+            got[rank] = list(make_iter(rank))
+        except Exception as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return got
+
+
+def test_memory_shares_see_every_user_once_per_epoch(lake_with_shards):
+    want = train_bags(lake_with_shards)
+    n = sum(want.values())
+    for epoch in (1, 2):
+        seen = Counter()
+        steps = []
+        for rank in (0, 1):
+            share = load_train_share(lake_with_shards, "syn", rank, 2)
+            batches = list(memory_batches(share, n, 100, seed=7, rank=rank, world=2)(epoch))
+            steps.append(len(batches))
+            seen += Counter(bags_of(batches))
+        assert steps[0] == steps[1]  # DDP needs the same number of steps on every rank
+        assert not (seen - want) and sum((want - seen).values()) <= 1  # at most W - 1 users left out per epoch
+
+
+def test_memory_order_is_reproducible_and_changes_with_seed_and_epoch(lake_with_shards):
+    share = load_train_share(lake_with_shards, "syn", 0, 2)
+
+    def order(seed, epoch):
+        return bags_of(memory_batches(share, 480, 100, seed=seed, rank=0, world=2)(epoch))
+    assert order(7, 1) == order(7, 1)
+    assert order(7, 1) != order(8, 1) and order(7, 1) != order(7, 2)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["stream", "cache"])
+def test_ray_data_gives_every_user_once_per_epoch_across_two_workers(lake_with_shards, local_ray, mode):
+    from macrid.ray_data import CachedShard, stream_batches, train_dataset
+
+    want = train_bags(lake_with_shards)
+    splits = train_dataset(lake_with_shards, "syn").streaming_split(2, equal=True)
+    cached = [CachedShard(splits[r], 50, seed=3, rank=r) for r in (0, 1)]
+    for epoch in (1, 2, 3):
+        if mode == "stream":
+            got = two_workers(lambda r: stream_batches(splits[r], 50, seed=3, epoch=epoch, rank=r, buffer_users=64))
+        else:
+            got = two_workers(lambda r: cached[r](epoch))
+        assert len(got[0]) == len(got[1])  # the same number of steps on both workers
+        seen = Counter(bags_of(got[0])) + Counter(bags_of(got[1]))
+        assert not (seen - want), "a user seen twice or a bag that is not in the training set"
+        assert sum((want - seen).values()) <= 1, "more than W - 1 users dropped by the equal split"
+
+
+def test_stream_order_is_reproducible_for_a_seed_on_two_workers(lake_with_shards, local_ray):
+    from macrid.ray_data import stream_batches, train_dataset
+
+    def order(seed):
+        splits = train_dataset(lake_with_shards, "syn").streaming_split(2, equal=True)
+        got = two_workers(lambda r: stream_batches(splits[r], 50, seed=seed, epoch=1, rank=r, buffer_users=64))
+        return bags_of(got[0]), bags_of(got[1])
+    first = order(11)
+    assert first == order(11)
+    assert first != order(12)
+
+
+def test_corrupt_shard_is_named_and_the_share_loads_after_the_fix(lake_with_shards, tmp_path):
+    import shutil
+
+    shard = f"{lake_with_shards}/datasets/syn/train/part-00001.parquet"
+    backup = tmp_path / "part-00001.parquet"
+    shutil.copy(shard, backup)
+    with open(shard, "r+b") as f:  # keep the size, break the bytes: a torn or bit-rotted upload
+        f.seek(200)
+        f.write(b"\x00" * 400)
+    try:
+        with pytest.raises(DataError, match="part-00001.parquet: cannot read this training shard.*--resume"):
+            load_train_share(lake_with_shards, "syn", 0, 2)
+    finally:
+        shutil.copy(backup, shard)
+    assert load_train_share(lake_with_shards, "syn", 0, 2).n_rows == 240
