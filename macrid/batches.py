@@ -106,7 +106,8 @@ def load_train_share(lake_root: str, name: str, rank: int, world: int) -> CSR:
     parts, seen = [], 0
     for path in files:
         with lake.explained(uri), unreadable_shard(lake.join(uri, path.rsplit("/", 1)[-1])):
-            for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=65_536, columns=["items"]):
+            shard = pq.ParquetFile(path, filesystem=fs, page_checksum_verification=True)
+            for batch in shard.iter_batches(batch_size=65_536, columns=["items"]):
                 first = (rank - seen) % world  # the first row of this batch that belongs to this rank
                 parts.append(batch.column(0).take(pa.array(np.arange(first, batch.num_rows, world))))
                 seen += batch.num_rows

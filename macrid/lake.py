@@ -162,7 +162,9 @@ def write_parquet(uri: str, table: pa.Table) -> None:
     with explained(uri):
         if not is_s3(uri):
             fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        pq.write_table(table, path, filesystem=fs, compression="zstd")
+        # page checksums: a reader that verifies them (load_train_share) names a bit-rotted shard instead of
+        # training on garbage
+        pq.write_table(table, path, filesystem=fs, compression="zstd", write_page_checksum=True)
 
 
 def list_parquet(uri: str) -> list[str]:

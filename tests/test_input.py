@@ -141,12 +141,17 @@ def test_corrupt_shard_is_named_and_the_share_loads_after_the_fix(lake_with_shar
     shard = f"{lake_with_shards}/datasets/syn/train/part-00001.parquet"
     backup = tmp_path / "part-00001.parquet"
     shutil.copy(shard, backup)
-    with open(shard, "r+b") as f:  # keep the size, break the bytes: a torn or bit-rotted upload
-        f.seek(200)
-        f.write(b"\x00" * 400)
+    size = backup.stat().st_size
     try:
+        with open(shard, "r+b") as f:  # bit rot: same size, some bytes of the data pages changed
+            f.seek(size // 3)
+            f.write(b"\xff" * 64)
         with pytest.raises(DataError, match="part-00001.parquet: cannot read this training shard.*--resume"):
             load_train_share(lake_with_shards, "syn", 0, 2)
+        with open(shard, "wb") as f:  # a torn upload: the first half only
+            f.write(backup.read_bytes()[:size // 2])
+        with pytest.raises(DataError, match="part-00001.parquet: cannot read this training shard"):
+            load_train_share(lake_with_shards, "syn", 1, 2)
     finally:
         shutil.copy(backup, shard)
     assert load_train_share(lake_with_shards, "syn", 0, 2).n_rows == 240
