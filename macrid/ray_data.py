@@ -25,10 +25,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from macrid import lake
-from macrid.batches import CSR
+from macrid.batches import CSR, unreadable_shard
+from macrid.errors import DataError
 from macrid.prepare import dataset_uri
 
 DATA_TASK_CPUS = 0.25
@@ -42,9 +44,13 @@ def train_dataset(lake_root: str, name: str):
 
     uri = lake.join(dataset_uri(lake_root, name), "train")
     fs, _ = lake.resolve(uri)
+    files = lake.list_parquet(uri)
+    for path in files:  # footers only (a few KB each): a torn shard is named here, not deep inside a read task
+        with lake.explained(uri), unreadable_shard(lake.join(uri, path.rsplit("/", 1)[-1])):
+            pq.read_metadata(path, filesystem=fs)
     # Blocks in file order whatever finishes first, so that a seed fixes the order users reach a worker.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    return ray.data.read_parquet(lake.list_parquet(uri), filesystem=fs, num_cpus=DATA_TASK_CPUS).select_columns(["items"])
+    return ray.data.read_parquet(files, filesystem=fs, num_cpus=DATA_TASK_CPUS).select_columns(["items"])
 
 
 def lists_to_batch(items: pa.ChunkedArray | pa.Array) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,11 +70,17 @@ def lists_to_batch(items: pa.ChunkedArray | pa.Array) -> tuple[torch.Tensor, tor
 def stream_batches(shard, per_worker_batch: int, seed: int, epoch: int, rank: int,
                    buffer_users: int = SHUFFLE_BUFFER_USERS) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of this worker's shard: seeded local shuffle, background prefetch, CSR tensors."""
-    for batch in shard.iter_batches(batch_size=per_worker_batch, batch_format="pyarrow",
-                                    prefetch_batches=PREFETCH_BATCHES,
-                                    local_shuffle_buffer_size=max(buffer_users, per_worker_batch),
-                                    local_shuffle_seed=_seed(seed, epoch, rank)):
-        yield lists_to_batch(batch.column("items"))
+    batches = shard.iter_batches(batch_size=per_worker_batch, batch_format="pyarrow",
+                                 prefetch_batches=PREFETCH_BATCHES,
+                                 local_shuffle_buffer_size=max(buffer_users, per_worker_batch),
+                                 local_shuffle_seed=_seed(seed, epoch, rank))
+    try:
+        for batch in batches:
+            yield lists_to_batch(batch.column("items"))
+    except (pa.ArrowInvalid, pa.ArrowIOError) as e:  # checked at the start of the run, so changed since
+        raise DataError(f"a training shard became unreadable during epoch {epoch} ({str(e).splitlines()[0][:200]}); "
+                        "the shards' footers were read when the run started; restore the file (re-run "
+                        "jobs/prepare.py --overwrite) and continue with --resume") from None
 
 
 class CachedShard:

@@ -155,3 +155,22 @@ def test_corrupt_shard_is_named_and_the_share_loads_after_the_fix(lake_with_shar
     finally:
         shutil.copy(backup, shard)
     assert load_train_share(lake_with_shards, "syn", 0, 2).n_rows == 240
+
+
+def test_torn_shard_is_named_before_ray_data_reads(lake_with_shards, tmp_path, local_ray):
+    import shutil
+
+    from macrid.ray_data import train_dataset
+
+    shard = f"{lake_with_shards}/datasets/syn/train/part-00002.parquet"
+    backup = tmp_path / "part-00002.parquet"
+    shutil.copy(shard, backup)
+    try:
+        with open(shard, "wb") as f:
+            f.write(backup.read_bytes()[:1000])
+        with pytest.raises(DataError, match="part-00002.parquet: cannot read this training shard"):
+            train_dataset(lake_with_shards, "syn")
+    finally:
+        shutil.copy(backup, shard)
+    assert train_dataset(lake_with_shards, "syn").count() == 480
+
