@@ -18,7 +18,7 @@ import torch
 
 from macrid import lake
 from macrid.errors import DataError
-from macrid.prepare import dataset_uri
+from macrid.prepare import KEEP_VERSIONS, dataset_uri
 
 
 @dataclass(frozen=True)
@@ -73,10 +73,16 @@ class Dataset:
     test: HeldOut
 
 
-def load_meta(lake_root: str, name: str) -> dict:
-    """A dataset's _meta.json, refusing a folder without it (incomplete or not a dataset)."""
-    uri = dataset_uri(lake_root, name)
+def load_meta(lake_root: str, name: str, version: str = "") -> dict:
+    """The _meta.json of a version of a dataset, or of its current version (the pointer) when version is "".
+
+    Refuses a dataset without it (incomplete or not a dataset), and a version that no longer exists."""
+    uri = dataset_uri(lake_root, name, version)
     if not lake.exists(f"{uri}/_meta.json"):
+        if version:
+            raise DataError(
+                f"{uri}: version {version} of dataset {name!r} is gone (prepare keeps the newest "
+                f"{KEEP_VERSIONS}); start a new run on the current version")
         raise DataError(
             f"{uri}: no _meta.json, so this is not a complete prepared dataset; "
             f"run `python jobs/prepare.py ... --lake {lake_root} --name {name}` first"
@@ -84,21 +90,31 @@ def load_meta(lake_root: str, name: str) -> dict:
     return lake.read_json(f"{uri}/_meta.json")
 
 
-def load_dataset(lake_root: str, name: str, with_train: bool = True) -> Dataset:
-    """The held-out splits, and the training bags unless `with_train` is False (Ray Data streams them)."""
-    uri = dataset_uri(lake_root, name)
-    meta = load_meta(lake_root, name)
+def snapshot_uri(lake_root: str, name: str, version: str = "") -> str:
+    """Where the tables of a version live: its folder; for version "" the current one's (the pointer's),
+    or the dataset's root for a dataset of schema 1, which has no versions."""
+    if not version:
+        version = load_meta(lake_root, name).get("version", "")
+    return dataset_uri(lake_root, name, version)
+
+
+def load_dataset(lake_root: str, name: str, with_train: bool = True, version: str = "") -> Dataset:
+    """The held-out splits, and the training bags unless `with_train` is False (Ray Data streams them).
+
+    version: the snapshot to read ("" = the current one)."""
+    meta = load_meta(lake_root, name, version)
+    uri = dataset_uri(lake_root, name, meta.get("version", ""))
     train = CSR.from_lists(lake.read_table(f"{uri}/train", ["items"])["items"]) if with_train else None
     return Dataset(meta, int(meta["n_items"]), train, _heldout(f"{uri}/val"), _heldout(f"{uri}/test"))
 
 
-def load_train_share(lake_root: str, name: str, rank: int, world: int) -> CSR:
+def load_train_share(lake_root: str, name: str, rank: int, world: int, version: str = "") -> CSR:
     """This rank's share of the training bags: rows rank, rank + W, rank + 2W, ... of the train table.
 
     Reads record batch by record batch, so a rank holds its 1/W share plus one batch, never the
     whole training set. A shard that cannot be read is named in the error.
     """
-    uri = f"{dataset_uri(lake_root, name)}/train"
+    uri = f"{snapshot_uri(lake_root, name, version)}/train"
     fs, _ = lake.resolve(uri)
     files = lake.list_parquet(uri)
     if not files:
@@ -126,10 +142,10 @@ def unreadable_shard(uri: str) -> Iterator[None]:
                         "re-run jobs/prepare.py --overwrite, then resume the run with --resume") from None
 
 
-def item_counts(lake_root: str, name: str) -> np.ndarray | None:
+def item_counts(lake_root: str, name: str, version: str = "") -> np.ndarray | None:
     """Training interactions per item (M,) from the items table; None for datasets prepared before the
     column existed (then the training bags must be counted)."""
-    t = lake.read_table(f"{dataset_uri(lake_root, name)}/items")
+    t = lake.read_table(f"{snapshot_uri(lake_root, name, version)}/items")
     if "train_count" not in t.column_names:
         return None
     return t.sort_by("item_idx")["train_count"].to_numpy()

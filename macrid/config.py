@@ -82,6 +82,9 @@ class OptimConfig:
 class DataConfig:
     lake: str = "lake"  # root of the lake: a local folder (object storage comes with the lake module)
     dataset: str = "synthetic"  # <lake>/datasets/<dataset>
+    # the dataset's version a run reads from its first epoch to its last; "" = the current one when the run
+    # starts (the driver pins it, and a resumed run keeps the version it started on)
+    version: str = ""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from macrid import lake
 from macrid.config import Config
 from macrid.errors import ConfigError, DataError
 from macrid.session import SCORE, STATE_FILE, RaySession
-from macrid.train import claim_run, finish, fit, has_run, run_uri
+from macrid.train import finish, fit, has_run, pin_run, run_uri
 
 log = logging.getLogger(__name__)
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
@@ -123,12 +123,10 @@ def launch(cfg: Config) -> dict:
     from ray.train.torch import TorchTrainer
 
     from macrid import checkpoint
-    from macrid.batches import load_meta
     from macrid.ray_data import train_dataset
 
     cfg = prepare_config(cfg)
-    meta = load_meta(cfg.data.lake, cfg.data.dataset)  # fail here, with the cause, before starting workers
-    claim_run(cfg, meta["vocabulary_fingerprint"], "ray")
+    cfg, meta = pin_run(cfg, "ray")  # fail here, with the cause, before starting workers
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, data=input_mode(cfg, meta)))
     local = connect()
     if not lake.is_s3(cfg.data.lake) and sum(n["Alive"] for n in ray.nodes()) > 1:
@@ -139,7 +137,7 @@ def launch(cfg: Config) -> dict:
     resources = {"CPU": run.cpus_per_worker} | ({"GPU": run.gpus_per_worker} if run.use_gpu else {})
     datasets = {}
     if run.data in ("stream", "cache"):
-        datasets["train"] = train_dataset(cfg.data.lake, cfg.data.dataset)
+        datasets["train"] = train_dataset(cfg.data.lake, cfg.data.dataset, cfg.data.version)
     fs, runs_path = lake.resolve(lake.join(cfg.data.lake, "runs"))
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -1,32 +1,43 @@
 """Raw interactions -> a dataset in the lake (layout in docs/architecture.md).
 
     <lake>/datasets/<name>/
-        items/part-0.parquet   item_idx:int32, item_id, title, genres (evaluation only), train_count:int64
-        users/part-0.parquet   user_idx:int64, user_id, split
-        train/part-*.parquet   user_idx, items: list<int32>          one row per user
-        val/, test/            user_idx, foldin, heldout: list<int32>
-        _meta.json             counts, protocol, schema version, vocabulary fingerprint
+        _meta.json                   the pointer: the current version's _meta.json (with "version")
+        versions/<version>/          one immutable snapshot per prepare, <UTC time to the µs>-<random>
+            items/part-0.parquet     item_idx:int32, item_id, title, genres (evaluation only), train_count:int64
+            users/part-0.parquet     user_idx:int64, user_id, split
+            train/part-*.parquet     user_idx, items: list<int32>          one row per user
+            val/, test/              user_idx, foldin, heldout: list<int32>
+            _meta.json               counts, protocol, schema version, vocabulary fingerprint, version
 
-The whole folder is staged and renamed into place at the end, so a failed
-prepare leaves nothing behind that a reader could take as complete.
+A prepare writes a new version folder (staged: a failed prepare leaves nothing a reader could take
+as complete), then switches the pointer with one atomic write. Nothing is ever rewritten in place,
+so a run that pinned a version at its start reads that version to its last epoch while
+`prepare --overwrite` publishes the next one. The newest KEEP_VERSIONS versions are kept; older
+ones are deleted. Datasets of schema 1 (tables at the dataset's root, no "version") are still read
+as they are.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import logging
+import uuid
 
 import numpy as np
 import polars as pl
+import pyarrow.fs as pafs
 
 from macrid import lake
+from macrid.errors import DataError
 from macrid.readers import RawData
 from macrid.split import Protocol, Split, split_multvae
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: versioned snapshots behind the _meta.json pointer; 1: tables at the dataset's root
 TRAIN_SHARD_USERS = 100_000
+KEEP_VERSIONS = 3  # a run outlives at most KEEP_VERSIONS - 1 later prepares of its dataset
 
 
 def vocabulary_fingerprint(item_ids: pl.Series) -> str:
@@ -38,16 +49,25 @@ def vocabulary_fingerprint(item_ids: pl.Series) -> str:
     return h.hexdigest()
 
 
-def dataset_uri(lake_root: str, name: str) -> str:
-    return lake.join(lake_root, "datasets", name)
+def dataset_uri(lake_root: str, name: str, version: str = "") -> str:
+    """The dataset's root (where the _meta.json pointer lives), or the folder of one version."""
+    root = lake.join(lake_root, "datasets", name)
+    return lake.join(root, "versions", version) if version else root
 
 
 def prepare(raw: RawData, lake_root: str, name: str, protocol: Protocol, overwrite: bool = False) -> dict:
-    """Split `raw` with the MultVAE protocol and publish it as <lake>/datasets/<name>. Returns _meta.json."""
+    """Split `raw` with the MultVAE protocol and publish it as a new version of <lake>/datasets/<name>.
+
+    Returns the version's _meta.json."""
+    root = dataset_uri(lake_root, name)
+    if lake.exists(f"{root}/_meta.json") and not overwrite:
+        raise DataError(f"{root} already exists; pass --overwrite to publish a new version of it")
     catalogue = raw.items["item_id"] if raw.items is not None else None
     split = split_multvae(raw.interactions, protocol, source=raw.source, catalogue=catalogue)
-    uri = dataset_uri(lake_root, name)
-    with lake.staged_dir(uri, overwrite=overwrite) as stage:
+    # UTC to the microsecond, so names sort by publication; the random part keeps concurrent writers apart
+    version = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:8]}"
+    uri = dataset_uri(lake_root, name, version)
+    with lake.staged_dir(uri) as stage:
         lake.write_parquet(f"{stage}/items/part-0.parquet", _items_table(split, raw.items).to_arrow())
         lake.write_parquet(f"{stage}/users/part-0.parquet", _users_table(split).to_arrow())
         for i, start in enumerate(range(0, max(split.train.height, 1), TRAIN_SHARD_USERS)):
@@ -55,10 +75,23 @@ def prepare(raw: RawData, lake_root: str, name: str, protocol: Protocol, overwri
             lake.write_parquet(f"{stage}/train/part-{i:05d}.parquet", shard.to_arrow())
         lake.write_parquet(f"{stage}/val/part-0.parquet", split.val.to_arrow())
         lake.write_parquet(f"{stage}/test/part-0.parquet", split.test.to_arrow())
-        meta = _meta(split, raw, protocol, name)
+        meta = _meta(split, raw, protocol, name) | {"version": version}
         lake.write_json(f"{stage}/_meta.json", meta)
+    lake.write_json(f"{root}/_meta.json", meta)  # the switch: one atomic write (a PUT on S3, a rename locally)
+    _prune_versions(root)
     log.info("wrote %s: %d users, %d items", uri, meta["n_users"], meta["n_items"])
     return meta
+
+
+def _prune_versions(root: str) -> None:
+    """Delete all but the newest KEEP_VERSIONS versions (names sort by their UTC time)."""
+    fs, path = lake.resolve(f"{root}/versions")
+    with lake.explained(root):
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        versions = sorted(i.path for i in infos if i.type == pafs.FileType.Directory
+                          and not i.base_name.startswith("."))
+        for old in versions[:-KEEP_VERSIONS]:
+            fs.delete_dir(old)
 
 
 def _items_table(split: Split, items: pl.DataFrame | None) -> pl.DataFrame:

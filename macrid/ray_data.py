@@ -29,20 +29,19 @@ import pyarrow.parquet as pq
 import torch
 
 from macrid import lake
-from macrid.batches import CSR, unreadable_shard
+from macrid.batches import CSR, snapshot_uri, unreadable_shard
 from macrid.errors import DataError
-from macrid.prepare import dataset_uri
 
 DATA_TASK_CPUS = 0.25
 SHUFFLE_BUFFER_USERS = 20_000  # users mixed by each worker's local shuffle buffer ("stream")
 PREFETCH_BATCHES = 4
 
 
-def train_dataset(lake_root: str, name: str):
-    """The training users as a lazy Ray Dataset of rows `items: list<int32>`, one read task per file."""
+def train_dataset(lake_root: str, name: str, version: str = ""):
+    """The training users of a version as a lazy Ray Dataset of rows `items: list<int32>`, one read task per file."""
     import ray.data
 
-    uri = lake.join(dataset_uri(lake_root, name), "train")
+    uri = lake.join(snapshot_uri(lake_root, name, version), "train")
     fs, _ = lake.resolve(uri)
     files = lake.list_parquet(uri)
     for path in files:  # footers only (a few KB each): a torn shard is named here, not deep inside a read task

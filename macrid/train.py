@@ -12,6 +12,7 @@ After training, `finish` scores the best epoch on validation and test and writes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -61,27 +62,37 @@ def has_run(cfg: Config) -> bool:
     return True
 
 
-def claim_run(cfg: Config, fingerprint: str, runner: str) -> None:
-    """Record what the run trains on (run.json), or check that a resumed run continues on the same thing.
+def pin_run(cfg: Config, runner: str) -> tuple[Config, dict]:
+    """Pin the dataset version the run reads and record what it trains on (run.json), or check a resume.
 
-    runner: "ray" or "in-process". Checked on the driver before any worker starts, so a wrong resume fails
-    at once with the cause instead of inside every worker (where Ray would retry it).
+    runner: "ray" or "in-process". A new run pins the current version of its dataset; a resumed run
+    keeps the version it started on, even after `prepare --overwrite` published another. Checked on
+    the driver before any worker starts, so a wrong resume fails at once with the cause instead of
+    inside every worker (where Ray would retry it). Returns the pinned config and the version's meta.
     """
     path = lake.join(run_uri(cfg), RUN_FILE)
-    if not lake.exists(path):
-        lake.write_json(path, {"dataset": cfg.data.dataset, "vocabulary_fingerprint": fingerprint, "runner": runner,
-                               "model": cfg.model.name})
-        return
-    claimed = lake.read_json(path)
-    if claimed["vocabulary_fingerprint"] != fingerprint:
+    claimed = lake.read_json(path) if lake.exists(path) else None
+    if claimed is not None and claimed["dataset"] != cfg.data.dataset:
         raise CheckpointError(
             f"{run_uri(cfg)}: trained on dataset {claimed['dataset']!r} (item vocabulary "
-            f"{claimed['vocabulary_fingerprint'][:12]}) but data.dataset={cfg.data.dataset!r} has vocabulary "
-            f"{fingerprint[:12]}; resume it on the same dataset, or start a new run with --set run.name=...")
-    if claimed["runner"] != runner:
+            f"{claimed['vocabulary_fingerprint'][:12]}) but data.dataset={cfg.data.dataset!r}; resume it on the "
+            "same dataset, or start a new run with --set run.name=...")
+    version = cfg.data.version or (claimed or {}).get("version") or \
+        load_meta(cfg.data.lake, cfg.data.dataset).get("version", "")
+    meta = load_meta(cfg.data.lake, cfg.data.dataset, version)
+    fingerprint = meta["vocabulary_fingerprint"]
+    if claimed is None:
+        lake.write_json(path, {"dataset": cfg.data.dataset, "version": version, "vocabulary_fingerprint": fingerprint,
+                               "runner": runner, "model": cfg.model.name})
+    elif claimed["vocabulary_fingerprint"] != fingerprint:
+        raise CheckpointError(
+            f"{run_uri(cfg)}: trained on item vocabulary {claimed['vocabulary_fingerprint'][:12]} but version "
+            f"{version!r} of {cfg.data.dataset!r} has {fingerprint[:12]}; start a new run with --set run.name=...")
+    elif claimed["runner"] != runner:
         how = "jobs/train.py --resume" if claimed["runner"] == "ray" else "jobs/train.py --in-process --resume"
         raise ConfigError(f"{run_uri(cfg)} was trained {'under Ray Train' if claimed['runner'] == 'ray' else 'in-process'}"
                           f"; its checkpoints are kept that way, so continue it with {how}")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, version=version)), meta
 
 
 def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[dict]:
@@ -90,7 +101,7 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
     torch.set_num_threads(cfg.run.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count())
     torch.manual_seed(cfg.run.seed + rank)
     # The held-out sets; the training bags come from `train_batches` (Ray Data) or this rank's share below.
-    data = load_dataset(cfg.data.lake, cfg.data.dataset, with_train=False)
+    data = load_dataset(cfg.data.lake, cfg.data.dataset, with_train=False, version=cfg.data.version)
     row_sparse = cfg.optim.negatives > 0 and cfg.optim.row_sparse
     model = build_model(cfg.model, data.n_items, row_sparse).to(device)
     tables = tables_of(model, row_sparse)  # exchanged row-wise, outside DDP
@@ -113,15 +124,15 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
         broadcast_tables(tables)
     train_model = session.wrap(model)  # DDP after restoring, so every rank starts from the same weights
     if train_batches is None:
-        share = load_train_share(cfg.data.lake, cfg.data.dataset, rank, world)  # (1/W of the users)
+        share = load_train_share(cfg.data.lake, cfg.data.dataset, rank, world, cfg.data.version)  # 1/W of the users
         train_batches = memory_batches(share, data.meta["train"]["users"], cfg.optim.batch_size, cfg.run.seed,
                                        rank, world)
     metrics = _telemetry(cfg, rank)
     sampler = None
     if cfg.optim.negatives > 0:
-        counts = item_counts(cfg.data.lake, cfg.data.dataset)
+        counts = item_counts(cfg.data.lake, cfg.data.dataset, cfg.data.version)
         if counts is None:  # a dataset from before train_count: count the bags (loads them on streamed workers)
-            train = load_dataset(cfg.data.lake, cfg.data.dataset).train
+            train = load_dataset(cfg.data.lake, cfg.data.dataset, version=cfg.data.version).train
             counts = train.item_counts(data.n_items)
         sampler = NegativeSampler(counts, cfg.optim.negatives, cfg.optim.proposal_alpha, seed=cfg.run.seed + rank,
                                   device=device)
@@ -208,8 +219,8 @@ def _restore(saved: dict, model, opt, ema) -> dict:
 def run_in_process(cfg: Config, on_report: Callable[[dict], None] | None = None) -> dict:
     """Train in this process (no Ray) and finish the run; returns metrics.json. Resumes when run.resume is set."""
     has_run(cfg)
-    fingerprint = load_meta(cfg.data.lake, cfg.data.dataset)["vocabulary_fingerprint"]
-    claim_run(cfg, fingerprint, "in-process")
+    cfg, meta = pin_run(cfg, "in-process")
+    fingerprint = meta["vocabulary_fingerprint"]
     session = LocalSession(run_uri(cfg), cfg.run.device, on_report)
     history = fit(cfg, session)
     return finish(cfg, session.best_checkpoint(fingerprint), history, session.device)
@@ -226,7 +237,7 @@ def eval_weights(saved: dict) -> dict:
 def finish(cfg: Config, best: dict, history: list[dict], device: torch.device | str = "cpu") -> dict:
     """Score the best checkpoint on validation and test; write metrics.json, the learning curve and model.pt."""
     out = run_uri(cfg)
-    data = load_dataset(cfg.data.lake, cfg.data.dataset, with_train=False)
+    data = load_dataset(cfg.data.lake, cfg.data.dataset, with_train=False, version=cfg.data.version)
     model = build_model(cfg.model, data.n_items).to(device)
     weights = eval_weights(best)
     model.load_state_dict(weights)

@@ -5,6 +5,7 @@ import polars as pl
 import pytest
 import torch
 
+from macrid.batches import snapshot_uri
 from macrid.config import load_config
 from macrid.metrics import nmi
 from macrid.prepare import prepare
@@ -33,7 +34,7 @@ def test_learned_concepts_recover_planted_categories(planted_lake, softmax):
     run_in_process(load_config(None, [f"data.lake={planted_lake!r}", "data.dataset='p'", f"run.name={softmax!r}", "model.K=5",
                            "model.D=8", "optim.epochs=40", "optim.lr=1e-2", "run.progress=false", *extra]))
     model, _ = load_model(f"{planted_lake}/runs/{softmax}")
-    items = pl.read_parquet(f"{planted_lake}/datasets/p/items/part-0.parquet")
+    items = pl.read_parquet(f"{snapshot_uri(planted_lake, 'p')}/items/part-0.parquet")
     planted = np.array([genres[0] for genres in items["genres"].to_list()])
     with torch.no_grad():
         learned = model.concepts().argmax(1).numpy()

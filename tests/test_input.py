@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from macrid.batches import load_dataset, load_train_share
+from macrid.batches import load_dataset, load_train_share, snapshot_uri
 from macrid.errors import DataError
 from macrid.prepare import prepare
 from macrid.split import Protocol
@@ -138,7 +138,7 @@ def test_stream_order_is_reproducible_for_a_seed_on_two_workers(lake_with_shards
 def test_corrupt_shard_is_named_and_the_share_loads_after_the_fix(lake_with_shards, tmp_path):
     import shutil
 
-    shard = f"{lake_with_shards}/datasets/syn/train/part-00001.parquet"
+    shard = f"{snapshot_uri(lake_with_shards, 'syn')}/train/part-00001.parquet"
     backup = tmp_path / "part-00001.parquet"
     shutil.copy(shard, backup)
     size = backup.stat().st_size
@@ -162,7 +162,7 @@ def test_torn_shard_is_named_before_ray_data_reads(lake_with_shards, tmp_path, l
 
     from macrid.ray_data import train_dataset
 
-    shard = f"{lake_with_shards}/datasets/syn/train/part-00002.parquet"
+    shard = f"{snapshot_uri(lake_with_shards, 'syn')}/train/part-00002.parquet"
     backup = tmp_path / "part-00002.parquet"
     shutil.copy(shard, backup)
     try:
