@@ -146,3 +146,35 @@ def test_resume_on_another_vocabulary_is_refused(s3_lake, tmp_path):
         launch(cfg_for(s3_lake, "two", "run.resume=true", "optim.epochs=5", "data.dataset='other'"))
     with pytest.raises(ConfigError, match="under Ray Train.*jobs/train.py --resume"):
         run_in_process(cfg_for(s3_lake, "two", "run.resume=true", "optim.epochs=5"))
+
+
+def test_overwrite_during_a_streamed_run_does_not_change_what_it_reads(s3_lake):
+    """prepare --overwrite publishes a new version on S3 while a 2-worker Ray Data run is at work:
+    the run reads the version it pinned at its start from its first epoch to its last."""
+    first = prepare(generate(SyntheticSpec(n_users=600, n_items=200, K=4, seed=11)), s3_lake, "snap", Protocol())
+    result, errors = {}, []
+
+    def run():
+        try:
+            result["m"] = launch(cfg_for(s3_lake, "pinned", "data.dataset='snap'", "optim.epochs=4",
+                                         "run.num_workers=2", "run.data='stream'"))
+        except Exception as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 300
+    while "ci/runs/pinned/checkpoint_manager_snapshot.json" not in s3_keys("ci/runs/pinned/"):
+        assert time.time() < deadline and thread.is_alive(), errors
+        time.sleep(0.5)
+    second = prepare(generate(SyntheticSpec(n_users=900, n_items=260, K=4, seed=12)), s3_lake, "snap", Protocol(),
+                     overwrite=True)  # published after epoch 1's checkpoint, while later epochs still read
+    assert thread.is_alive(), "the run ended before the overwrite: the test proves nothing"
+    thread.join()
+    assert not errors, errors
+    m = result["m"]
+    assert second["version"] != first["version"] and m["epochs_run"] == 4
+    assert m["vocabulary_fingerprint"] == first["vocabulary_fingerprint"]
+    # every epoch read the 480 training users of the pinned version (the new one has 720), less the
+    # at most W - 1 = 1 user an equal split may leave out
+    assert {h["users"] for h in m["history"]} <= {480, 478}, m["history"]
