@@ -1,7 +1,13 @@
-"""Training throughput (users/s per epoch) on ML-1M: the single-process loop against Ray Train with
-1 and 2 CPU workers (DDP, gloo), with in-memory and with Ray Data input, measured in one run.
+"""Training throughput by input mode on one dataset: memory, cache and stream, with 1 and 2 Ray Train
+workers, all measured in one run on one machine (the rows being compared come from the same run).
 
-  python benchmarks/throughput.py --lake lake --dataset ml-1m --epochs 4
+  python benchmarks/throughput.py --lake lake --dataset ml-1m --epochs 5     # raw output: throughput.json
+
+For each setup: steady-state users/s (median over epochs 2..E), the first epoch's time, the time
+the loop spent blocked on input per epoch (`input_seconds`), and the per-epoch fixed cost of
+streaming = median epoch time of "stream" minus that of "memory" at the same worker count.
+Threads are the same for every mode at a given worker count (2 for one worker, 1 each for two),
+so that only the input differs.
 """
 
 from __future__ import annotations
@@ -15,39 +21,50 @@ import time
 import numpy as np
 
 from macrid.config import load_config
-from macrid.launch import launch, prepare_config
-from macrid.train import run_in_process
+from macrid.launch import launch
+
+CPUS = 2
 
 
-def users_per_second(metrics: dict) -> float:
-    rows = metrics["history"][1:] or metrics["history"]  # the first epoch warms up
-    return float(np.median([r["users"] / r["seconds"] for r in rows]))
+def summary(metrics: dict) -> dict:
+    rows = metrics["history"][1:] or metrics["history"]  # the first epoch warms up (and fills the cache)
+    return {"users_per_s": float(np.median([r["users"] / r["seconds"] for r in rows])),
+            "median_epoch_s": float(np.median([r["seconds"] for r in rows])),
+            "first_epoch_s": metrics["history"][0]["seconds"],
+            "median_input_s": float(np.median([r["input_seconds"] for r in rows]))}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lake", default="lake")
     p.add_argument("--dataset", default="ml-1m")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--out", default="benchmarks/throughput.json")
     args = p.parse_args()
     import ray
 
     stamp = time.strftime("%H%M%S")
     base = [f"data.lake={os.path.abspath(args.lake)!r}", f"data.dataset={args.dataset!r}", f"optim.epochs={args.epochs}",
             "run.progress=false"]
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "dataset": args.dataset}
-    cfg = prepare_config(load_config(None, base + [f"run.name='bench-local-{stamp}'", "run.threads=2"]))
-    results["single_process_users_per_s"] = users_per_second(run_in_process(cfg))
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=256 * 1024**2)
-    for data in ("memory", "ray"):
-        for workers in (1, 2):
-            m = launch(load_config(None, base + [f"run.name='bench-{data}{workers}-{stamp}'",
-                                                 f"run.num_workers={workers}", f"run.data={data!r}"]))
-            key = f"ray_train_{data}_input_{workers}_workers"
-            results[f"{key}_users_per_s"] = users_per_second(m)
-            results[f"{key}_ratio_to_single_process"] = (
-                results[f"{key}_users_per_s"] / results["single_process_users_per_s"])
+    ray.init(num_cpus=CPUS, include_dashboard=False, object_store_memory=256 * 1024**2)
+    results = {"machine": f"{platform.machine()} {platform.processor()}, {os.cpu_count()} CPUs",
+               "dataset": args.dataset, "epochs": args.epochs, "rows": {}}
+    for workers in (1, 2):
+        for data in ("memory", "cache", "stream"):
+            data_cpus = 0.0 if data == "memory" else 0.5  # left for Ray Data's tasks
+            m = launch(load_config(None, base + [
+                f"run.name='bench-{data}{workers}-{stamp}'", f"run.num_workers={workers}", f"run.data={data!r}",
+                f"run.cpus_per_worker={(CPUS - data_cpus) / workers}", f"run.threads={CPUS // workers}"]))
+            results["rows"][f"{data}-{workers}"] = summary(m)
+            print(data, workers, results["rows"][f"{data}-{workers}"], flush=True)
+        mem = results["rows"][f"memory-{workers}"]
+        for data in ("cache", "stream"):
+            row = results["rows"][f"{data}-{workers}"]
+            row["ratio_to_memory"] = row["users_per_s"] / mem["users_per_s"]
+            row["fixed_cost_per_epoch_s"] = row["median_epoch_s"] - mem["median_epoch_s"]
     ray.shutdown()
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
     print(json.dumps(results, indent=1))
 
 

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout", type=float, default=0.1,
                    help="validation and test users each: a fraction (<1) or a count (>=1); default 0.1")
     p.add_argument("--seed", type=int, default=98765, help="split seed (default 98765, as MultVAE)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of this name")
+    p.add_argument("--overwrite", action="store_true", help="publish a new version of an existing dataset (runs keep reading the version they started on)")
     g = p.add_argument_group("synthetic data")
     helps = {"n_users": "users to generate", "n_items": "catalogue size M", "K": "planted categories",
              "factors": "latent factors within each category", "zipf": "popularity exponent within a category",

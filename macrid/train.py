@@ -144,9 +144,16 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
         model.train()
         # running sums stay on the device: a .item() per step would stall the GPU on the host
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, kl
-        n_steps, n_users, exchanged = 0, 0, 0
+        n_steps, n_users, exchanged, waited = 0, 0, 0, 0.0
         beta = beta_at(state["step"], steps_per_epoch, cfg.optim.beta, cfg.optim.anneal_epochs)
-        for idx, off in train_batches(epoch):
+        batches = iter(train_batches(epoch))
+        while True:
+            t_wait = time.perf_counter()
+            batch = next(batches, None)  # time blocked on the input pipeline: the profile's data share
+            waited += time.perf_counter() - t_wait
+            if batch is None:
+                break
+            idx, off = batch
             if state["step"] == cfg.run.fail_at_step and rank == cfg.run.fail_rank and _first_failure(cfg):
                 print(f"[macrid] run.fail_at_step: killing rank {rank} at step {state['step']}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)  # a dead worker, as when a node is lost
@@ -164,7 +171,7 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
                 metrics.on_step(len(off) - 1)
         mean_loss, mean_nll, mean_kl = (sums / max(n_steps, 1)).tolist()  # one sync per epoch
         row = {"epoch": epoch, "step": state["step"], "beta": beta, "seconds": time.perf_counter() - t0,
-               "users": n_users * world, "loss": mean_loss, "nll": mean_nll, "kl": mean_kl}
+               "users": n_users * world, "loss": mean_loss, "nll": mean_nll, "kl": mean_kl, "input_seconds": waited}
         if tables and world > 1:
             row["row_exchange_mb_per_step"] = exchanged / max(n_steps, 1) / 1e6
         stop = _validate(cfg, data, eval_model, epoch, row, state) if rank == 0 else False
