@@ -22,6 +22,7 @@ import numpy as np
 
 from macrid.config import load_config
 from macrid.launch import launch
+from macrid.ray_data import DATA_RESERVE_CPUS
 
 CPUS = 2
 
@@ -51,7 +52,7 @@ def main() -> None:
                "dataset": args.dataset, "epochs": args.epochs, "rows": {}}
     for workers in (1, 2):
         for data in ("memory", "cache", "stream"):
-            data_cpus = 0.0 if data == "memory" else 0.5  # left for Ray Data's tasks
+            data_cpus = 0.0 if data == "memory" else DATA_RESERVE_CPUS  # left for Ray Data's tasks
             m = launch(load_config(None, base + [
                 f"run.name='bench-{data}{workers}-{stamp}'", f"run.num_workers={workers}", f"run.data={data!r}",
                 f"run.cpus_per_worker={(CPUS - data_cpus) / workers}", f"run.threads={CPUS // workers}"]))

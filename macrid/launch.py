@@ -101,18 +101,20 @@ def worker_resources(cfg: Config, local: bool) -> Config:
     """Fill in run.cpus_per_worker and run.threads; refuse sizes that would deadlock a local Ray."""
     import ray
 
-    from macrid.ray_data import DATA_TASK_CPUS
+    from macrid.ray_data import DATA_RESERVE_CPUS
 
     W, run = cfg.run.num_workers, cfg.run
     local_cpus = float(ray.cluster_resources().get("CPU", 1)) if local else 0.0
     streams = run.data in ("stream", "cache")
-    reserve = 1.0 if streams else 0.0  # Ray Data's read tasks need CPU beside the trainers
+    reserve = DATA_RESERVE_CPUS if streams else 0.0  # Ray Data's tasks need CPU beside the trainers
     cpus = run.cpus_per_worker or (max(0.5, (local_cpus - reserve) / W) if local else DEFAULT_CLUSTER_CPUS_PER_WORKER)
-    if local and streams and local_cpus - W * cpus < DATA_TASK_CPUS:
+    # Ray Data splits the CPUs the trainers leave among its operators; with less than one whole CPU left,
+    # no operator's share reaches a read task's 0.25 and the run waits forever (measured on 2 cores).
+    if local and streams and local_cpus - W * cpus < DATA_RESERVE_CPUS:
         raise ConfigError(
-            f"{W} workers x {cpus:g} CPUs leave no CPU for Ray Data's read tasks on this {local_cpus:g}-CPU machine, "
-            f"and the run would wait forever; pass --cpus-per-worker {max(0.25, (local_cpus - 0.5) / W):g} "
-            "or --set run.data='memory'")
+            f"{W} workers x {cpus:g} CPUs leave less than {DATA_RESERVE_CPUS:g} CPU for Ray Data on this "
+            f"{local_cpus:g}-CPU machine, and the run would wait forever; pass --cpus-per-worker "
+            f"{max(0.25, (local_cpus - DATA_RESERVE_CPUS) / W):g} or --set run.data='memory'")
     threads = run.threads or max(1, int(cpus))  # Ray sets OMP_NUM_THREADS to whole CPUs only
     return dataclasses.replace(cfg, run=dataclasses.replace(run, cpus_per_worker=cpus, threads=threads))
 
