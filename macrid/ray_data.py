@@ -48,8 +48,13 @@ def train_dataset(lake_root: str, name: str, version: str = ""):
     for path in files:  # footers only (a few KB each): a torn shard is named here, not deep inside a read task
         with lake.explained(uri), unreadable_shard(lake.join(uri, path.rsplit("/", 1)[-1])):
             pq.read_metadata(path, filesystem=fs)
+    ctx = ray.data.DataContext.get_current()  # captured by the dataset when it is created
     # Blocks in file order whatever finishes first, so that a seed fixes the order users reach a worker.
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ctx.execution_options.preserve_order = True
+    # Ray 2.60's new read path runs a ListFiles task on every epoch that took 5.7 s of wall time (77 ms of
+    # CPU) for one local file; the classic Parquet datasource starts an epoch in 0.2 s (ML-1M, 2 cores;
+    # benchmarks/throughput.md). Our file list is explicit, so the listing stage has nothing to do.
+    ctx.use_datasource_v2 = False
     return ray.data.read_parquet(files, filesystem=fs, num_cpus=DATA_TASK_CPUS).select_columns(["items"])
 
 
