@@ -27,7 +27,10 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return a @ b
     a, b = a.to(dtype), b.to(dtype)
     if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except TypeError:  # torch < 2.8 has no out_dtype: a bf16 result, widened (more rounding, same maths)
+            pass
     return (a @ b).float()
 
 
