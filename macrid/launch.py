@@ -91,6 +91,9 @@ def connect() -> bool:
     except ConnectionError:
         if os.environ.get("RAY_ADDRESS"):
             raise
+    # A laptop is never preempted: Ray Train's preemption watcher (for spot nodes) only adds a core-worker
+    # error line on every run (ray-project/ray#53727). Clusters the job joins keep it.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # The dashboard also serves Ray's State API, which Ray Train polls; without it every poll logs a warning.
     ray.init(include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=LOCAL_OBJECT_STORE_BYTES,
              configure_logging=False)

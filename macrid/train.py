@@ -11,7 +11,6 @@ After training, `finish` scores the best epoch on validation and test and writes
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -31,7 +30,7 @@ from macrid.batches import CSR, Dataset, item_counts, load_dataset, load_meta, l
 from macrid.config import Config
 from macrid.errors import CheckpointError, ConfigError
 from macrid.evaluate import evaluate, model_ranker
-from macrid.loss import beta_at, elbo_loss
+from macrid.loss import beta_at
 from macrid.model import build_model
 from macrid.report import format_metrics, plot_learning_curve
 from macrid.row_sparse import Optimizers, broadcast_tables, ignore_in_ddp, tables_of

@@ -7,7 +7,6 @@ real streaming_split that Ray Train uses, consumed by two threads as two workers
 import threading
 from collections import Counter
 
-import numpy as np
 import pytest
 
 from macrid.batches import load_dataset, load_train_share, snapshot_uri
