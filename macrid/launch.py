@@ -20,7 +20,7 @@ import time
 
 from macrid import lake
 from macrid.config import Config
-from macrid.errors import ConfigError, DataError
+from macrid.errors import ConfigError, DataError, MacridError
 from macrid.session import SCORE, STATE_FILE, RaySession
 from macrid.train import finish, fit, has_run, pin_run, run_uri
 
@@ -33,6 +33,7 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: rebuild the typed config once, then train on this worker's shard."""
     import ray.train
 
+    from macrid.batches import snapshot_uri
     from macrid.ray_data import CachedShard, stream_batches
 
     cfg = Config.from_dict(config, source="train_loop_config")
@@ -41,7 +42,8 @@ def train_loop_per_worker(config: dict) -> None:
     source = None  # "memory": fit reads this rank's share itself
     if cfg.run.data == "stream":
         shard = ray.train.get_dataset_shard("train")
-        source = lambda epoch: stream_batches(shard, per_worker, seed, epoch, rank)  # noqa: E731
+        train_uri = lake.join(snapshot_uri(cfg.data.lake, cfg.data.dataset, cfg.data.version), "train")
+        source = lambda epoch: stream_batches(shard, per_worker, seed, epoch, rank, train_uri=train_uri)  # noqa: E731
     elif cfg.run.data == "cache":
         source = CachedShard(ray.train.get_dataset_shard("train"), per_worker, seed, rank)
     try:
@@ -159,7 +161,10 @@ def launch(cfg: Config) -> dict:
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SCORE,
                                                checkpoint_score_order="max")),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise _user_error(e) or e from None
     if result.checkpoint is None:
         raise RuntimeError(f"{run_uri(cfg)}: Ray Train finished without a checkpoint; see the log above")
     best_ckpt = result.get_best_checkpoint(SCORE, "max") or result.checkpoint
@@ -181,6 +186,20 @@ def input_mode(cfg: Config, meta: dict) -> str:
         return cfg.run.data
     share_gb = 8 * meta["train"]["interactions"] / cfg.run.num_workers / 1e9
     return "memory" if share_gb <= cfg.run.memory_budget_gb else "stream"
+
+
+def _user_error(failure: Exception) -> MacridError | None:
+    """A worker's MacridError (a bad shard, a gone version, ...) out of Ray's wrapper, so that the job ends with
+    its message instead of a traceback per worker."""
+    for error in getattr(failure, "worker_failures", {}).values():
+        found, cause = None, error
+        while cause is not None:  # the deepest one: Ray's wrappers subclass it but carry tracebacks in str()
+            if isinstance(cause, MacridError):
+                found = cause
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        if found is not None:
+            return found
+    return None
 
 
 def _submitted_job() -> bool:

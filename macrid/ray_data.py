@@ -73,8 +73,12 @@ def lists_to_batch(items: pa.ChunkedArray | pa.Array) -> tuple[torch.Tensor, tor
 
 
 def stream_batches(shard, per_worker_batch: int, seed: int, epoch: int, rank: int,
-                   buffer_users: int = SHUFFLE_BUFFER_USERS) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of this worker's shard: seeded local shuffle, background prefetch, CSR tensors."""
+                   buffer_users: int = SHUFFLE_BUFFER_USERS, train_uri: str = ""
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of this worker's shard: seeded local shuffle, background prefetch, CSR tensors.
+
+    train_uri: the pinned version's train folder; when a read fails, its shards are checked one by one
+    so that the error names the one that broke (Ray Data's own error does not)."""
     batches = shard.iter_batches(batch_size=per_worker_batch, batch_format="pyarrow",
                                  prefetch_batches=PREFETCH_BATCHES,
                                  local_shuffle_buffer_size=max(buffer_users, per_worker_batch),
@@ -83,9 +87,13 @@ def stream_batches(shard, per_worker_batch: int, seed: int, epoch: int, rank: in
         for batch in batches:
             yield lists_to_batch(batch.column("items"))
     except (pa.ArrowInvalid, pa.ArrowIOError) as e:  # checked at the start of the run, so changed since
-        raise DataError(f"a training shard became unreadable during epoch {epoch} ({str(e).splitlines()[0][:200]}); "
-                        "the shards' footers were read when the run started; restore the file (re-run "
-                        "jobs/prepare.py --overwrite) and continue with --resume") from None
+        for path in lake.list_parquet(train_uri) if train_uri else []:
+            name = lake.join(train_uri, path.rsplit("/", 1)[-1])
+            with unreadable_shard(name):  # raises the DataError that names the broken shard
+                pq.ParquetFile(path, filesystem=lake.resolve(train_uri)[0], page_checksum_verification=True).read()
+        raise DataError(f"{train_uri or 'a training shard'}: a shard became unreadable during epoch {epoch} "
+                        f"({str(e).splitlines()[0][:200]}); restore it (or re-run jobs/prepare.py --overwrite "
+                        "and start a new run) and continue with --resume") from None
 
 
 class CachedShard:

@@ -173,3 +173,51 @@ def test_torn_shard_is_named_before_ray_data_reads(lake_with_shards, tmp_path, l
         shutil.copy(backup, shard)
     assert train_dataset(lake_with_shards, "syn").count() == 480
 
+
+
+def test_shard_torn_during_a_streamed_run_is_named(lake_with_shards, tmp_path, local_ray):
+    """The footers pass the check at the run's start; the file is torn before the epoch reads it."""
+    import shutil
+
+    from macrid.ray_data import stream_batches, train_dataset
+
+    train_uri = f"{snapshot_uri(lake_with_shards, 'syn')}/train"
+    split = train_dataset(lake_with_shards, "syn").streaming_split(1, equal=True)[0]
+    shard = f"{train_uri}/part-00001.parquet"
+    backup = tmp_path / "part-00001.parquet"
+    shutil.copy(shard, backup)
+    try:
+        with open(shard, "wb") as f:
+            f.write(backup.read_bytes()[:1500])
+        with pytest.raises(DataError, match="part-00001.parquet: cannot read this training shard.*--resume"):
+            list(stream_batches(split, 50, seed=1, epoch=1, rank=0, train_uri=train_uri))
+    finally:
+        shutil.copy(backup, shard)
+    assert sum(len(o) - 1 for _, o in stream_batches(split, 50, seed=1, epoch=2, rank=0, train_uri=train_uri)) == 480
+
+
+def test_a_run_stopped_by_a_bad_shard_names_it_and_resumes_after_the_fix(lake_with_shards, tmp_path, local_ray):
+    """Under Ray Train the worker's error reaches the driver as that error (not one traceback per worker)."""
+    import shutil
+
+    from macrid.config import load_config
+    from macrid.launch import launch
+
+    def cfg(*extra):
+        return load_config(None, [f"data.lake={lake_with_shards!r}", "data.dataset='syn'", "run.name='bad-shard'",
+                                  "optim.epochs=2", "model.K=4", "model.D=8", "run.progress=false",
+                                  "run.data='memory'", "run.max_failures=0", "run.cpus_per_worker=1", *extra])
+    shard = f"{snapshot_uri(lake_with_shards, 'syn')}/train/part-00000.parquet"
+    backup = tmp_path / "part-00000.parquet"
+    shutil.copy(shard, backup)
+    size = backup.stat().st_size
+    try:
+        with open(shard, "r+b") as f:
+            f.seek(size // 3)
+            f.write(b"\xff" * 64)
+        with pytest.raises(DataError, match="part-00000.parquet: cannot read this training shard"):
+            launch(cfg())
+    finally:
+        shutil.copy(backup, shard)
+    resumed = launch(cfg("run.resume=true"))
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
