@@ -4,6 +4,7 @@ The Ray Data tests run the workers' own functions (ray_data.stream_batches, Cach
 real streaming_split that Ray Train uses, consumed by two threads as two workers would.
 """
 
+import contextlib
 import threading
 from collections import Counter
 
@@ -134,72 +135,59 @@ def test_stream_order_is_reproducible_for_a_seed_on_two_workers(lake_with_shards
     assert first != order(12)
 
 
-def test_corrupt_shard_is_named_and_the_share_loads_after_the_fix(lake_with_shards, tmp_path):
-    import shutil
+@contextlib.contextmanager
+def broken(lake, part: str, how: str):
+    """Break one training shard of the current version in place, and restore it afterwards.
 
-    shard = f"{snapshot_uri(lake_with_shards, 'syn')}/train/part-00001.parquet"
-    backup = tmp_path / "part-00001.parquet"
-    shutil.copy(shard, backup)
-    size = backup.stat().st_size
+    how: "rot" (same size, 64 bytes of the data pages changed) or "torn" (only the first part of the
+    file, as an interrupted upload leaves it). Yields the shard's path."""
+    shard = f"{snapshot_uri(lake, 'syn')}/train/{part}"
+    with open(shard, "rb") as f:
+        original = f.read()
     try:
-        with open(shard, "r+b") as f:  # bit rot: same size, some bytes of the data pages changed
-            f.seek(size // 3)
-            f.write(b"\xff" * 64)
+        with open(shard, "wb") as f:
+            if how == "rot":
+                third = len(original) // 3
+                f.write(original[:third] + b"\xff" * 64 + original[third + 64:])
+            else:
+                f.write(original[:len(original) // 3])
+        yield shard
+    finally:
+        with open(shard, "wb") as f:
+            f.write(original)
+
+
+@pytest.mark.parametrize("how", ["rot", "torn"])
+def test_bad_shard_is_named_and_the_share_loads_after_the_fix(lake_with_shards, how):
+    with broken(lake_with_shards, "part-00001.parquet", how):
         with pytest.raises(DataError, match="part-00001.parquet: cannot read this training shard.*--resume"):
             load_train_share(lake_with_shards, "syn", 0, 2)
-        with open(shard, "wb") as f:  # a torn upload: the first half only
-            f.write(backup.read_bytes()[:size // 2])
-        with pytest.raises(DataError, match="part-00001.parquet: cannot read this training shard"):
-            load_train_share(lake_with_shards, "syn", 1, 2)
-    finally:
-        shutil.copy(backup, shard)
     assert load_train_share(lake_with_shards, "syn", 0, 2).n_rows == 240
 
 
-def test_torn_shard_is_named_before_ray_data_reads(lake_with_shards, tmp_path, local_ray):
-    import shutil
-
+def test_torn_shard_is_named_before_ray_data_reads(lake_with_shards, local_ray):
     from macrid.ray_data import train_dataset
 
-    shard = f"{snapshot_uri(lake_with_shards, 'syn')}/train/part-00002.parquet"
-    backup = tmp_path / "part-00002.parquet"
-    shutil.copy(shard, backup)
-    try:
-        with open(shard, "wb") as f:
-            f.write(backup.read_bytes()[:1000])
+    with broken(lake_with_shards, "part-00002.parquet", "torn"):
         with pytest.raises(DataError, match="part-00002.parquet: cannot read this training shard"):
             train_dataset(lake_with_shards, "syn")
-    finally:
-        shutil.copy(backup, shard)
     assert train_dataset(lake_with_shards, "syn").count() == 480
 
 
-
-def test_shard_torn_during_a_streamed_run_is_named(lake_with_shards, tmp_path, local_ray):
+def test_shard_torn_during_a_streamed_run_is_named(lake_with_shards, local_ray):
     """The footers pass the check at the run's start; the file is torn before the epoch reads it."""
-    import shutil
-
     from macrid.ray_data import stream_batches, train_dataset
 
     train_uri = f"{snapshot_uri(lake_with_shards, 'syn')}/train"
     split = train_dataset(lake_with_shards, "syn").streaming_split(1, equal=True)[0]
-    shard = f"{train_uri}/part-00001.parquet"
-    backup = tmp_path / "part-00001.parquet"
-    shutil.copy(shard, backup)
-    try:
-        with open(shard, "wb") as f:
-            f.write(backup.read_bytes()[:1500])
+    with broken(lake_with_shards, "part-00001.parquet", "torn"):
         with pytest.raises(DataError, match="part-00001.parquet: cannot read this training shard.*--resume"):
             list(stream_batches(split, 50, seed=1, epoch=1, rank=0, train_uri=train_uri))
-    finally:
-        shutil.copy(backup, shard)
     assert sum(len(o) - 1 for _, o in stream_batches(split, 50, seed=1, epoch=2, rank=0, train_uri=train_uri)) == 480
 
 
-def test_a_run_stopped_by_a_bad_shard_names_it_and_resumes_after_the_fix(lake_with_shards, tmp_path, local_ray):
+def test_a_run_stopped_by_a_bad_shard_names_it_and_resumes_after_the_fix(lake_with_shards, local_ray):
     """Under Ray Train the worker's error reaches the driver as that error (not one traceback per worker)."""
-    import shutil
-
     from macrid.config import load_config
     from macrid.launch import launch
 
@@ -207,17 +195,8 @@ def test_a_run_stopped_by_a_bad_shard_names_it_and_resumes_after_the_fix(lake_wi
         return load_config(None, [f"data.lake={lake_with_shards!r}", "data.dataset='syn'", "run.name='bad-shard'",
                                   "optim.epochs=2", "model.K=4", "model.D=8", "run.progress=false",
                                   "run.data='memory'", "run.max_failures=0", "run.cpus_per_worker=1", *extra])
-    shard = f"{snapshot_uri(lake_with_shards, 'syn')}/train/part-00000.parquet"
-    backup = tmp_path / "part-00000.parquet"
-    shutil.copy(shard, backup)
-    size = backup.stat().st_size
-    try:
-        with open(shard, "r+b") as f:
-            f.seek(size // 3)
-            f.write(b"\xff" * 64)
+    with broken(lake_with_shards, "part-00000.parquet", "rot"):
         with pytest.raises(DataError, match="part-00000.parquet: cannot read this training shard"):
             launch(cfg())
-    finally:
-        shutil.copy(backup, shard)
     resumed = launch(cfg("run.resume=true"))
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
