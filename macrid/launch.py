@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import time
 
@@ -24,7 +23,6 @@ from macrid.errors import ConfigError, DataError, MacridError
 from macrid.session import SCORE, STATE_FILE, RaySession
 from macrid.train import finish, fit, has_run, pin_run, run_uri
 
-log = logging.getLogger(__name__)
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
 DEFAULT_CLUSTER_CPUS_PER_WORKER = 1.0
 
@@ -106,11 +104,11 @@ def worker_resources(cfg: Config, local: bool) -> Config:
     """Fill in run.cpus_per_worker and run.threads; refuse sizes that would deadlock a local Ray."""
     import ray
 
-    from macrid.ray_data import DATA_RESERVE_CPUS
+    from macrid.ray_data import DATA_RESERVE_CPUS, RAY_DATA_MODES
 
     W, run = cfg.run.num_workers, cfg.run
     local_cpus = float(ray.cluster_resources().get("CPU", 1)) if local else 0.0
-    streams = run.data in ("stream", "cache")
+    streams = run.data in RAY_DATA_MODES
     reserve = DATA_RESERVE_CPUS if streams else 0.0  # Ray Data's tasks need CPU beside the trainers
     cpus = run.cpus_per_worker or (max(0.5, (local_cpus - reserve) / W) if local else DEFAULT_CLUSTER_CPUS_PER_WORKER)
     # Ray Data splits the CPUs the trainers leave among its operators; with less than one whole CPU left,
@@ -130,7 +128,7 @@ def launch(cfg: Config) -> dict:
     from ray.train.torch import TorchTrainer
 
     from macrid import checkpoint
-    from macrid.ray_data import train_dataset
+    from macrid.ray_data import RAY_DATA_MODES, train_dataset
 
     cfg = prepare_config(cfg)
     cfg, meta = pin_run(cfg, "ray")  # fail here, with the cause, before starting workers
@@ -143,7 +141,7 @@ def launch(cfg: Config) -> dict:
     W, run = cfg.run.num_workers, cfg.run
     resources = {"CPU": run.cpus_per_worker} | ({"GPU": run.gpus_per_worker} if run.use_gpu else {})
     datasets = {}
-    if run.data in ("stream", "cache"):
+    if run.data in RAY_DATA_MODES:
         datasets["train"] = train_dataset(cfg.data.lake, cfg.data.dataset, cfg.data.version)
     fs, runs_path = lake.resolve(lake.join(cfg.data.lake, "runs"))
     trainer = TorchTrainer(

@@ -11,8 +11,8 @@ Inputs must already be L2-normalised, so S is the cosine.
 Precision: under bf16 autocast the three GEMMs take bf16 operands (tensor cores) and produce
 fp32 (on CUDA directly through `out_dtype`; on CPU, which exists to test this path, by a cast), so
 exp(S/tau), the mixture A and everything after it stay fp32. What bf16 costs is the rounding of
-the operands: z/tau and h_i carry ~2^-9 relative error, so S/tau (|S/tau| <= 1/tau) is off by up
-to ~0.02 at 1/tau = 10, and A by ~2% per item; the log-sum-exp over items averages that out.
+the operands (~2^-9 relative): measured at 1/tau = 10 (`python benchmarks/bf16_error.py`), A is off
+by 0.14% at the median and 2.0% at most, and the log-sum-exp over items by at most 0.0004 nats.
 The function does its own casting with autocast off, so that autocast does not cast again inside.
 """
 

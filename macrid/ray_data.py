@@ -32,6 +32,7 @@ from macrid import lake
 from macrid.batches import CSR, snapshot_uri, unreadable_shard
 from macrid.errors import DataError
 
+RAY_DATA_MODES = ("stream", "cache")  # the run.data values whose input goes through Ray Data
 DATA_TASK_CPUS = 0.25
 DATA_RESERVE_CPUS = 1.0  # CPUs a local Ray keeps free of trainers for Ray Data (launch.worker_resources)
 SHUFFLE_BUFFER_USERS = 20_000  # users mixed by each worker's local shuffle buffer ("stream")
