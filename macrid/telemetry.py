@@ -54,3 +54,35 @@ class TrainMetrics:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+EXPORT_JOB = "macrid_export"
+
+
+def push_export(gateway: str, name: str, summary: dict | None, duration: float) -> None:
+    """Push one export run's outcome to a Prometheus Pushgateway (job macrid_export, label export=<name>).
+
+    summary None means the run failed: only the failure time and the duration are pushed. pushadd
+    (POST) replaces only the series it sends, so a failure leaves the last success time as it was,
+    which is what the staleness alert in infra/prometheus/alerts.yaml watches."""
+    import time
+
+    from prometheus_client import pushadd_to_gateway
+
+    registry = CollectorRegistry()
+
+    def gauge(metric: str, doc: str, value: float) -> None:
+        Gauge(metric, doc, registry=registry).set(value)
+
+    gauge("macrid_export_duration_seconds", "wall time of the last export run", duration)
+    if summary is None:
+        gauge("macrid_export_last_failure_timestamp_seconds", "Unix time of the last failed export", time.time())
+    else:
+        counts = summary["counts"]
+        gauge("macrid_export_users", "users exported by the last successful run", counts["users_exported"])
+        gauge("macrid_export_items_dropped", "interactions with items outside the run's vocabulary, dropped",
+              counts["interactions_dropped"])
+        gauge("macrid_export_users_without_known_items", "input users with no item of the run's vocabulary",
+              counts["users_without_known_items"])
+        gauge("macrid_export_last_success_timestamp_seconds", "Unix time of the last successful export", time.time())
+    pushadd_to_gateway(gateway, job=EXPORT_JOB, registry=registry, grouping_key={"export": name}, timeout=10)

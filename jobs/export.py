@@ -1,0 +1,86 @@
+"""Nightly export: a trained run's user components, item concepts, recommendations and prototypes,
+written to the lake as Delta tables partitioned by date.
+
+  python jobs/export.py --lake lake --run ml-1m-run --input ml-1m --name nightly --top-n 100
+  ray job submit -- python jobs/export.py --lake s3://bucket/lake --run prod --input s3://bucket/events/today \\
+      --name nightly --date 2026-11-28 --top-n 100 --workers 4 --gpus-per-worker 1
+
+--input is a dataset of the lake (all its users) or raw interactions in any format `prepare` reads
+(a file, a folder or an s3:// prefix). The tables land in <lake>/exports/<name>/{user_components,
+item_concepts,recommendations,prototypes}; each is committed once, and a re-run for the same --date
+replaces that date's partition. Columns and example queries: docs/export-schema.md.
+
+Monitoring: with --pushgateway URL (or PUSHGATEWAY_URL), every run pushes its users, dropped items,
+duration and last success (or failure) time to a Prometheus Pushgateway, job "macrid_export".
+Exit status: 0 done, 2 bad input or configuration (nothing was committed), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from macrid.errors import MacridError
+from macrid.export import ExportSpec, export
+from macrid.readers import FORMATS
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lake", required=True, help="lake root: a folder or s3://bucket/prefix")
+    p.add_argument("--run", required=True, help="the trained run (a folder of <lake>/runs) whose best model to use")
+    p.add_argument("--input", required=True, help="a dataset name of the lake, or raw interactions (path or s3://)")
+    p.add_argument("--name", required=True, help="export name: the tables go to <lake>/exports/<name>/")
+    p.add_argument("--date", default="", help="the partition, YYYY-MM-DD (default: today, UTC)")
+    p.add_argument("--top-n", type=int, default=0, help="also write each user's top-N recommendations (default 0: "
+                                                        "no recommendations table)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Data actors computing users (default 1)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per actor (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (default 0: CPU)")
+    p.add_argument("--batch-size", type=int, default=2000, help="users per actor call (default 2000)")
+    p.add_argument("--format", default="auto", choices=FORMATS, help="raw input format (default: from the name)")
+    p.add_argument("--user-col", default="user_id", help="user column of a raw table")
+    p.add_argument("--item-col", default="item_id", help="item column of a raw table")
+    p.add_argument("--rating-col", default=None, help="rating column of a raw table (ratings below the "
+                                                      "dataset's min_rating are dropped, as in training)")
+    p.add_argument("--pushgateway", default=os.environ.get("PUSHGATEWAY_URL", ""),
+                   help="Prometheus Pushgateway address, e.g. http://pushgateway:9091 (default: $PUSHGATEWAY_URL)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+
+    spec = ExportSpec(lake=args.lake, run=args.run, input=args.input, name=args.name, date=args.date,
+                      top_n=args.top_n, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                      gpus_per_worker=args.gpus_per_worker, batch_size=args.batch_size, format=args.format,
+                      user_col=args.user_col, item_col=args.item_col, rating_col=args.rating_col)
+    t0, summary, status = time.time(), None, 1
+    try:
+        summary = export(spec, progress=not args.quiet)
+        status = 0
+    except MacridError as e:
+        print(f"error: {e}", file=sys.stderr)
+        status = 2
+    finally:
+        if args.pushgateway:
+            _push(args.pushgateway, args.name, summary, time.time() - t0)
+    if summary is not None:
+        print(json.dumps({k: summary[k] for k in ("date", "export_id", "counts", "seconds", "versions")}, indent=1))
+    return status
+
+
+def _push(gateway: str, name: str, summary: dict | None, seconds: float) -> None:
+    from macrid.telemetry import push_export
+
+    try:
+        push_export(gateway, name, summary, seconds)
+    except OSError as e:  # the export's outcome stands; say that monitoring did not get it
+        print(f"warning: could not push to the Pushgateway at {gateway} ({e}); the export's outcome is not "
+              "monitored for this run", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

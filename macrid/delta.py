@@ -1,0 +1,147 @@
+"""Delta Lake tables written the way a distributed job writes them: many files, one commit.
+
+Writers (Ray Data actors, or the driver) put Parquet data files into the table's folder under
+`dt=<date>/`, each named uniquely; nothing reads them yet, because a Delta table is what its log
+says, not what its folder holds. The driver then commits all files of a table as one transaction
+that replaces the date's partition (`mode="overwrite"` with a `dt` partition filter). So:
+
+- a crash before the commit leaves the previous version as it was, and the files it wrote are
+  orphans that no reader sees (`delete_files` removes them; `DeltaTable.vacuum` removes any left);
+- a re-run for the same date replaces that date's partition and nothing else;
+- every commit carries our metadata (checkpoint, input snapshot, counts, timings, schema version),
+  readable with `DeltaTable(uri).history()`.
+
+On S3, commits use conditional writes (`conditional_put = "etag"`), so two writers cannot both
+win the same log entry: the loser fails instead of overwriting. Stores without conditional
+writes need a single writer per table (or a DynamoDB lock, which we do not configure).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from macrid import lake
+from macrid.errors import DataError
+
+PARTITION = "dt"
+
+
+def table_uri(uri: str) -> str:
+    """A lake URI as deltalake takes it: s3://... as is, a local path absolute."""
+    return uri if lake.is_s3(uri) else os.path.abspath(uri.removeprefix("file://"))
+
+
+def storage_options(uri: str) -> dict[str, str]:
+    """deltalake's object-store options from the standard AWS environment (the same one pyarrow reads)."""
+    if not lake.is_s3(uri):
+        return {}
+    env, opts = os.environ, {"conditional_put": "etag"}  # safe concurrent commits where the store supports it
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["AWS_ENDPOINT_URL"] = endpoint
+        if endpoint.startswith("http://"):
+            opts["AWS_ALLOW_HTTP"] = "true"
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        if env.get(key):
+            opts[key] = env[key]
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        opts["AWS_REGION"] = region
+    return opts
+
+
+def open_table(uri: str, version: int | None = None):
+    """The Delta table at uri (at a version), or None when there is none yet."""
+    from deltalake import DeltaTable
+
+    if not DeltaTable.is_deltatable(table_uri(uri), storage_options(uri)):
+        return None
+    return DeltaTable(table_uri(uri), version=version, storage_options=storage_options(uri))
+
+
+def write_file(uri: str, date: str, table: pa.Table, tag: str) -> dict:
+    """One data file of the `dt=date` partition, not yet committed. Returns its add record.
+
+    `table` holds the data columns only: the partition column lives in the path and the log.
+    `tag` (the export's id) names the file, so a failed export's files can be found and deleted."""
+    rel = f"{PARTITION}={date}/part-{tag}-{uuid.uuid4().hex[:12]}.parquet"
+    fs, root = lake.resolve(uri)
+    path = f"{root}/{rel}"
+    with lake.explained(uri):
+        if not lake.is_s3(uri):
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(table, path, filesystem=fs, compression="zstd")
+        size = fs.get_file_info(path).size
+    return {"path": rel, "size": int(size), "rows": table.num_rows, "date": date}
+
+
+def commit(uri: str, schema: pa.Schema, files: list[dict], date: str, metadata: dict) -> int:
+    """Make `files` the whole `dt=date` partition in one transaction (creating the table if needed).
+
+    schema: the data columns; the table's schema is it plus `dt: string`. Returns the new version."""
+    from deltalake import CommitProperties, Schema
+    from deltalake.transaction import AddAction, create_table_with_add_actions
+
+    full = schema.append(pa.field(PARTITION, pa.string()))
+    now = int(time.time() * 1000)
+    actions = [AddAction(f["path"], f["size"], {PARTITION: date}, now, True, json.dumps({"numRecords": f["rows"]}))
+               for f in files]
+    props = CommitProperties(custom_metadata={"macrid": json.dumps(metadata, sort_keys=True)})
+    table = open_table(uri)
+    with lake.explained(uri):
+        if table is None:
+            create_table_with_add_actions(table_uri(uri), Schema.from_arrow(full), actions, mode="error", partition_by=[PARTITION],
+                                          storage_options=storage_options(uri), commit_properties=props)
+        else:
+            if table.schema().to_arrow() != _delta_arrow(full):
+                raise DataError(
+                    f"{uri}: the table's columns ({table.schema().to_arrow()}) differ from this export's; export "
+                    "to a new --name, or move the old table away")
+            table.create_write_transaction(actions, "overwrite", full, partition_by=[PARTITION],
+                                           partition_filters=[(PARTITION, "=", date)], commit_properties=props)
+    return open_table(uri).version()
+
+
+def delete_files(uri: str, files: list[dict]) -> None:
+    """Remove uncommitted files (a failed export's). Best effort: `vacuum` removes whatever is left."""
+    fs, root = lake.resolve(uri)
+    for f in files:
+        try:
+            fs.delete_file(f"{root}/{f['path']}")
+        except OSError:
+            pass
+
+
+def last_commit(uri: str) -> dict:
+    """Our metadata of the table's latest commit ({} if the table or the metadata is missing)."""
+    table = open_table(uri)
+    if table is None:
+        return {}
+    entry = table.history(1)[0]
+    return json.loads(entry.get("macrid", "{}"))
+
+
+def _delta_arrow(schema: pa.Schema) -> pa.Schema:
+    """What deltalake reports back for an Arrow schema we commit (its own type mapping)."""
+    from deltalake import Schema
+
+    return Schema.from_arrow(schema).to_arrow()
+
+
+def delete_uncommitted(uri: str, date: str, tag: str) -> None:
+    """Remove the files a failed export (`tag`) wrote into the `dt=date` partition before its commit."""
+    import pyarrow.fs as pafs
+
+    fs, root = lake.resolve(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(f"{root}/{PARTITION}={date}", allow_not_found=True))
+    except OSError:
+        return
+    delete_files(uri, [{"path": f"{PARTITION}={date}/{i.base_name}"} for i in infos
+                       if i.base_name.startswith(f"part-{tag}-")])

@@ -1,0 +1,347 @@
+"""The nightly export: a trained run's users, items, recommendations and prototypes, as Delta tables.
+
+    driver   run's model.pt + its dataset's vocabulary; the input's user rows (export_input)
+    Ray Data read_parquet(user rows) -> map_batches(ExportWorker, actor pool: the model loads once per actor)
+             each actor computes a batch (represent.users) and writes its data files itself, uncommitted
+    driver   item concepts and prototypes (M rows, chunk by chunk); then one Delta commit per table that
+             replaces the date's partition, with our metadata; then the Pushgateway
+
+<lake>/exports/<name>/{user_components,item_concepts,recommendations,prototypes}/dt=YYYY-MM-DD/.
+Columns, types and example queries: docs/export-schema.md. Memory stays bounded: each actor holds the
+model, the item-ID and user-ID lookups and one batch; the driver only collects file records.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import time
+import uuid
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import torch
+
+from macrid import delta, lake
+from macrid.batches import load_meta, snapshot_uri
+from macrid.errors import CheckpointError, ConfigError, DataError
+from macrid.export_input import Source, csr, is_dataset, merge_heldout, prepared, raw
+from macrid.model import MacridVAE
+from macrid.train import MODEL_FILE, RUN_FILE, load_model
+
+SCHEMA_VERSION = 1
+TABLES = ("user_components", "recommendations", "item_concepts", "prototypes")
+ITEM_CHUNK = 65_536
+FAULT_ENV = "MACRID_EXPORT_FAIL_AFTER_BATCHES"  # tests: a worker crashes after this many batches
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    lake: str
+    run: str
+    input: str
+    name: str
+    date: str = ""  # YYYY-MM-DD; "" = today (UTC)
+    top_n: int = 0
+    workers: int = 1  # actors
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    batch_size: int = 2000  # users per actor call
+    format: str = "auto"
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    rating_col: str | None = None
+
+
+def export_uri(lake_root: str, name: str, table: str = "") -> str:
+    return lake.join(lake_root, "exports", name, table)
+
+
+def export(spec: ExportSpec, progress: bool = True) -> dict:
+    """Run the export; returns the summary also recorded in every table's commit."""
+    t0 = time.time()
+    spec = _checked(spec)
+    tag = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    model, saved, vocab, run_record = _run_model(spec)
+    stage = export_uri(spec.lake, spec.name, f"_staging/{tag}")
+    committed: list[str] = []
+    try:
+        source = _source(spec, saved["vocabulary_fingerprint"], vocab, run_record, stage)
+        t_input = time.time()
+        files = _users(spec, source, run_record, tag, progress)
+        t_users = time.time()
+        files["item_concepts"], files["prototypes"] = _items(spec, model, vocab, tag)
+        t_items = time.time()
+        counts = dict(source.counts, users_exported=sum(f["users"] for f in files["user_components"]),
+                      items=len(vocab), recommendations=sum(f["rows"] for f in files["recommendations"]))
+        summary = {
+            "schema_version": SCHEMA_VERSION, "export_id": tag, "date": spec.date, "top_n": spec.top_n,
+            "checkpoint": {"run": spec.run, "file": lake.join(_run_uri(spec), MODEL_FILE), "epoch": saved["epoch"],
+                           "step": saved["step"], "vocabulary_fingerprint": saved["vocabulary_fingerprint"],
+                           "trained_on": run_record},
+            "input": source.record, "counts": counts,
+            "seconds": {"input": round(t_input - t0, 3), "users": round(t_users - t_input, 3),
+                        "items": round(t_items - t_users, 3)},
+        }
+        for table in TABLES:  # one commit per table; the summary's timings cover everything before the commits
+            if table == "recommendations" and not spec.top_n:
+                continue
+            uri = export_uri(spec.lake, spec.name, table)
+            version = delta.commit(uri, SCHEMAS[table](vocab["item_id"].to_arrow().type, source.user_type),
+                                   files[table], spec.date, summary)
+            committed.append(table)
+            summary.setdefault("versions", {})[table] = version
+    except BaseException:
+        for table in TABLES:
+            if table not in committed:
+                delta.delete_uncommitted(export_uri(spec.lake, spec.name, table), spec.date, tag)
+        raise
+    finally:
+        _remove(stage)
+    summary["seconds"]["total"] = round(time.time() - t0, 3)
+    return summary
+
+
+def _checked(spec: ExportSpec) -> ExportSpec:
+    date = spec.date or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    try:
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", date):
+            raise ValueError
+        datetime.date.fromisoformat(date)
+    except ValueError:
+        raise ConfigError(f"--date {date!r} is not a date; pass YYYY-MM-DD, e.g. 2026-11-28") from None
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", spec.name):
+        raise ConfigError(f"--name {spec.name!r}: use letters, digits, '.', '_' and '-' only (it names a folder)")
+    if spec.top_n < 0 or spec.workers < 1 or spec.batch_size < 1:
+        raise ConfigError("--top-n must be >= 0, --workers and --batch-size >= 1")
+    lake_root = spec.lake if lake.is_s3(spec.lake) else os.path.abspath(spec.lake)
+    lake.check_root(lake_root)
+    return ExportSpec(**(asdict(spec) | {"date": date, "lake": lake_root}))
+
+
+def _run_uri(spec: ExportSpec) -> str:
+    return lake.join(spec.lake, "runs", spec.run)
+
+
+def _run_model(spec: ExportSpec) -> tuple[MacridVAE, dict, pl.DataFrame, dict]:
+    """The run's published best model, and the vocabulary (item_idx, item_id, title) it was trained on."""
+    run = _run_uri(spec)
+    if not lake.exists(lake.join(run, MODEL_FILE)):
+        raise CheckpointError(
+            f"{run}: no {MODEL_FILE}, so the run has no published best model (it is missing, still training, or "
+            f"failed); pass a finished run (ls {lake.join(spec.lake, 'runs')}) or train it to the end")
+    model, saved = load_model(run)
+    if not isinstance(model, MacridVAE):
+        raise CheckpointError(f"{run}: a {type(model).__name__} run; the export needs a MacridVAE run (concepts)")
+    record = lake.read_json(lake.join(run, RUN_FILE)) if lake.exists(lake.join(run, RUN_FILE)) else {}
+    if not record:
+        raise CheckpointError(f"{run}: no {RUN_FILE}, so the run's dataset is unknown; retrain with this version")
+    version = record.get("version", "")
+    try:
+        load_meta(spec.lake, record["dataset"], version)
+    except DataError:  # the pinned version was pruned: the current one serves if its vocabulary is the same
+        version = ""
+    meta = load_meta(spec.lake, record["dataset"], version)
+    if meta["vocabulary_fingerprint"] != saved["vocabulary_fingerprint"]:
+        raise CheckpointError(
+            f"{run}: trained on item vocabulary {saved['vocabulary_fingerprint'][:12]}, but dataset "
+            f"{record['dataset']!r} now has {meta['vocabulary_fingerprint'][:12]} and the version the run read is "
+            "gone; the item IDs cannot be recovered: retrain on the current dataset")
+    uri = lake.join(snapshot_uri(spec.lake, record["dataset"], meta.get("version", "")), "items")
+    vocab = pl.from_arrow(lake.read_table(uri, ["item_idx", "item_id", "title"])).sort("item_idx")
+    record = dict(record, version=meta.get("version", ""), min_rating=meta["protocol"].get("min_rating"))
+    return model, saved, vocab, record
+
+
+def _source(spec: ExportSpec, fingerprint: str, vocab: pl.DataFrame, run_record: dict, stage: str) -> Source:
+    if is_dataset(spec.lake, spec.input):
+        return prepared(spec.lake, spec.input, fingerprint)
+    if "/" not in spec.input and not os.path.exists(spec.input):
+        raise DataError(f"--input {spec.input!r} is neither a dataset of {spec.lake} (ls "
+                        f"{lake.join(spec.lake, 'datasets')}) nor a file or folder of raw interactions")
+    return raw(spec.input, vocab.select("item_idx", "item_id"), run_record["min_rating"] if spec.rating_col
+               or spec.format != "table" else None, stage, spec.format, spec.user_col, spec.item_col,
+               spec.rating_col)
+
+
+def _users(spec: ExportSpec, source: Source, run_record: dict, tag: str, progress: bool) -> dict[str, list[dict]]:
+    """Ray Data over the user rows; actors compute and write. Returns each table's file records."""
+    import ray.data
+    from tqdm import tqdm
+
+    from macrid.launch import connect
+
+    connect()
+    fs, _ = lake.resolve(spec.lake)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same batches on a re-run: identical content
+    ctx.use_datasource_v2 = False  # (see ray_data.train_dataset)
+    ctx.enable_progress_bars = False  # ours counts users; Ray Data's would print a status block every few seconds
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": ours
+    # one block per file: the shards are already sized for a task (100,000 users), and splitting them into
+    # hundreds of blocks only adds scheduling
+    parts = [ray.data.read_parquet(source.files["bags"], filesystem=fs, num_cpus=0.25,
+                                   override_num_blocks=len(source.files["bags"]))] if source.files.get("bags") else []
+    if source.files.get("heldout"):
+        parts.append(ray.data.read_parquet(source.files["heldout"], filesystem=fs, num_cpus=0.25,
+                                           override_num_blocks=len(source.files["heldout"]),
+                                           columns=["user_idx", "foldin", "heldout"])
+                     .map_batches(merge_heldout, batch_format="pyarrow", num_cpus=0.25))
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    snap = snapshot_uri(spec.lake, run_record["dataset"], run_record["version"])
+    with warnings.catch_warnings():  # max_restarts goes through **ray_remote_args, deprecated without a successor
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+        ds = _map_users(ds, spec, source, snap, tag)
+    files: dict[str, list[dict]] = {"user_components": [], "recommendations": []}
+    bar = tqdm(total=source.counts["users_input"] - source.counts["users_without_known_items"], unit="user",
+               unit_scale=True, desc="export users", disable=not progress)
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in batch.to_pylist():
+            files[row["table"]].append(row)
+            if row["table"] == "user_components":
+                bar.update(row["users"])
+    bar.close()
+    return files
+
+
+def _map_users(ds, spec: ExportSpec, source: Source, snap: str, tag: str):
+    import ray.data
+
+    return ds.map_batches(
+        ExportWorker, batch_size=spec.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=spec.workers), num_cpus=spec.cpus_per_worker,
+        num_gpus=spec.gpus_per_worker or None,
+        # a failed actor fails the export (nothing is committed; the nightly job is re-run). Ray Data's
+        # default (-1) also makes Ray log an error line about restartable actors on every run.
+        max_restarts=0,
+        fn_constructor_kwargs={"run": _run_uri(spec), "items_uri": lake.join(snap, "items"),
+                               "users_uri": source.users_uri, "tables": export_uri(spec.lake, spec.name),
+                               "date": spec.date, "tag": tag, "top_n": spec.top_n,
+                               "threads": max(1, int(spec.cpus_per_worker))})
+
+
+class ExportWorker:
+    """One Ray Data actor: loads the model once, then turns batches of user rows into written data files."""
+
+    def __init__(self, run: str, items_uri: str, users_uri: str | None, tables: str, date: str, tag: str,
+                 top_n: int, threads: int):
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, _ = load_model(run)
+        self.model = model.to(self.device).eval()
+        self.item_ids = lake.read_table(items_uri, ["item_id"])["item_id"].combine_chunks()  # (M,) by item_idx
+        self.user_ids = lake.read_table(users_uri, ["user_id"])["user_id"].combine_chunks() if users_uri else None
+        self.tables, self.date, self.tag, self.top_n, self.calls = tables, date, tag, top_n, 0
+        self.fail_after = int(os.environ.get(FAULT_ENV, "0"))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from macrid import represent
+
+        self.calls += 1
+        if self.fail_after and self.calls > self.fail_after:
+            raise RuntimeError(f"injected failure after {self.fail_after} batches ({FAULT_ENV})")
+        indices, offsets = csr(batch["items"])
+        user_ids = batch["user_id"] if "user_id" in batch.column_names else \
+            self.user_ids.take(batch["user_idx"].combine_chunks())
+        out = represent.users(self.model, torch.from_numpy(indices), torch.from_numpy(offsets), self.top_n)
+        B, K = out.share.shape
+        records = [dict(delta.write_file(lake.join(self.tables, "user_components"), self.date,
+                                         components_table(user_ids, out.mu, out.share), self.tag),
+                        table="user_components", users=B)]
+        if self.top_n:
+            records.append(dict(delta.write_file(lake.join(self.tables, "recommendations"), self.date,
+                                                  recommendations_table(user_ids, self.item_ids, out), self.tag),
+                                table="recommendations", users=B))
+        return pa.Table.from_pylist(records)
+
+
+def components_table(user_ids: pa.Array, mu: torch.Tensor, share: torch.Tensor) -> pa.Table:
+    """One row per (user, component): user_id, component, weight, dominant, mu."""
+    B, K, D = mu.shape
+    share_np = share.float().cpu().numpy()  # (B, K)
+    dominant = share_np.argmax(1)  # (B,)
+    flat = mu.float().cpu().numpy().reshape(-1)  # (B*K*D,)
+    return pa.table({
+        "user_id": pa.array(user_ids).take(pa.array(np.repeat(np.arange(B), K))),
+        "component": pa.array(np.tile(np.arange(K, dtype=np.int16), B)),
+        "weight": pa.array(share_np.reshape(-1)),
+        "dominant": pa.array(np.tile(np.arange(K), B) == np.repeat(dominant, K)),
+        "mu": pa.ListArray.from_arrays(pa.array(np.arange(0, B * K * D + 1, D, dtype=np.int32)), pa.array(flat)),
+    })
+
+
+def recommendations_table(user_ids: pa.Array, item_ids: pa.Array, out) -> pa.Table:
+    """One row per (user, rank): user_id, rank (1 = best), item_id, score (log A_ui), concept."""
+    B, N = out.top_items.shape
+    return pa.table({
+        "user_id": pa.array(user_ids).take(pa.array(np.repeat(np.arange(B), N))),
+        "rank": pa.array(np.tile(np.arange(1, N + 1, dtype=np.int16), B)),
+        "item_id": item_ids.take(pa.array(out.top_items.cpu().numpy().reshape(-1))),
+        "score": pa.array(out.top_scores.float().cpu().numpy().reshape(-1)),
+        "concept": pa.array(out.top_concepts.cpu().numpy().reshape(-1).astype(np.int16)),
+    })
+
+
+def _items(spec: ExportSpec, model: MacridVAE, vocab: pl.DataFrame, tag: str) -> tuple[list[dict], list[dict]]:
+    """Item concepts chunk by chunk, and the prototypes; written, not committed."""
+    from macrid import represent
+
+    uri = export_uri(spec.lake, spec.name, "item_concepts")
+    ids = vocab["item_id"].to_arrow()
+    titles = vocab["title"].to_arrow()
+    files, per_concept = [], np.zeros(model.K, dtype=np.int64)
+    for lo in range(0, len(vocab), ITEM_CHUNK):
+        hi = min(lo + ITEM_CHUNK, len(vocab))
+        c, h = represent.items(model, lo, hi)  # (C, K), (C, D)
+        c, h = c.float().cpu().numpy(), h.float().cpu().numpy()
+        concept = c.argmax(1)
+        per_concept += np.bincount(concept, minlength=model.K)
+        table = pa.table({
+            "item_id": ids.slice(lo, hi - lo), "title": titles.slice(lo, hi - lo),
+            "concept": pa.array(concept.astype(np.int16)), "probability": pa.array(c.max(1)),
+            "probabilities": _lists(c), "h": _lists(h)})
+        files.append(delta.write_file(uri, spec.date, table, tag))
+    m = model.m.detach().float().cpu().numpy()  # (K, D)
+    prototypes = pa.table({"concept": pa.array(np.arange(model.K, dtype=np.int16)), "m": _lists(m),
+                           "items": pa.array(per_concept)})
+    return files, [delta.write_file(export_uri(spec.lake, spec.name, "prototypes"), spec.date, prototypes, tag)]
+
+
+def _lists(x: np.ndarray) -> pa.ListArray:
+    """(R, C) float32 -> list<float32> column of R rows."""
+    R, C = x.shape
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, R * C + 1, C, dtype=np.int32)),
+                                    pa.array(np.ascontiguousarray(x, dtype=np.float32).reshape(-1)))
+
+
+def _remove(uri: str) -> None:
+    fs, path = lake.resolve(uri)
+    try:
+        fs.delete_dir(path)
+    except (OSError, FileNotFoundError):
+        pass
+
+
+def _list(t: pa.DataType) -> pa.DataType:
+    return pa.list_(t)
+
+
+SCHEMAS = {
+    "user_components": lambda item_t, user_t: pa.schema([
+        ("user_id", user_t), ("component", pa.int16()), ("weight", pa.float32()), ("dominant", pa.bool_()),
+        ("mu", _list(pa.float32()))]),
+    "recommendations": lambda item_t, user_t: pa.schema([
+        ("user_id", user_t), ("rank", pa.int16()), ("item_id", item_t), ("score", pa.float32()),
+        ("concept", pa.int16())]),
+    "item_concepts": lambda item_t, user_t: pa.schema([
+        ("item_id", item_t), ("title", pa.string()), ("concept", pa.int16()), ("probability", pa.float32()),
+        ("probabilities", _list(pa.float32())), ("h", _list(pa.float32()))]),
+    "prototypes": lambda item_t, user_t: pa.schema([
+        ("concept", pa.int16()), ("m", _list(pa.float32())), ("items", pa.int64())]),
+}

@@ -1,0 +1,64 @@
+"""What a trained MacridVAE says about users and items, in evaluation mode: the export's numbers.
+
+- users: the K components mu^(k) (Eq. 7, z = mu), each with the user's share of concept k
+  (sum of c_ik over the user's items, normalised over k), and optionally the top-N items with
+  their log-score log A_ui and the concept each comes from (the k with the largest term
+  c_ik * exp(cos(mu_k, h_i) / tau) of A_ui = sum_k of those terms);
+- items: c_i (Eq. 6, the softmax), its argmax (the item's concept) and h_i.
+
+Plain torch on the model's device; no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from macrid.bags import bag_rows, to_device
+from macrid.evaluate import chunked_top_k
+from macrid.model import MacridVAE
+
+
+@dataclass
+class Users:
+    mu: torch.Tensor  # (B, K, D) unit-norm components
+    share: torch.Tensor  # (B, K) the user's share of each concept, rows sum to 1
+    top_items: torch.Tensor | None = None  # (B, N) item indices, best first, the user's own items excluded
+    top_scores: torch.Tensor | None = None  # (B, N) log A_ui
+    top_concepts: torch.Tensor | None = None  # (B, N) the concept each recommendation comes from
+
+
+@torch.no_grad()
+def users(model: MacridVAE, indices: torch.Tensor, offsets: torch.Tensor, top_n: int = 0) -> Users:
+    """A batch of users (CSR: indices (N,), offsets (B+1,)) -> their components, shares and top-N items."""
+    model.eval()
+    device = model.h.device
+    indices, offsets = to_device(indices, device), to_device(offsets, device)
+    B, n_items = len(offsets) - 1, model.h.shape[0]
+    c = model.concepts(model.h[indices])  # (N, K) c_i of each of the users' items
+    share = c.new_zeros(B, model.K).index_add(0, bag_rows(offsets, len(indices)), c)  # (B, K)
+    share = share / share.sum(1, keepdim=True).clamp_min(1e-12)
+    if top_n <= 0:
+        return Users(model.represent(indices, offsets), share)
+    top, mu = chunked_top_k(model, indices, offsets, n_items, min(top_n, n_items))  # (B, N), (B, K, D)
+    terms = concept_terms(model, mu, top)  # (B, N, K)
+    return Users(mu, share, top, terms.sum(-1).log(), terms.argmax(-1))
+
+
+@torch.no_grad()
+def concept_terms(model: MacridVAE, mu: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """c_ik * exp(cos(mu_uk, h_i) / tau) for each user u's own list of items (B, N) -> (B, N, K)."""
+    h = model.h[items]  # (B, N, D)
+    c = model.concepts(h.reshape(-1, h.shape[-1])).view(*items.shape, model.K)  # (B, N, K)
+    cos = torch.einsum("bkd,bnd->bnk", F.normalize(mu, dim=-1), F.normalize(h, dim=-1))  # (B, N, K)
+    return c * torch.exp(cos / model.tau)
+
+
+@torch.no_grad()
+def items(model: MacridVAE, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items lo..hi-1 -> (c_i (C, K), h_i (C, D))."""
+    model.eval()
+    h = model.h[lo:hi].detach()  # (C, D)
+    return model.concepts(h), h
