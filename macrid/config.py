@@ -104,7 +104,7 @@ class RunConfig:
     # (Ray Data every epoch through a seeded shuffle buffer; "ray" is the old name), or "auto": memory when
     # a worker's share fits run.memory_budget_gb, stream above
     data: str = "auto"
-    memory_budget_gb: float = 4.0  # "auto": the most a worker may hold of the training bags (8 B per interaction)
+    memory_budget_gb: float = 4.0  # "auto": the most a worker may hold of the training bags (11 B per interaction, measured)
     metrics_port: int = 0  # Prometheus endpoints: rank r serves on metrics_port + r; 0 = off
     use_gpu: bool = False  # GPU workers (NCCL); CPU workers use gloo
     # CPUs each Ray Train worker reserves; 0 = 1 on a cluster the job joins, or the machine's CPUs / workers

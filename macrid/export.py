@@ -37,7 +37,6 @@ from macrid.train import MODEL_FILE, RUN_FILE, load_model
 SCHEMA_VERSION = 1
 TABLES = ("user_components", "recommendations", "item_concepts", "prototypes")
 ITEM_CHUNK = 65_536
-FAULT_ENV = "MACRID_EXPORT_FAIL_AFTER_BATCHES"  # tests: a worker crashes after this many batches
 
 
 @dataclass(frozen=True)
@@ -56,6 +55,7 @@ class ExportSpec:
     user_col: str = "user_id"
     item_col: str = "item_id"
     rating_col: str | None = None
+    fail_after_batches: int = 0  # fault injection (tests): each actor raises after this many batches
 
 
 def export_uri(lake_root: str, name: str, table: str = "") -> str:
@@ -223,14 +223,15 @@ def _map_users(ds, spec: ExportSpec, source: Source, snap: str, tag: str):
         fn_constructor_kwargs={"run": _run_uri(spec), "items_uri": lake.join(snap, "items"),
                                "users_uri": source.users_uri, "tables": export_uri(spec.lake, spec.name),
                                "date": spec.date, "tag": tag, "top_n": spec.top_n,
-                               "threads": max(1, int(spec.cpus_per_worker))})
+                               "threads": max(1, int(spec.cpus_per_worker)),
+                               "fail_after": spec.fail_after_batches})
 
 
 class ExportWorker:
     """One Ray Data actor: loads the model once, then turns batches of user rows into written data files."""
 
     def __init__(self, run: str, items_uri: str, users_uri: str | None, tables: str, date: str, tag: str,
-                 top_n: int, threads: int):
+                 top_n: int, threads: int, fail_after: int):
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, _ = load_model(run)
@@ -238,14 +239,14 @@ class ExportWorker:
         self.item_ids = lake.read_table(items_uri, ["item_id"])["item_id"].combine_chunks()  # (M,) by item_idx
         self.user_ids = lake.read_table(users_uri, ["user_id"])["user_id"].combine_chunks() if users_uri else None
         self.tables, self.date, self.tag, self.top_n, self.calls = tables, date, tag, top_n, 0
-        self.fail_after = int(os.environ.get(FAULT_ENV, "0"))
+        self.fail_after = fail_after
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from macrid import represent
 
         self.calls += 1
         if self.fail_after and self.calls > self.fail_after:
-            raise RuntimeError(f"injected failure after {self.fail_after} batches ({FAULT_ENV})")
+            raise RuntimeError(f"injected failure after {self.fail_after} batches (fail_after_batches)")
         indices, offsets = csr(batch["items"])
         user_ids = batch["user_id"] if "user_id" in batch.column_names else \
             self.user_ids.take(batch["user_idx"].combine_chunks())

@@ -50,24 +50,40 @@ def synthetic_lake(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """A real S3-compatible server (moto) on loopback; the AWS environment points at it.
+    """A real S3-compatible server (moto) on loopback, in its own process; the AWS environment points at it.
 
+    Its own process, not a thread of the test process: deltalake's Rust calls hold the GIL while they
+    wait for the server, so a server thread in the same process could never answer them.
     The variables are set before any Ray cluster starts, so Ray workers inherit them.
     """
-    import boto3
-    from moto.server import ThreadedMotoServer
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    port = server._server.server_address[1]
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.05)
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                             "AWS_DEFAULT_REGION", "AWS_REGION")}
     os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                       AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1")
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="lake")
     yield endpoint
-    server.stop()
+    server.terminate()
+    server.wait()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

@@ -200,3 +200,18 @@ def test_a_run_stopped_by_a_bad_shard_names_it_and_resumes_after_the_fix(lake_wi
             launch(cfg())
     resumed = launch(cfg("run.resume=true"))
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+
+
+def test_auto_caches_while_the_share_fits_the_memory_budget_and_streams_past_it():
+    from macrid.config import load_config
+    from macrid.launch import input_mode
+
+    def mode(interactions, workers, budget):
+        cfg = load_config(None, [f"run.num_workers={workers}", f"run.memory_budget_gb={budget}"])
+        return input_mode(cfg, {"train": {"interactions": interactions}})
+
+    # 11 bytes per cached interaction, measured on the planted lake (benchmarks/throughput.md)
+    assert mode(10**8, 1, 1.2) == "memory"  # 1.10 GB share
+    assert mode(10**8, 1, 1.0) == "stream"
+    assert mode(10**8, 2, 0.6) == "memory"  # 0.55 GB per worker
+    assert mode(10**8, 2, 0.5) == "stream"

@@ -1,0 +1,285 @@
+"""The nightly export: Delta tables on the local S3 server and on disk, checked against formulas restated here."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+from macrid import delta
+from macrid.batches import load_dataset
+from macrid.config import load_config
+from macrid.errors import CheckpointError, ConfigError, DataError
+from macrid.export import ExportSpec, export, export_uri
+from macrid.prepare import prepare
+from macrid.readers import read_raw
+from macrid.split import Protocol
+from macrid.synthetic import SyntheticSpec, generate
+from macrid.train import load_model, run_in_process
+
+from conftest import ROOT, real_data
+
+pytestmark = pytest.mark.timeout(600)
+TOP_N = 20
+
+
+def train(lake, run="r", epochs=2):
+    run_in_process(load_config(None, [f"data.lake={lake!r}", "data.dataset='ml-100k'", f"run.name={run!r}",
+                                      "model.K=4", "model.D=16", f"optim.epochs={epochs}", "run.progress=false"]))
+
+
+@pytest.fixture(scope="module")
+def s3_run(ray_cluster, s3_endpoint):
+    lake = "s3://lake/export"
+    prepare(read_raw(real_data("ml-100k")), lake, "ml-100k", Protocol())
+    train(lake)
+    return lake
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_cluster, tmp_path_factory):
+    lake = str(tmp_path_factory.mktemp("lake"))
+    prepare(read_raw(real_data("ml-100k")), lake, "ml-100k", Protocol())
+    train(lake)
+    return lake
+
+
+def read(lake, name, table, version=None):
+    t = delta.open_table(export_uri(lake, name, table), version)
+    return pl.from_arrow(t.to_pyarrow_table())
+
+
+def all_bags(lake):
+    """user_id -> sorted item indices: train items, or fold-in + held-out items, straight from the dataset."""
+    data = load_dataset(lake, "ml-100k", with_train=False)
+    users = pl.from_arrow(pq.read_table(f"{_snapshot(lake)}/users", filesystem=_fs(lake))).sort("user_idx")
+    users = users["user_id"].to_list()
+    train = pl.from_arrow(pq.read_table(f"{_snapshot(lake)}/train", filesystem=_fs(lake)))
+    bags = {users[u]: np.sort(np.asarray(items)) for u, items in zip(train["user_idx"], train["items"])}
+    for split in (data.val, data.test):
+        for r, u in enumerate(split.user_idx):
+            f, h = split.foldin, split.heldout
+            bags[users[u]] = np.sort(np.concatenate([f.indices[f.indptr[r]:f.indptr[r + 1]],
+                                                     h.indices[h.indptr[r]:h.indptr[r + 1]]]))
+    return bags
+
+
+def _snapshot(lake):
+    from macrid.batches import snapshot_uri
+    from macrid import lake as lk
+
+    return lk.resolve(snapshot_uri(lake, "ml-100k"))[1]
+
+
+def _fs(lake):
+    from macrid import lake as lk
+
+    return lk.resolve(lake)[0]
+
+
+def test_export_to_s3_matches_the_model(s3_run):
+    summary = export(ExportSpec(lake=s3_run, run="r", input="ml-100k", name="nightly", date="2026-11-27",
+                                top_n=TOP_N, batch_size=300), progress=False)
+    model, saved = load_model(f"{s3_run}/runs/r")
+    K, D, M = model.K, model.D, model.h.shape[0]
+    bags = all_bags(s3_run)
+    U = len(bags)
+
+    comps, recs = read(s3_run, "nightly", "user_components"), read(s3_run, "nightly", "recommendations")
+    items, protos = read(s3_run, "nightly", "item_concepts"), read(s3_run, "nightly", "prototypes")
+    assert comps.columns == ["user_id", "component", "weight", "dominant", "mu", "dt"]
+    assert comps.schema["mu"] == pl.List(pl.Float32) and comps.schema["component"] == pl.Int16
+    assert recs.columns == ["user_id", "rank", "item_id", "score", "concept", "dt"]
+    assert items.columns == ["item_id", "title", "concept", "probability", "probabilities", "h", "dt"]
+    assert (comps.height, recs.height, items.height, protos.height) == (U * K, U * TOP_N, M, K)
+    assert summary["counts"]["users_exported"] == U and set(comps["dt"]) == {"2026-11-27"}
+
+    # commit metadata: the checkpoint, the input snapshot, the counts, the schema version
+    meta = delta.last_commit(export_uri(s3_run, "nightly", "user_components"))
+    assert meta["checkpoint"]["run"] == "r" and meta["checkpoint"]["epoch"] == saved["epoch"]
+    assert meta["input"]["dataset"] == "ml-100k" and meta["input"]["version"]
+    assert meta["counts"]["users_exported"] == U and meta["schema_version"] == 1
+
+    # restated formulas for a sample of users: Eq. 6 concepts, Eq. 7 encoder (the model's own encode),
+    # the concept share, and a brute-force ranking over the full softmax scores
+    tau, hn, mn = model.tau, F.normalize(model.h.detach(), dim=1), F.normalize(model.m.detach(), dim=1)
+    c_all = torch.softmax(hn @ mn.T / tau, dim=1)  # (M, K)
+    rng = np.random.default_rng(0)
+    sample = rng.choice(sorted(bags), 12, replace=False)
+    ids = items["item_id"].to_list()
+    for u in sample:
+        items_u = torch.as_tensor(bags[u], dtype=torch.long)
+        with torch.no_grad():
+            mu, _ = model.encode(items_u, torch.tensor([0, len(items_u)]), c_all[items_u])  # (1, K, D)
+            out = model(items_u, torch.tensor([0, len(items_u)]))  # eval mode: z = mu
+        rows = comps.filter(pl.col("user_id") == u).sort("component")
+        assert np.allclose(np.stack(rows["mu"].to_list()), mu[0].numpy(), atol=1e-5)
+        share = c_all[items_u].sum(0) / c_all[items_u].sum()
+        assert np.allclose(rows["weight"].to_numpy(), share.numpy(), atol=1e-5)
+        assert rows["dominant"].to_list() == [k == int(share.argmax()) for k in range(K)]
+        scores = out.log_scores[0].clone()
+        scores[items_u] = -torch.inf  # the user's own items are never recommended
+        best = torch.argsort(scores, descending=True, stable=True)[:TOP_N]
+        got = recs.filter(pl.col("user_id") == u).sort("rank")
+        assert got["item_id"].to_list() == [ids[i] for i in best.tolist()]
+        assert np.allclose(got["score"].to_numpy(), scores[best].numpy(), atol=1e-4)
+        cos = F.normalize(mu[0], dim=1) @ hn[best].T  # (K, N)
+        concept = (c_all[best].T * torch.exp(cos / tau)).argmax(0)
+        assert got["concept"].to_list() == concept.tolist()
+    assert items["concept"].to_list() == c_all.argmax(1).tolist()
+    assert np.allclose(np.stack(items["probabilities"].to_list()), c_all.numpy(), atol=1e-5)
+    assert np.allclose(np.stack(protos.sort("concept")["m"].to_list()), model.m.detach().numpy())
+    assert protos.sort("concept")["items"].to_list() == np.bincount(c_all.argmax(1), minlength=K).tolist()
+
+
+def test_same_date_twice_gives_identical_content(local_run):
+    spec = ExportSpec(lake=local_run, run="r", input="ml-100k", name="twice", date="2026-11-28", top_n=5,
+                      batch_size=250)
+    other = ExportSpec(**(spec.__dict__ | {"date": "2026-11-27"}))
+    export(other, progress=False)
+    export(spec, progress=False)
+    first = {t: read(local_run, "twice", t) for t in ("user_components", "recommendations", "item_concepts")}
+    export(spec, progress=False)
+    for table, before in first.items():
+        after = read(local_run, "twice", table)
+        keys = [c for c in ("dt", "user_id", "component", "rank", "item_id") if c in after.columns]
+        assert after.sort(keys).equals(before.sort(keys)), table  # the partition replaced, not appended to
+        assert set(after["dt"]) == {"2026-11-27", "2026-11-28"}
+    assert delta.open_table(export_uri(local_run, "twice", "user_components")).version() == 2
+
+
+def test_crash_halfway_leaves_the_previous_version_whole(local_run):
+    spec = ExportSpec(lake=local_run, run="r", input="ml-100k", name="crash", date="2026-11-28", top_n=5,
+                      batch_size=200)
+    export(spec, progress=False)
+    before = read(local_run, "crash", "user_components")
+    uri = export_uri(local_run, "crash", "user_components")
+    files_before = sorted(os.listdir(f"{uri}/dt=2026-11-28"))
+    with pytest.raises(Exception, match="injected failure"):
+        export(ExportSpec(**(spec.__dict__ | {"fail_after_batches": 2})), progress=False)
+    assert delta.open_table(uri).version() == 0
+    assert read(local_run, "crash", "user_components").equals(before)
+    # nothing partial anywhere: the crashed run's files are gone, and its staging folder too
+    assert sorted(os.listdir(f"{uri}/dt=2026-11-28")) == files_before
+    staging = export_uri(local_run, "crash", "_staging")
+    assert not os.path.exists(staging) or not os.listdir(staging)
+
+
+def test_raw_input_maps_ids_and_counts_what_it_drops(local_run, tmp_path):
+    data = pl.from_arrow(pq.read_table(f"{_snapshot(local_run)}/items"))  # item_id of the vocabulary
+    known = data["item_id"].to_list()
+    unknown = max(known) + 1000
+    raw = pl.DataFrame({"user_id": [1, 1, 1, 2, 2, 3], "item_id": [known[0], known[1], unknown, known[2],
+                                                                  unknown, unknown + 1]})
+    raw.write_parquet(tmp_path / "events.parquet")
+    summary = export(ExportSpec(lake=local_run, run="r", input=str(tmp_path / "events.parquet"), name="raw",
+                                date="2026-11-28"), progress=False)
+    assert summary["counts"] == summary["counts"] | {"users_input": 3, "users_exported": 2,
+                                                      "users_without_known_items": 1, "interactions_dropped": 3,
+                                                      "items_unknown": 2}
+    comps = read(local_run, "raw", "user_components")
+    assert sorted(set(comps["user_id"])) == [1, 2]
+
+
+@pytest.mark.parametrize("case", ["vocabulary", "missing column", "mistyped column", "empty", "date", "no run"])
+def test_bad_input_is_named_and_writes_nothing(local_run, tmp_path, case):
+    name = f"bad-{case.replace(' ', '-')}"
+    spec = ExportSpec(lake=local_run, run="r", input="ml-100k", name=name, date="2026-11-28")
+    if case == "vocabulary":
+        prepare(generate(SyntheticSpec(n_users=300, n_items=100, K=3)), local_run, "other", Protocol())
+        spec, error, words = ExportSpec(**(spec.__dict__ | {"input": "other"})), CheckpointError, ["other",
+                                                                                                  "vocabulary"]
+    elif case == "missing column":
+        pl.DataFrame({"user": [1], "item_id": [1]}).write_parquet(tmp_path / "e.parquet")
+        spec, error, words = ExportSpec(**(spec.__dict__ | {"input": str(tmp_path / "e.parquet")})), DataError, \
+            ["e.parquet", "user_id", "--user-col"]
+    elif case == "mistyped column":
+        pl.DataFrame({"user_id": [1, 2], "item_id": ["abc", "def"]}).write_parquet(tmp_path / "e.parquet")
+        spec, error, words = ExportSpec(**(spec.__dict__ | {"input": str(tmp_path / "e.parquet")})), DataError, \
+            ["e.parquet", "'item_id'", "'abc'", "Int64"]
+    elif case == "empty":
+        pl.DataFrame({"user_id": [], "item_id": []}, schema={"user_id": pl.Int64, "item_id": pl.Int64}) \
+            .write_parquet(tmp_path / "e.parquet")
+        spec, error, words = ExportSpec(**(spec.__dict__ | {"input": str(tmp_path / "e.parquet")})), DataError, \
+            ["e.parquet", "no interactions"]
+    elif case == "date":
+        spec, error, words = ExportSpec(**(spec.__dict__ | {"date": "2026-02-30"})), ConfigError, ["2026-02-30",
+                                                                                                   "YYYY-MM-DD"]
+    else:
+        spec, error, words = ExportSpec(**(spec.__dict__ | {"run": "nope"})), CheckpointError, ["nope", "model.pt"]
+    with pytest.raises(error) as e:
+        export(spec, progress=False)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+    root = export_uri(local_run, name)
+    assert not os.path.exists(root) or not [p for p in os.listdir(root) if p != "_staging"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pushgateway():
+    binary = shutil.which("prometheus-pushgateway")
+    if binary is None:
+        msg = "prometheus-pushgateway is not installed (Debian package prometheus-pushgateway; .ci/run installs it)"
+        if os.environ.get("MACRID_REQUIRE_DATA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    port = free_port()
+    proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"{url}/-/ready", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait()
+
+
+def gateway_metrics(url):
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("macrid_export_") and 'export="pushed"' in line:
+            values[line.split("{")[0]] = float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def test_the_job_pushes_its_outcome_to_a_real_pushgateway(local_run, pushgateway):
+    env = dict(os.environ, PUSHGATEWAY_URL=pushgateway, RAY_ADDRESS="")
+    job = [sys.executable, str(ROOT / "jobs" / "export.py"), "--lake", local_run, "--run", "r", "--input",
+           "ml-100k", "--name", "pushed", "--date", "2026-11-28", "--quiet", "--workers", "1"]
+    t0 = time.time()
+    done = subprocess.run(job, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(done.stdout[done.stdout.index("{"):])["counts"]
+    got = gateway_metrics(pushgateway)
+    assert got["macrid_export_users"] == counts["users_exported"] == 938
+    assert got["macrid_export_items_dropped"] == 0
+    assert t0 <= got["macrid_export_last_success_timestamp_seconds"] <= time.time()
+    assert 0 < got["macrid_export_duration_seconds"] <= time.time() - t0
+    failed = subprocess.run(job[:-5] + ["--date", "not-a-date", "--quiet"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert failed.returncode == 2 and "not-a-date" in failed.stderr
+    after = gateway_metrics(pushgateway)
+    assert after["macrid_export_last_failure_timestamp_seconds"] >= got["macrid_export_last_success_timestamp_seconds"]
+    assert after["macrid_export_last_success_timestamp_seconds"] == got["macrid_export_last_success_timestamp_seconds"]
