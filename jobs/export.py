@@ -29,7 +29,7 @@ from macrid.export import ExportSpec, export
 from macrid.readers import FORMATS
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lake", required=True, help="lake root: a folder or s3://bucket/prefix")
     p.add_argument("--run", required=True, help="the trained run (a folder of <lake>/runs) whose best model to use")
@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pushgateway", default=os.environ.get("PUSHGATEWAY_URL", ""),
                    help="Prometheus Pushgateway address, e.g. http://pushgateway:9091 (default: $PUSHGATEWAY_URL)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
 
     spec = ExportSpec(lake=args.lake, run=args.run, input=args.input, name=args.name, date=args.date,

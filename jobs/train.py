@@ -38,7 +38,7 @@ from macrid.config import load_config
 from macrid.errors import MacridError
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="TOML config (default: configs/synthetic.toml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="serve Prometheus metrics, rank r on this port + r (docs/distributed.md)")
     p.add_argument("--in-process", action="store_true", help="run the training loop in this process, without Ray")
     p.add_argument("--device", help="with --in-process: auto (default), cpu, cuda or cuda:N")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = args.config or os.path.join(here, "configs", "synthetic.toml")
     overrides = list(args.set)

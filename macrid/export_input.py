@@ -54,11 +54,12 @@ def prepared(lake_root: str, name: str, fingerprint: str) -> Source:
     files = {"bags": lake.list_parquet(f"{snap}/train"),
              "heldout": lake.list_parquet(f"{snap}/val") + lake.list_parquet(f"{snap}/test")}
     users = meta["train"]["users"] + meta["val"]["users"] + meta["test"]["users"]
+    interactions = meta["train"]["interactions"] + sum(meta[s]["foldin"] + meta[s]["heldout"] for s in ("val", "test"))
     fs, _ = lake.resolve(snap)
     user_type = pq.read_schema(lake.list_parquet(f"{snap}/users")[0], filesystem=fs).field("user_id").type
     return Source(files, f"{snap}/users", {"dataset": name, "version": meta.get("version", "")},
-                  {"users_input": users, "users_without_known_items": 0, "interactions_dropped": 0,
-                   "items_unknown": 0}, user_type)
+                  {"users_input": users, "interactions_input": interactions, "users_without_known_items": 0,
+                   "interactions_dropped": 0, "items_unknown": 0}, user_type)
 
 
 def raw(uri: str, vocabulary: pl.DataFrame, min_rating: float | None, stage: str, fmt: str = "auto",
@@ -85,7 +86,8 @@ def raw(uri: str, vocabulary: pl.DataFrame, min_rating: float | None, stage: str
     for start in range(0, bags.height, STAGE_USERS):
         lake.write_parquet(lake.join(stage, f"part-{start // STAGE_USERS:05d}.parquet"),
                            bags.slice(start, STAGE_USERS).to_arrow())
-    counts = {"users_input": users_in, "users_without_known_items": users_in - bags.height,
+    counts = {"users_input": users_in, "interactions_input": data.height,
+              "users_without_known_items": users_in - bags.height,
               "interactions_dropped": unknown.height, "items_unknown": unknown["item_id"].n_unique()}
     return Source({"bags": lake.list_parquet(stage)}, None, {"uri": uri, "interactions": data.height}, counts,
                   bags.to_arrow().schema.field("user_id").type)

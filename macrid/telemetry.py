@@ -80,6 +80,8 @@ def push_export(gateway: str, name: str, summary: dict | None, duration: float) 
     else:
         counts = summary["counts"]
         gauge("macrid_export_users", "users exported by the last successful run", counts["users_exported"])
+        gauge("macrid_export_interactions", "input interactions read by the last successful run",
+              counts["interactions_input"])
         gauge("macrid_export_items_dropped", "interactions with items outside the run's vocabulary, dropped",
               counts["interactions_dropped"])
         gauge("macrid_export_users_without_known_items", "input users with no item of the run's vocabulary",

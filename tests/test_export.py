@@ -157,6 +157,16 @@ def test_same_date_twice_gives_identical_content(local_run):
         assert after.sort(keys).equals(before.sort(keys)), table  # the partition replaced, not appended to
         assert set(after["dt"]) == {"2026-11-27", "2026-11-28"}
     assert delta.open_table(export_uri(local_run, "twice", "user_components")).version() == 2
+    # the other readers of docs/export-schema.md see the same rows: DuckDB and Ray Data
+    import duckdb
+    import ray.data
+
+    uri = export_uri(local_run, "twice", "user_components")
+    dataset = delta.open_table(uri).to_pyarrow_dataset()  # noqa: F841 (DuckDB reads the Python variable)
+    per_day = dict(duckdb.sql("SELECT dt, count(*) FROM dataset GROUP BY dt").fetchall())
+    assert per_day == {d: first["user_components"].filter(pl.col("dt") == d).height
+                       for d in ("2026-11-27", "2026-11-28")}
+    assert ray.data.read_delta(uri).count() == first["user_components"].height
 
 
 def test_crash_halfway_leaves_the_previous_version_whole(local_run):
