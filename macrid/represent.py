@@ -37,11 +37,13 @@ def users(model: MacridVAE, indices: torch.Tensor, offsets: torch.Tensor, top_n:
     device = model.h.device
     indices, offsets = to_device(indices, device), to_device(offsets, device)
     B, n_items = len(offsets) - 1, model.h.shape[0]
-    c = model.concepts(model.h[indices])  # (N, K) c_i of each of the users' items
-    share = c.new_zeros(B, model.K).index_add(0, bag_rows(offsets, len(indices)), c)  # (B, K)
+    # c_i once per distinct item of the batch (far fewer than the N non-zeros), shared by share and encoder
+    items, inverse = torch.unique(indices, return_inverse=True)  # (C,), (N,)
+    c_x = model.concepts(model.h[items])[inverse]  # (N, K) c_i of each of the users' items
+    share = c_x.new_zeros(B, model.K).index_add_(0, bag_rows(offsets, len(indices)), c_x)  # (B, K)
     share = share / share.sum(1, keepdim=True).clamp_min(1e-12)
     if top_n <= 0:
-        return Users(model.represent(indices, offsets), share)
+        return Users(model.encode(indices, offsets, c_x)[0], share)
     top, mu = chunked_top_k(model, indices, offsets, n_items, min(top_n, n_items))  # (B, N), (B, K, D)
     terms = concept_terms(model, mu, top)  # (B, N, K)
     return Users(mu, share, top, terms.sum(-1).log(), terms.argmax(-1))
