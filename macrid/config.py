@@ -50,7 +50,10 @@ class OptimConfig:
     batch_size: int = 500  # users per optimizer step (global, across all workers)
     epochs: int = 50
     beta: float = 0.2  # KL weight cap (Eq. 5)
-    anneal_epochs: float = 10.0  # beta rises linearly from 0 to its cap over this many epochs
+    anneal_epochs: float = 10.0  # "linear": beta rises linearly from 0 to its cap over this many epochs
+    # "linear" (over anneal_epochs) or "authors" (the MacridVAE code's: beta = min(cap, step / (5 * steps per
+    # epoch)), so it reaches its cap after 5 * cap epochs whatever anneal_epochs says)
+    anneal: str = "linear"
     negatives: int = 0  # sampled softmax: S negatives per batch (0 = full softmax over all M items)
     proposal_alpha: float = 0.0  # negatives drawn with Q ∝ (train count + 1)^alpha; 0 = uniform
     # which items each user is scored on under sampling: "batch" = every item of the batch's users plus
@@ -69,6 +72,8 @@ class OptimConfig:
             raise ConfigError(f"optim.lr={self.lr} must be > 0")
         if self.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"optim.optimizer={self.optimizer!r} must be 'adam' or 'sgd'")
+        if self.anneal not in ("linear", "authors"):
+            raise ConfigError(f"optim.anneal={self.anneal!r} must be 'linear' or 'authors'")
         if self.candidates not in ("batch", "user"):
             raise ConfigError(f"optim.candidates={self.candidates!r} must be 'batch' or 'user'")
         if self.negatives < 0:
@@ -216,3 +221,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         section, key, value = parse_override(text)
         raw.setdefault(section, {})[key] = value
     return Config.from_dict(raw, source=source + (" + overrides" if overrides else ""))
+
+
+def to_toml(cfg: Config, header: str = "") -> str:
+    """The config as a TOML file that `load_config` (and `jobs/train.py --config`) reads back as it is."""
+    lines = [f"# {line}" for line in header.splitlines()]
+    for section, values in cfg.to_dict().items():
+        lines += ["", f"[{section}]"]
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise ConfigError(f"cannot write {value!r} to TOML")

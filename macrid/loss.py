@@ -8,8 +8,12 @@ from macrid.bags import bag_rows
 from macrid.model import Output
 
 
-def beta_at(step: int, steps_per_epoch: int, beta_cap: float, anneal_epochs: float) -> float:
-    """beta rises linearly from 0 and reaches `beta_cap` after `anneal_epochs` epochs of updates."""
+def beta_at(step: int, steps_per_epoch: int, beta_cap: float, anneal_epochs: float, schedule: str = "linear"
+            ) -> float:
+    """beta rises linearly from 0 and reaches `beta_cap` after `anneal_epochs` epochs of updates ("linear"),
+    or at the authors' fixed rate of 1/5 per epoch, reaching the cap after 5 * beta_cap epochs ("authors")."""
+    if schedule == "authors":
+        return min(beta_cap, step / (5.0 * steps_per_epoch))
     if anneal_epochs <= 0:
         return beta_cap
     return beta_cap * min(1.0, step / (anneal_epochs * steps_per_epoch))

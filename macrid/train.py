@@ -144,7 +144,8 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
         # running sums stay on the device: a .item() per step would stall the GPU on the host
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, kl
         n_steps, n_users, exchanged, waited = 0, 0, 0, 0.0
-        beta = beta_at(state["step"], steps_per_epoch, cfg.optim.beta, cfg.optim.anneal_epochs)
+        beta = beta_at(state["step"], steps_per_epoch, cfg.optim.beta, cfg.optim.anneal_epochs,
+                       cfg.optim.anneal)
         batches = iter(train_batches(epoch))
         while True:
             t_wait = time.perf_counter()
@@ -157,7 +158,8 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
                 print(f"[macrid] run.fail_at_step: killing rank {rank} at step {state['step']}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)  # a dead worker, as when a node is lost
             idx, off = to_device(idx, device), to_device(off, device)
-            beta = beta_at(state["step"], steps_per_epoch, cfg.optim.beta, cfg.optim.anneal_epochs)
+            beta = beta_at(state["step"], steps_per_epoch, cfg.optim.beta, cfg.optim.anneal_epochs,
+                       cfg.optim.anneal)
             loss, parts, received = train_step(train_model, opt, tables, sampler, idx, off, beta, world,
                                                per_user=cfg.optim.candidates == "user", autocast=autocast)
             exchanged += received

@@ -96,3 +96,16 @@ def test_bf16_step_tracks_the_fp32_step():
     cosine = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
     assert cosine > 0.99, cosine
     assert not torch.equal(grads[0], grads[1])  # bf16 really ran
+
+
+def test_the_export_computation_creates_every_tensor_on_the_models_device():
+    from macrid import represent
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(K=3, D=8), M).to(CPU).eval()
+    idx, off = next(iter_batches(bags(12, 0), 12))
+    with default_device_meta():
+        out = represent.users(model, idx.to(CPU), off.to(CPU), top_n=5)
+        c, h = represent.items(model, 0, M)
+    for t in (out.mu, out.share, out.top_items, out.top_scores, out.top_concepts, c, h):
+        assert t.device == CPU

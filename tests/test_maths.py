@@ -152,6 +152,14 @@ def test_beta_rises_linearly_to_its_cap(step, want):
     assert beta_at(step, 10, 0.2, 5.0) == pytest.approx(want)
 
 
+@pytest.mark.parametrize("cap,step,want", [(0.2, 0, 0.0), (0.2, 5, 0.1), (0.2, 10, 0.2), (0.2, 30, 0.2),
+                                           (1.0, 25, 0.5), (1.0, 49, 0.98), (1.0, 50, 1.0), (1.0, 80, 1.0)])
+def test_the_authors_beta_schedule_reaches_the_cap_after_five_beta_epochs(cap, step, want):
+    # 10 steps per epoch: beta grows by 1/5 per epoch = 1/50 per step, whatever anneal_epochs says, so
+    # cap 0.2 arrives after 5 * 0.2 = 1 epoch (step 10) and cap 1.0 after 5 epochs (step 50)
+    assert beta_at(step, 10, cap, 99.0, "authors") == pytest.approx(want)
+
+
 def test_beta_without_annealing_is_the_cap():
     assert beta_at(0, 10, 0.3, 0.0) == 0.3
 
