@@ -83,3 +83,28 @@ def nmi(labels_a: np.ndarray, labels_b: np.ndarray) -> float:
     mi = float((joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum())
     ha, hb = -float((pa * np.log(pa)).sum()), -float((pb * np.log(pb)).sum())
     return mi / ((ha + hb) / 2) if ha + hb > 0 else 1.0
+
+
+def _contingency(labels_a: np.ndarray, labels_b: np.ndarray) -> np.ndarray:
+    """(A, B) counts of items with label a in the first labeling and b in the second."""
+    a = np.unique(np.asarray(labels_a), return_inverse=True)[1]
+    b = np.unique(np.asarray(labels_b), return_inverse=True)[1]
+    table = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(table, (a, b), 1.0)
+    return table
+
+
+def ari(labels_a: np.ndarray, labels_b: np.ndarray) -> float:
+    """Adjusted Rand index (Hubert and Arabie, 1985) of two labelings of the same items."""
+    table = _contingency(labels_a, labels_b)
+    pairs = lambda x: (x * (x - 1) / 2).sum()  # noqa: E731  number of pairs within each count, summed
+    index, rows, cols, total = pairs(table), pairs(table.sum(1)), pairs(table.sum(0)), pairs(np.array([table.sum()]))
+    expected = rows * cols / total if total else 0.0
+    best = (rows + cols) / 2
+    return float((index - expected) / (best - expected)) if best != expected else 1.0
+
+
+def purity(learned: np.ndarray, truth: np.ndarray) -> float:
+    """Share of items whose learned cluster's majority true label is their own."""
+    table = _contingency(learned, truth)
+    return float(table.max(1).sum() / table.sum())

@@ -125,3 +125,27 @@ def test_chunked_top_k_breaks_ties_like_the_full_sort():
     full[torch.arange(3), idx] = -torch.inf
     for chunk in (3, 7, 16, 50):
         assert torch.equal(chunked_top_k(Tied(), idx, off, 50, 20, chunk=chunk)[0], top_k(full, 20)), chunk
+
+
+def test_nmi_ari_and_purity_on_a_hand_computed_case():
+    from macrid.metrics import ari, nmi, purity
+
+    truth, learned = [0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2]
+    # contingency rows (truth) x columns (learned): [[2, 1, 0], [0, 1, 2]]
+    # ARI: sum C(n_ij, 2) = 2; rows C(3,2)*2 = 6; cols C(2,2)*3 = 3; C(6,2) = 15
+    # expected = 6 * 3 / 15 = 1.2; max = (6 + 3) / 2 = 4.5; ARI = (2 - 1.2) / (4.5 - 1.2)
+    assert ari(truth, learned) == pytest.approx(0.8 / 3.3)
+    # NMI: MI = (2/3) ln 2, H(truth) = ln 2, H(learned) = ln 3, arithmetic-mean normalisation
+    assert nmi(truth, learned) == pytest.approx((2 / 3) * np.log(2) / ((np.log(2) + np.log(3)) / 2))
+    # purity: clusters' majority counts 2 + 1 + 2 out of 6
+    assert purity(learned, truth) == pytest.approx(5 / 6)
+
+
+def test_identical_labelings_score_one_whatever_the_names():
+    from macrid.metrics import ari, nmi, purity
+
+    a = np.array([0, 0, 1, 1, 2, 2, 2])
+    renamed = np.array([7, 7, 3, 3, 5, 5, 5])
+    assert nmi(a, renamed) == pytest.approx(1.0)
+    assert ari(a, renamed) == pytest.approx(1.0)
+    assert purity(renamed, a) == pytest.approx(1.0)
