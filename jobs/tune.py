@@ -58,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    import ray
     from hyperopt import hp
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler

@@ -204,19 +204,24 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, parsed
 
 
+def read_toml(path: str | Path, what: str, examples: str) -> dict[str, Any]:
+    """A TOML file as a dict, or a ConfigError that names the file (missing, or not valid TOML)."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist; see {examples} for examples") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults <- TOML file <- overrides, validated once."""
     raw: dict[str, dict[str, Any]] = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        try:
-            raw = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist; see configs/ for examples") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        raw = read_toml(path, "config file", "configs/")
     for text in overrides:
         section, key, value = parse_override(text)
         raw.setdefault(section, {})[key] = value

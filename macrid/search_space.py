@@ -14,11 +14,10 @@ the file keep the base config's value (tau stays at 0.1 unless the file names it
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from macrid.config import Config
+from macrid.config import Config, read_toml
 from macrid.errors import ConfigError
 
 KINDS = ("choice", "uniform", "loguniform")
@@ -26,13 +25,7 @@ KINDS = ("choice", "uniform", "loguniform")
 
 def load_space(path: str | Path, base: Config) -> dict[str, tuple[str, Any]]:
     """{"section.key": (kind, args)}; a key the config lacks or a malformed range is an error naming it."""
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"search space {path} does not exist; see configs/search/ for examples") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    raw = read_toml(path, "search space", "configs/search/")
     known = base.to_dict()
     space = {}
     for section, keys in raw.items():

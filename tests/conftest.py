@@ -26,6 +26,19 @@ def real_data(name: str) -> Path:
     return path
 
 
+def system_binary(name: str, package: str) -> str:
+    """A Debian-packaged tool the tests run for real; skip without it (fail in CI, where .ci/run installs it)."""
+    import shutil
+
+    binary = shutil.which(name)
+    if binary is None:
+        msg = f"{name} is not installed (Debian package {package}; .ci/run installs it)"
+        if os.environ.get("MACRID_REQUIRE_DATA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return binary
+
+
 @pytest.fixture(scope="session")
 def ml100k_lake(tmp_path_factory) -> str:
     from macrid.prepare import prepare

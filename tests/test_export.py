@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import urllib.request
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -28,7 +26,7 @@ from macrid.split import Protocol
 from macrid.synthetic import SyntheticSpec, generate
 from macrid.train import load_model, run_in_process
 
-from conftest import ROOT, real_data
+from conftest import ROOT, real_data, system_binary
 
 pytestmark = pytest.mark.timeout(600)
 TOP_N = 20
@@ -92,7 +90,7 @@ def test_export_to_s3_matches_the_model(s3_run):
     summary = export(ExportSpec(lake=s3_run, run="r", input="ml-100k", name="nightly", date="2026-11-27",
                                 top_n=TOP_N, batch_size=300), progress=False)
     model, saved = load_model(f"{s3_run}/runs/r")
-    K, D, M = model.K, model.D, model.h.shape[0]
+    K, M = model.K, model.h.shape[0]
     bags = all_bags(s3_run)
     U = len(bags)
 
@@ -244,12 +242,7 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def pushgateway():
-    binary = shutil.which("prometheus-pushgateway")
-    if binary is None:
-        msg = "prometheus-pushgateway is not installed (Debian package prometheus-pushgateway; .ci/run installs it)"
-        if os.environ.get("MACRID_REQUIRE_DATA") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+    binary = system_binary("prometheus-pushgateway", "prometheus-pushgateway")
     port = free_port()
     proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

@@ -9,15 +9,12 @@ files, and the IAM policy grants the lake operations the code performs and nothi
 
 import importlib.util
 import json
-import os
 import shlex
-import shutil
 import subprocess
 
-import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, system_binary
 
 INFRA = ROOT / "infra"
 
@@ -38,13 +35,7 @@ def all_manifests():
 
 
 def promtool():
-    binary = shutil.which("promtool")
-    if binary is None:
-        msg = "promtool is not installed (Debian package prometheus; .ci/run installs it)"
-        if os.environ.get("MACRID_REQUIRE_DATA") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return binary
+    return system_binary("promtool", "prometheus")
 
 
 def test_alert_rules_pass_promtool_check_and_unit_tests():
