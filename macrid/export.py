@@ -28,11 +28,12 @@ import pyarrow as pa
 import torch
 
 from macrid import delta, lake
-from macrid.batches import load_meta, snapshot_uri
-from macrid.errors import CheckpointError, ConfigError, DataError
+from macrid.batches import snapshot_uri
+from macrid.errors import ConfigError, DataError
 from macrid.export_input import Source, csr, is_dataset, merge_heldout, prepared, raw
 from macrid.model import MacridVAE
-from macrid.train import MODEL_FILE, RUN_FILE, load_model
+from macrid.published import published_run
+from macrid.train import MODEL_FILE, load_model
 
 SCHEMA_VERSION = 1
 TABLES = ("user_components", "recommendations", "item_concepts", "prototypes")
@@ -67,7 +68,7 @@ def export(spec: ExportSpec, progress: bool = True) -> dict:
     t0 = time.time()
     spec = _checked(spec)
     tag = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    model, saved, vocab, run_record = _run_model(spec)
+    model, saved, vocab, run_record = published_run(spec.lake, spec.run)
     stage = export_uri(spec.lake, spec.name, f"_staging/{tag}")
     committed: list[str] = []
     try:
@@ -126,36 +127,6 @@ def _checked(spec: ExportSpec) -> ExportSpec:
 
 def _run_uri(spec: ExportSpec) -> str:
     return lake.join(spec.lake, "runs", spec.run)
-
-
-def _run_model(spec: ExportSpec) -> tuple[MacridVAE, dict, pl.DataFrame, dict]:
-    """The run's published best model, and the vocabulary (item_idx, item_id, title) it was trained on."""
-    run = _run_uri(spec)
-    if not lake.exists(lake.join(run, MODEL_FILE)):
-        raise CheckpointError(
-            f"{run}: no {MODEL_FILE}, so the run has no published best model (it is missing, still training, or "
-            f"failed); pass a finished run (ls {lake.join(spec.lake, 'runs')}) or train it to the end")
-    model, saved = load_model(run)
-    if not isinstance(model, MacridVAE):
-        raise CheckpointError(f"{run}: a {type(model).__name__} run; the export needs a MacridVAE run (concepts)")
-    record = lake.read_json(lake.join(run, RUN_FILE)) if lake.exists(lake.join(run, RUN_FILE)) else {}
-    if not record:
-        raise CheckpointError(f"{run}: no {RUN_FILE}, so the run's dataset is unknown; retrain with this version")
-    version = record.get("version", "")
-    try:
-        load_meta(spec.lake, record["dataset"], version)
-    except DataError:  # the pinned version was pruned: the current one serves if its vocabulary is the same
-        version = ""
-    meta = load_meta(spec.lake, record["dataset"], version)
-    if meta["vocabulary_fingerprint"] != saved["vocabulary_fingerprint"]:
-        raise CheckpointError(
-            f"{run}: trained on item vocabulary {saved['vocabulary_fingerprint'][:12]}, but dataset "
-            f"{record['dataset']!r} now has {meta['vocabulary_fingerprint'][:12]} and the version the run read is "
-            "gone; the item IDs cannot be recovered: retrain on the current dataset")
-    uri = lake.join(snapshot_uri(spec.lake, record["dataset"], meta.get("version", "")), "items")
-    vocab = pl.from_arrow(lake.read_table(uri, ["item_idx", "item_id", "title"])).sort("item_idx")
-    record = dict(record, version=meta.get("version", ""), min_rating=meta["protocol"].get("min_rating"))
-    return model, saved, vocab, record
 
 
 def _source(spec: ExportSpec, fingerprint: str, vocab: pl.DataFrame, run_record: dict, stage: str) -> Source:

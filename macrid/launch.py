@@ -54,11 +54,9 @@ def train_loop_per_worker(config: dict) -> None:
                         "on every node; on a multi-node cluster put the lake on s3://)") from None
 
 
-def prepare_config(cfg: Config) -> Config:
-    """Name the run, make a local lake absolute (workers may run elsewhere), refuse to clobber a run."""
-    run = cfg.run
-    if not run.name:
-        run = dataclasses.replace(run, name=f"{cfg.data.dataset}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+def prepare_lake(cfg: Config) -> Config:
+    """Make a local lake absolute (workers may run elsewhere; refused when relative under `ray job submit`)
+    and check that the lake can be reached."""
     data = cfg.data
     if not lake.is_s3(data.lake):
         if not os.path.isabs(data.lake) and _submitted_job():
@@ -67,8 +65,17 @@ def prepare_config(cfg: Config) -> Config:
                 f"working directory ({os.getcwd()}), not where you ran the command. Pass an absolute path "
                 "(a local head: --lake \"$PWD/lake\") or s3://bucket/prefix (any cluster)")
         data = dataclasses.replace(data, lake=os.path.abspath(data.lake))
-    cfg = dataclasses.replace(cfg, run=run, data=data)
+    cfg = dataclasses.replace(cfg, data=data)
     lake.check_root(cfg.data.lake)
+    return cfg
+
+
+def prepare_config(cfg: Config) -> Config:
+    """Name the run, make a local lake absolute (workers may run elsewhere), refuse to clobber a run."""
+    run = cfg.run
+    if not run.name:
+        run = dataclasses.replace(run, name=f"{cfg.data.dataset}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = prepare_lake(dataclasses.replace(cfg, run=run))
     has_run(cfg)  # refuses to clobber an existing run unless --resume
     if cfg.optim.batch_size < cfg.run.num_workers:
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is smaller than run.num_workers")
@@ -123,7 +130,9 @@ def worker_resources(cfg: Config, local: bool) -> Config:
     return dataclasses.replace(cfg, run=dataclasses.replace(run, cpus_per_worker=cpus, threads=threads))
 
 
-def launch(cfg: Config) -> dict:
+def launch(cfg: Config, callbacks: list | None = None) -> dict:
+    """Train cfg under Ray Train and finish the run; callbacks go to Ray Train's RunConfig (a sweep's
+    TuneReportCallback)."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -152,7 +161,7 @@ def launch(cfg: Config) -> dict:
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"] if datasets else []),
         run_config=RunConfig(
-            name=run.name, storage_path=runs_path, storage_filesystem=fs,
+            name=run.name, storage_path=runs_path, storage_filesystem=fs, callbacks=callbacks,
             failure_config=FailureConfig(max_failures=run.max_failures),
             # Ray Train logs every report and checkpoint at INFO; the progress bar says the same once per epoch
             logging_config=ray.LoggingConfig(log_level="WARNING"),

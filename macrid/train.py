@@ -205,8 +205,11 @@ def _validate(cfg: Config, data: Dataset, eval_model, epoch: int, row: dict, sta
     """Rank 0: evaluate when due and track the best epoch; returns whether patience ran out."""
     if not (epoch % cfg.run.eval_every == 0 or epoch == cfg.optim.epochs):
         return False
-    row["val_ndcg@100"] = evaluate(model_ranker(eval_model, data.n_items), data.val, data.n_items,
-                                   max_users=cfg.run.eval_users, seed=cfg.run.seed)["ndcg@100"][0]
+    val = evaluate(model_ranker(eval_model, data.n_items), data.val, data.n_items, max_users=cfg.run.eval_users,
+                   seed=cfg.run.seed)
+    row["val_ndcg@100"] = val["ndcg@100"][0]
+    if "independence" in val:  # Sec. 3.4 on the validation users' representations (sweeps plot it, Fig. 4)
+        row["val_independence"] = val["independence"]
     if row["val_ndcg@100"] > state["best"]:
         state.update(best=row["val_ndcg@100"], best_epoch=epoch, bad_evals=0)
     else:

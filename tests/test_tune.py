@@ -1,7 +1,14 @@
 """Sweeps: the search-space file, the best-config file, and a small real sweep on ml-100k."""
 
 import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
+import polars as pl
 import pytest
 
 from macrid.config import Config, load_config, to_toml
@@ -48,19 +55,93 @@ def test_searching_a_baselines_d_keeps_its_hidden_width_equal():
     assert apply(Config(), {"model.D": 50}).model.hidden == Config().model.hidden  # MacridVAE: no hidden
 
 
-def test_a_small_sweep_writes_a_best_config_that_trains(ml100k_lake, ray_cluster, tmp_path):
+def tune_job():
     spec = importlib.util.spec_from_file_location("tune_job", ROOT / "jobs" / "tune.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
+    return job
+
+
+# single-worker Ray Train trials that fit two at a time on the 2-CPU test cluster, reading the lake in memory
+TRIAL = ["model.K=3", "model.D=16", "optim.epochs=2", "run.num_workers=1", "run.cpus_per_worker=0.5",
+         "run.data='memory'", "run.threads=1"]
+
+
+def sets(*overrides):
+    return sum([["--set", o] for o in overrides], [])
+
+
+def test_a_sweep_of_ray_train_trials_writes_a_best_config_that_trains(ml100k_lake, ray_cluster, tmp_path):
     space = tmp_path / "space.toml"
-    space.write_text("[optim]\nlr = {loguniform = [1e-3, 1e-2]}\nanneal = {choice = [\"linear\", \"authors\"]}\n")
-    overrides = [f"data.lake={ml100k_lake!r}", "data.dataset='ml-100k'", "model.K=3", "model.D=16",
-                 "optim.epochs=2"]
-    assert job.main(["--config", str(ROOT / "configs" / "ml-100k.toml"), "--space", str(space), "--samples", "2",
-                     "--grace-epochs", "1", "--name", "smoke", *sum([["--set", o] for o in overrides], [])]) == 0
-    best = f"{ml100k_lake}/runs/smoke/best.toml"
-    cfg = load_config(best, ["run.name='from-best'", "run.progress=false"])
-    assert cfg.model.K == 3 and cfg.optim.epochs == 2 and cfg.optim.anneal in ("linear", "authors")
+    space.write_text("[optim]\nlr = {loguniform = [1e-3, 1e-2]}\nanneal = {choice = [\"linear\", \"authors\"]}\n"
+                     "[model]\nsigma0 = {loguniform = [0.05, 0.5]}\n")
+    assert tune_job().main(["--config", str(ROOT / "configs" / "ml-100k.toml"), "--space", str(space), "--samples", "4",
+                            "--concurrent", "2", "--grace-epochs", "1", "--name", "smoke", "--lake", ml100k_lake,
+                            *sets("data.dataset='ml-100k'", *TRIAL)]) == 0
+    root = f"{ml100k_lake}/runs/smoke"
+    trials = pl.read_parquet(f"{root}/trials.parquet")
+    assert trials.height == 4 and {"optim.lr", "optim.anneal", "model.sigma0", "best_val_ndcg"} <= set(trials.columns)
+    # every trial was a Ray Train run of its own, with Ray Train's checkpoints in its run folder
+    runs = [p for p in os.listdir(f"{ml100k_lake}/runs") if p.startswith("smoke-")]
+    assert len(runs) == 4
+    assert all(os.path.exists(f"{ml100k_lake}/runs/{r}/checkpoint_manager_snapshot.json") for r in runs)
+    assert os.path.getsize(f"{root}/sweep.png") > 10_000
+    cfg = load_config(f"{root}/best.toml", ["run.name='from-best'", "run.progress=false", "optim.epochs=1"])
+    assert cfg.model.K == 3 and cfg.optim.anneal in ("linear", "authors")
+    header = re.search(r"NDCG@100 ([0-9.]+)", open(f"{root}/best.toml").readline()).group(1)
+    assert trials["best_val_ndcg"].max() == pytest.approx(float(header), abs=1e-4)
     from macrid.train import run_in_process
 
-    assert run_in_process(cfg)["epochs_run"] == 2
+    assert run_in_process(cfg)["epochs_run"] == 1
+
+
+def test_an_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(s3_sweep_lake, tmp_path):
+    """The driver is killed once a trial has finished; --resume runs the rest, and not that trial again."""
+    import boto3
+
+    space = tmp_path / "space.toml"
+    space.write_text("[optim]\nlr = {loguniform = [1e-3, 1e-2]}\n")
+    args = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", str(ROOT / "configs" / "ml-100k.toml"),
+            "--space", str(space), "--samples", "3", "--concurrent", "1", "--grace-epochs", "2", "--name", "cut",
+            "--lake", s3_sweep_lake, *sets("data.dataset='syn'", *TRIAL)]
+    s3 = boto3.client("s3")
+
+    def keys(prefix):
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket="lake", Prefix=prefix)
+        return {o["Key"]: o["LastModified"] for page in pages for o in page.get("Contents", [])}
+
+    def finished_trials():
+        states = [k for k in keys("sweep/runs/cut/ray/") if k.rsplit("/", 1)[-1].startswith("experiment_state")]
+        text = "".join(s3.get_object(Bucket="lake", Key=k)["Body"].read().decode() for k in states)
+        return text.count("TERMINATED")
+
+    driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=dict(os.environ, TUNE_GLOBAL_CHECKPOINT_S="1"))
+    deadline = time.time() + 400
+    while finished_trials() < 1 and time.time() < deadline and driver.poll() is None:
+        time.sleep(1)
+    assert finished_trials() >= 1, "no trial finished in time"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    first = {k: v for k, v in keys("sweep/runs/cut-").items() if k.endswith("/metrics.json")}
+    assert 1 <= len(first) < 3
+    done = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = {k: v for k, v in keys("sweep/runs/cut-").items() if k.endswith("/metrics.json")}
+    assert len(after) == 3
+    for key, stamp in first.items():  # the finished trial's run was not trained or finished again
+        assert after[key] == stamp
+    table = pl.read_parquet(boto3.client("s3").get_object(Bucket="lake", Key="sweep/runs/cut/trials.parquet")["Body"])
+    assert table.height == 3
+    assert "best.toml" in " ".join(keys("sweep/runs/cut/"))
+
+
+@pytest.fixture(scope="module")
+def s3_sweep_lake(ray_cluster, s3_endpoint):
+    from macrid.prepare import prepare
+    from macrid.split import Protocol
+    from macrid.synthetic import SyntheticSpec, generate
+
+    lake = "s3://lake/sweep"
+    prepare(generate(SyntheticSpec(n_users=400, n_items=150, K=3, seed=2)), lake, "syn", Protocol())
+    return lake

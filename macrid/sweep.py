@@ -1,0 +1,154 @@
+"""Hyper-parameter sweeps at cluster scale: Ray Tune over Ray Train runs.
+
+    driver   Tuner(TPE behind a ConcurrencyLimiter, ASHA on validation NDCG@100), stored in the lake
+    trial    one Ray Tune trial = one `launch` (a TorchTrainer with its own ScalingConfig: workers,
+             CPUs and GPUs per worker, input mode), whose per-epoch reports reach Tune through
+             TuneReportCallback; the trial's run folder is <lake>/runs/<sweep>-<trial id>/
+    after    trials.parquet (config and last metrics per trial), best.toml (a config that
+             `jobs/train.py --config` takes as it is), sweep.png (Fig. 4-style)
+
+<lake>/runs/<sweep>/ray/ is Ray Tune's experiment folder; `resume` restores it (Tuner.restore): trials
+that finished are kept, unfinished ones restart, and a restarted trial continues its run folder from
+its last Ray Train checkpoint instead of refusing it. Selection uses validation only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+
+from macrid import lake
+from macrid.config import Config, to_toml
+from macrid.errors import ConfigError
+from macrid.search_space import apply
+
+METRIC = "val_ndcg@100"
+INITIAL_POINTS = 5  # random trials before TPE models the results (hyperopt's default of 20 is most of a sweep)
+TRIAL_CPUS = 0.01  # the trial's own actor only waits on its TorchTrainer, whose workers reserve the real CPUs
+
+
+def sweep_uri(cfg: Config, name: str) -> str:
+    return lake.join(cfg.data.lake, "runs", name)
+
+
+def trial(params: dict) -> None:
+    """One trial: the base config with the sampled values, trained by Ray Train, reported to Tune every epoch."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from macrid.launch import launch
+    from macrid.train import RAY_SNAPSHOT, run_uri
+
+    base = Config.from_dict(params.pop("base"), source="sweep base")
+    sweep = params.pop("sweep")
+    cfg = apply(base, {**params, "run.name": f"{sweep}-{tune.get_context().get_trial_id()}", "run.progress": False})
+    # a trial restored by --resume continues its own run folder from Ray Train's last checkpoint
+    resume = lake.exists(lake.join(run_uri(cfg), RAY_SNAPSHOT))
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=resume))
+    launch(cfg, callbacks=[TuneReportCallback()])
+
+
+def run_sweep(cfg: Config, space: dict, name: str, samples: int, concurrent: int = 2, grace_epochs: int = 1,
+              resume: bool = False) -> dict:
+    """Run (or, with resume, continue) a sweep; returns {"best_val_ndcg@100", "params", "best_config", ...}."""
+    from hyperopt import hp
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.hyperopt import HyperOptSearch
+
+    from macrid.launch import connect
+
+    root = sweep_uri(cfg, name)
+    fs, path = lake.resolve(lake.join(root, "ray"))
+    exists = lake.exists(lake.join(root, "ray", "tuner.pkl"))
+    if exists and not resume:
+        raise ConfigError(f"{root} already holds a sweep; pass --resume to continue it or pick another --name")
+    if resume and not exists:
+        raise ConfigError(f"{root}: no sweep to resume (no ray/tuner.pkl); start it without --resume")
+    connect()
+    trainable = tune.with_resources(trial, {"cpu": TRIAL_CPUS})
+    if resume:
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True,
+                                   storage_filesystem=fs)
+    else:
+        hp_space = {k: hp.choice(k, a) if kind == "choice" else getattr(hp, kind)(
+            k, *([math.log(a[0]), math.log(a[1])] if kind == "loguniform" else a)) for k, (kind, a) in space.items()}
+        search = HyperOptSearch(hp_space, metric=METRIC, mode="max", random_state_seed=cfg.run.seed,
+                                n_initial_points=min(INITIAL_POINTS, samples))
+        storage_fs, storage_path = lake.resolve(root)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"base": cfg.to_dict(), "sweep": name},
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode="max", num_samples=samples,
+                search_alg=ConcurrencyLimiter(search, max_concurrent=concurrent),
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs, grace_period=grace_epochs)),
+            run_config=tune.RunConfig(name="ray", storage_path=storage_path, storage_filesystem=storage_fs),
+        )
+    results = tuner.fit()
+    return _outputs(cfg, name, results, samples)
+
+
+def _outputs(cfg: Config, name: str, results, samples: int) -> dict:
+    """trials.parquet, best.toml and sweep.png in the sweep's folder."""
+    import polars as pl
+
+    root = sweep_uri(cfg, name)
+    frame = results.get_dataframe()
+    keep = [c for c in frame.columns if c.startswith("config/") and c not in ("config/base", "config/sweep")]
+    keep += [c for c in ("trial_id", "epoch", METRIC, "val_independence", "training_iteration") if c in frame.columns]
+    table = pl.from_pandas(frame[keep]).rename({c: c.removeprefix("config/") for c in keep})
+    table = table.with_columns(best_val_ndcg=pl.Series([float(r.metrics_dataframe[METRIC].max())
+                                                        if r.metrics_dataframe is not None and METRIC in
+                                                        r.metrics_dataframe else float("nan") for r in results]))
+    with tempfile.TemporaryDirectory() as tmp:
+        table.write_parquet(f"{tmp}/trials.parquet")
+        lake.write_bytes(lake.join(root, "trials.parquet"), open(f"{tmp}/trials.parquet", "rb").read())
+        _figure(results, f"{tmp}/sweep.png", name)
+        lake.write_bytes(lake.join(root, "sweep.png"), open(f"{tmp}/sweep.png", "rb").read())
+    best = results.get_best_result(metric=METRIC, mode="max", scope="all")
+    chosen = {k: v for k, v in best.config.items() if k not in ("base", "sweep")}
+    score = float(best.metrics_dataframe[METRIC].max())
+    best_cfg = apply(cfg, chosen)
+    best_cfg = dataclasses.replace(best_cfg, run=dataclasses.replace(best_cfg.run, name="", resume=False))
+    text = to_toml(best_cfg, f"best of sweep {name}: validation NDCG@100 {score:.4f} ({len(table)} of {samples} "
+                             f"trials)\ntrain with: python jobs/train.py --config <this file>")
+    lake.write_bytes(lake.join(root, "best.toml"), text.encode())
+    return {METRIC: score, "params": chosen, "trials": len(table), "best_config": lake.join(root, "best.toml"),
+            "table": lake.join(root, "trials.parquet"), "figure": lake.join(root, "sweep.png")}
+
+
+def _figure(results, path: str, name: str) -> None:
+    """Fig. 4 of the paper for one sweep: independence against NDCG@100 per trial; NDCG against beta and sigma0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for r in results:
+        df = r.metrics_dataframe
+        if df is None or METRIC not in df:
+            continue
+        best = df.loc[df[METRIC].idxmax()]
+        rows.append((best[METRIC], best.get("val_independence", float("nan")), r.config.get("optim.beta"),
+                     r.config.get("model.sigma0")))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    panels = [(1, "independence (validation users)"), (2, "β (optim.beta)"), (3, "σ0 (model.sigma0)")]
+    for ax, (col, label) in zip(axes, panels, strict=True):
+        pts = [(r[col], r[0]) for r in rows if r[col] is not None and not (isinstance(r[col], float) and
+                                                                            math.isnan(r[col]))]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=24, alpha=0.8)
+        else:
+            ax.text(0.5, 0.5, "not searched", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation NDCG@100")
+        if col == 1 and pts:
+            ax.set_xlabel("independence")
+    fig.suptitle(f"sweep {name}: {len(rows)} trials (best validation epoch of each)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,88 @@
+"""Sec. 2.4: the traversal, its beam search against brute force, the range search, and steering."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from macrid.traverse import beam_search, dimension_range, steer, traverse
+
+
+def planted(seed=0, M=300, D=6, K=3):
+    rng = np.random.default_rng(seed)
+    m = rng.standard_normal((K, D))
+    h = m[rng.integers(0, K, M)] + 0.6 * rng.standard_normal((M, D))  # items around their prototype
+    return h, m
+
+
+def nearest(v, m):
+    return int(np.argmax((m / np.linalg.norm(m, axis=1, keepdims=True)) @ (v / np.linalg.norm(v))))
+
+
+def test_the_range_is_where_the_nearest_prototype_stays():
+    m = np.array([[1.0, 0.0], [0.0, 1.0]])
+    # from (1, 0.2), moving y: cos to (1,0) is 1/sqrt(1+y^2), to (0,1) is y/sqrt(1+y^2): k=0 while y < 1;
+    # downwards k=0 stays (the second cosine turns negative), so a is the search bound
+    a, b = dimension_range(np.array([1.0, 0.2]), 1, m, span=5.0)
+    assert b == pytest.approx(1.0, abs=1e-9)
+    assert a == pytest.approx(0.2 - 5.0)
+
+
+def test_the_traversal_returns_b_items_of_the_starting_concept_rising_in_dimension_j():
+    h, m = planted()
+    start, j, B = 0, 2, 6
+    t = traverse(h[start], j, h, m, tau=0.5, n_steps=B, gamma=0.1, width=8, exclude=start)
+    assert len(t.items) == B and start not in t.items
+    assert all(nearest(h[i], m) == nearest(h[start], m) == t.concept for i in t.items)
+    values = [h[i, j] for i in t.items]
+    assert all(x < y for x, y in zip(values, values[1:]))  # strictly rising along the trajectory
+    for i, lo, hi in zip(t.items, t.edges[:-1], t.edges[1:]):
+        assert lo < h[i, j] <= hi  # one item from each subrange, in order
+    # the subranges hold equal numbers (+-1) of the concept's items inside (a, b)
+    members = [i for i in range(len(h)) if nearest(h[i], m) == t.concept and i != start]
+    counts = [sum(lo < h[i, j] <= hi for i in members) for lo, hi in zip(t.edges[:-1], t.edges[1:])]
+    assert max(counts) - min(counts) <= 1
+
+
+def objective(items, h, h_star, j, tau, gamma):
+    """Sec. 2.4's objective, restated."""
+    def cos(u, v):
+        u, v = np.delete(u, j), np.delete(v, j)
+        return u @ v / np.linalg.norm(u) / np.linalg.norm(v)
+    first = sum(np.exp(cos(h[i], h_star) / tau) for i in items)
+    pairs = sum(np.exp(cos(h[a], h[b]) / tau) for a, b in itertools.combinations(items, 2))
+    return first + gamma * pairs
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 3.0])
+def test_beam_search_finds_the_brute_force_optimum_on_a_tiny_instance(gamma):
+    rng = np.random.default_rng(1)
+    h = rng.standard_normal((9, 4))
+    h_star, j, tau = rng.standard_normal(4), 1, 0.5
+    groups = [np.array([0, 1, 2]), np.array([3, 4, 5]), np.array([6, 7, 8])]
+    items, value = beam_search(groups, h, h_star, j, tau, gamma, width=27)  # 27 = every sequence: exact
+    best = max(itertools.product(*groups), key=lambda s: objective(s, h, h_star, j, tau, gamma))
+    assert tuple(items) == best
+    assert value == pytest.approx(objective(best, h, h_star, j, tau, gamma))
+    greedy, greedy_value = beam_search(groups, h, h_star, j, tau, gamma, width=1)
+    assert greedy_value <= value + 1e-9 and greedy_value == pytest.approx(objective(greedy, h, h_star, j, tau, gamma))
+
+
+def test_steering_a_concept_weight_to_zero_removes_it_and_ranks_by_the_restated_score():
+    from macrid.model import MacridVAE
+
+    torch.manual_seed(0)
+    model = MacridVAE(50, K=3, D=8).eval()
+    mu = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+    own = torch.tensor([0, 1, 2])
+    weights = torch.tensor([1.0, 0.0, 2.0])
+    items, scores, concepts = steer(model, mu, own, 10, weights)
+    h = model.h.detach()
+    hn, mn = h / h.norm(dim=1, keepdim=True), model.m.detach() / model.m.detach().norm(dim=1, keepdim=True)
+    c = torch.softmax(hn @ mn.T / model.tau, dim=1)
+    A = (weights * c * torch.exp(hn @ mu.T / model.tau)).sum(1)  # restated: sum_k w_k c_ik exp(cos/tau)
+    A[own] = 0.0
+    assert items.tolist() == torch.argsort(A, descending=True)[:10].tolist()
+    assert torch.allclose(scores, A[items].log(), atol=1e-5)
+    assert 1 not in concepts.tolist()
