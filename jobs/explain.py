@@ -3,6 +3,7 @@
   python jobs/explain.py --lake lake --run ml-1m-prod traverse --item 2571 --dim 3
   python jobs/explain.py --lake lake --run ml-1m-prod traverse --user 42 --component 2 --dim 7 --steps 10
   python jobs/explain.py --lake lake --run ml-1m-prod steer --user 42 --set 2:7=0.4 --weight 5=0 --top-n 10
+  python jobs/explain.py --lake lake --run ml-1m-prod report        # -> <lake>/runs/ml-1m-prod/report.html
 
 traverse: starting from an item's representation h_i or from component k of a user, moves dimension j
 through the range where the starting concept stays the nearest prototype, and lists one item per
@@ -40,6 +41,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="K:J=VALUE", help="set dimension J of component K")
     s.add_argument("--weight", action="append", default=[], metavar="K=W", help="weight of concept K (default 1)")
     s.add_argument("--top-n", type=int, default=10, help="items listed (default 10)")
+    sub.add_parser("report", help="write <lake>/runs/<run>/report.html: concepts, genre alignment, item map, "
+                                  "traversals, learning curve (one self-contained file)")
     return p
 
 
@@ -49,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run = Run(args.lake, args.run)
+        if args.command == "report":
+            from macrid.html_report import write
+
+            print(write(args.lake, args.run))
+            return 0
         if args.command == "traverse":
             out = traversal(run, args.dim, args.item, args.user, args.component, args.steps, args.gamma, args.beam)
         else:

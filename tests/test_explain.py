@@ -70,3 +70,38 @@ def test_bad_input_is_named(run_lake, capsys, argv, words):
 def test_a_run_without_a_checkpoint_is_named(run_lake, capsys):
     code, _, err = explain(capsys, "--lake", run_lake, "--run", "nope", "traverse", "--item", "50", "--dim", "0")
     assert code == 2 and "nope" in err and "model.pt" in err
+
+
+def test_the_report_renders_in_headless_chromium_with_its_sections_and_images(run_lake, capsys, tmp_path):
+    import base64
+    import re
+    import subprocess
+
+    import matplotlib.image
+
+    from conftest import system_binary
+
+    chromium = system_binary("chromium", "chromium")
+    code, out, err = explain(capsys, "--lake", run_lake, "--run", "r", "report")
+    assert code == 0, err
+    page = out.strip()
+    text = open(page).read()
+    for section in ("metrics", "concepts", "alignment", "map", "traversals", "curve"):
+        assert f"<section id='{section}'>" in text
+    images = re.findall(r"src='data:image/png;base64,([^']+)'", text)
+    assert len(images) == 2  # the item map and the learning curve, embedded
+    for data in images:
+        assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Star Wars" in text or "concept 0" in text
+    shot = tmp_path / "report.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2600", f"--screenshot={shot}"]
+    subprocess.run([chromium, *flags, f"file://{page}"], capture_output=True, timeout=120)
+    pixels = matplotlib.image.imread(shot)  # (H, W, 3 or 4) floats
+    assert pixels.shape[:2] == (2600, 1200)
+    # the page painted: dark text and coloured figures on white, not a blank or error page
+    assert (pixels[..., :3].mean(axis=2) < 0.5).mean() > 0.005
+    dom = subprocess.run([chromium, *flags[:-2], "--dump-dom", f"file://{page}"], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert "Genre alignment" in dom and "Learning curve" in dom and dom.count("<img") == 2

@@ -71,7 +71,19 @@ def sets(*overrides):
     return sum([["--set", o] for o in overrides], [])
 
 
-def test_a_sweep_of_ray_train_trials_writes_a_best_config_that_trains(ml100k_lake, ray_cluster, tmp_path):
+@pytest.fixture(scope="module")
+def ray_with_state_api(s3_endpoint):
+    """A 2-CPU local Ray with the dashboard: Ray Train's placement-group cleaner asks its State API whether a
+    trial's controller is gone (as the local Ray that jobs/tune.py starts has it too)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=200 * 1024**2,
+             configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def test_a_sweep_of_ray_train_trials_writes_a_best_config_that_trains(ml100k_lake, ray_with_state_api, tmp_path):
     space = tmp_path / "space.toml"
     space.write_text("[optim]\nlr = {loguniform = [1e-3, 1e-2]}\nanneal = {choice = [\"linear\", \"authors\"]}\n"
                      "[model]\nsigma0 = {loguniform = [0.05, 0.5]}\n")
@@ -137,7 +149,7 @@ def test_an_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(s3
 
 
 @pytest.fixture(scope="module")
-def s3_sweep_lake(ray_cluster, s3_endpoint):
+def s3_sweep_lake(ray_with_state_api, s3_endpoint):
     from macrid.prepare import prepare
     from macrid.split import Protocol
     from macrid.synthetic import SyntheticSpec, generate
