@@ -30,6 +30,9 @@ class ModelConfig:
     gumbel: bool = True  # relaxed Gumbel-softmax concept sample in training (else the softmax)
     sample: bool = True  # draw z ~ q(z|x) in training (False uses mu: for exactness tests and ablations)
     hidden: int = 100  # Mult* encoder hidden width; the paper's 2*M*d budget keeps it = D
+    # MacridVAE: after this epoch, move the prototypes to spherical k-means centres of the item vectors h_i
+    # (k-means++ seeding; macrid/prototypes.py); 0 = never
+    proto_init_epoch: int = 0
 
     def __post_init__(self) -> None:
         if self.name not in MODELS:

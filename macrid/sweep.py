@@ -84,7 +84,10 @@ def run_sweep(cfg: Config, space: dict, name: str, samples: int, concurrent: int
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode="max", num_samples=samples,
                 search_alg=ConcurrencyLimiter(search, max_concurrent=concurrent),
-                scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs, grace_period=grace_epochs)),
+                # max_t one past the last epoch: ASHA never stops a trial at its final report, so the trial's
+                # run finishes (model.pt, metrics.json) before Tune marks it done
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs + 1,
+                                        grace_period=min(grace_epochs, cfg.optim.epochs))),
             run_config=tune.RunConfig(name="ray", storage_path=storage_path, storage_filesystem=storage_fs),
         )
     results = tuner.fit()

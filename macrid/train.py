@@ -170,6 +170,8 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
             sums += torch.stack([loss.detach(), parts["nll"], parts["kl"]]).double()
             if metrics is not None:
                 metrics.on_step(len(off) - 1)
+        if epoch == cfg.model.proto_init_epoch and hasattr(model, "m"):
+            _recentre_prototypes(model, cfg.run.seed)
         mean_loss, mean_nll, mean_kl = (sums / max(n_steps, 1)).tolist()  # one sync per epoch
         row = {"epoch": epoch, "step": state["step"], "beta": beta, "seconds": time.perf_counter() - t0,
                "users": n_users * world, "loss": mean_loss, "nll": mean_nll, "kl": mean_kl, "input_seconds": waited}
@@ -289,6 +291,15 @@ def memory_batches(share: CSR, n_users: int, batch_size: int, seed: int, rank: i
         for start in range(0, use, per_rank):
             yield share.take(order[start:start + per_rank])
     return batches
+
+
+@torch.no_grad()
+def _recentre_prototypes(model, seed: int) -> None:
+    """model.proto_init_epoch: prototypes to the spherical k-means centres of h (the same on every rank)."""
+    from macrid.prototypes import spherical_kmeans
+
+    centres = spherical_kmeans(model.h.detach(), model.K, seed)  # (K, D) unit norm; cosines ignore the scale
+    model.m.copy_(centres.to(model.m.device, model.m.dtype) * model.m.norm(dim=1, keepdim=True).mean())
 
 
 def _agree(stop: bool, world: int, device: torch.device) -> bool:

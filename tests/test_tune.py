@@ -97,6 +97,8 @@ def test_a_sweep_of_ray_train_trials_writes_a_best_config_that_trains(ml100k_lak
     runs = [p for p in os.listdir(f"{ml100k_lake}/runs") if p.startswith("smoke-")]
     assert len(runs) == 4
     assert all(os.path.exists(f"{ml100k_lake}/runs/{r}/checkpoint_manager_snapshot.json") for r in runs)
+    finished = [r for r in runs if os.path.exists(f"{ml100k_lake}/runs/{r}/metrics.json")]
+    assert len(finished) == (trials["epoch"] == 2).sum() >= 1  # trials ASHA did not stop finished their run
     assert os.path.getsize(f"{root}/sweep.png") > 10_000
     cfg = load_config(f"{root}/best.toml", ["run.name='from-best'", "run.progress=false", "optim.epochs=1"])
     assert cfg.model.K == 3 and cfg.optim.anneal in ("linear", "authors")
