@@ -6,7 +6,7 @@
 import torch
 import torch.nn.functional as F
 
-from macrid.mixture import mixture_scores
+from macrid.model.mixture import mixture_scores
 
 torch.manual_seed(0)
 B, K, D, M, tau = 256, 7, 100, 5000, 0.1

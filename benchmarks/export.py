@@ -23,10 +23,10 @@ import time
 import numpy as np
 import torch
 
-from macrid.batches import load_dataset
-from macrid.evaluate import SCORE_BUDGET
-from macrid.model import MacridVAE
-from macrid import represent
+from macrid.data.batches import load_dataset
+from macrid.training.evaluate import SCORE_BUDGET
+from macrid.model.vae import MacridVAE
+from macrid.output import represent
 
 K, D, BATCH, TOP = 7, 100, 2000, 100
 

@@ -28,11 +28,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from macrid.config import ModelConfig  # noqa: E402
-from macrid.evaluate import chunked_top_k  # noqa: E402
-from macrid.model import build_model  # noqa: E402
-from macrid.row_sparse import Optimizers, tables_of  # noqa: E402
-from macrid.sampling import NegativeSampler  # noqa: E402
-from macrid.step import precision_context, train_step  # noqa: E402
+from macrid.training.evaluate import chunked_top_k  # noqa: E402
+from macrid.model.vae import build_model  # noqa: E402
+from macrid.model.row_sparse import Optimizers, tables_of  # noqa: E402
+from macrid.model.sampling import NegativeSampler  # noqa: E402
+from macrid.training.step import precision_context, train_step  # noqa: E402
 
 SHAPES = {  # users, items, mean items per user, negatives (0 = full softmax), K categories planted
     "ml20m": dict(users=136_000, items=20_000, mean_len=70, negatives=0),

@@ -38,12 +38,12 @@ def worker_loop(config: dict) -> None:
     import ray.train
     import torch
 
-    from macrid.batches import item_counts, load_meta
-    from macrid.model import MacridVAE
-    from macrid.ray_data import CachedShard, stream_batches
-    from macrid.row_sparse import Optimizers, tables_of
-    from macrid.sampling import NegativeSampler
-    from macrid.step import train_step
+    from macrid.data.batches import item_counts, load_meta
+    from macrid.model.vae import MacridVAE
+    from macrid.data.ray_data import CachedShard, stream_batches
+    from macrid.model.row_sparse import Optimizers, tables_of
+    from macrid.model.sampling import NegativeSampler
+    from macrid.training.step import train_step
 
     torch.set_num_threads(1)
     shard = ray.train.get_dataset_shard("train")
@@ -83,7 +83,7 @@ def run(lake_root: str, dataset: str, mode: str, tmp: str) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from macrid.ray_data import train_dataset
+    from macrid.data.ray_data import train_dataset
 
     out = os.path.join(tmp, f"{mode}-{time.time_ns()}.json")
     TorchTrainer(worker_loop, train_loop_config={"mode": mode, "out": out, "lake": lake_root, "dataset": dataset},
@@ -100,8 +100,8 @@ def to_s3(lake_root: str, dataset: str) -> str:
     import pyarrow.fs as pafs
     from moto.server import ThreadedMotoServer
 
-    from macrid import lake
-    from macrid.batches import snapshot_uri
+    from macrid.data import lake
+    from macrid.data.batches import snapshot_uri
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -129,7 +129,7 @@ def main() -> None:
     args = p.parse_args()
     import ray
 
-    from macrid.batches import load_meta
+    from macrid.data.batches import load_meta
 
     lake_root = os.path.abspath(args.lake)
     meta = load_meta(lake_root, args.dataset)

@@ -11,9 +11,9 @@
 - dense: sampled softmax, dense item-table gradients and dense Adam (optim.row_sparse = false);
 - full: full softmax over all M items (optim.negatives = 0).
 Batches are synthetic bags (log-normal sizes around 40, items by a Zipf(0.8) popularity), the same
-MacridVAE (K = 5, D = 100) and `macrid.train.train_step` that training runs. `ddp` starts two
+MacridVAE (K = 5, D = 100) and `macrid.training.train.train_step` that training runs. `ddp` starts two
 processes with torch.distributed (gloo on loopback), as Ray Train's workers do, and times the same
-step with the tables inside DDP (dense all-reduce) and outside it (macrid.row_sparse exchange).
+step with the tables inside DDP (dense all-reduce) and outside it (macrid.model.row_sparse exchange).
 Writes benchmarks/scale.json; benchmarks/scale.md quotes it.
 """
 
@@ -53,9 +53,9 @@ def batches(M: int, B: int, n: int, seed: int, pool: int = 0) -> list[tuple[torc
 
 
 def setup(M: int, variant: str, S: int, D: int, K: int):
-    from macrid.model import MacridVAE
-    from macrid.row_sparse import tables_of
-    from macrid.sampling import NegativeSampler
+    from macrid.model.vae import MacridVAE
+    from macrid.model.row_sparse import tables_of
+    from macrid.model.sampling import NegativeSampler
 
     torch.manual_seed(0)
     row_sparse = variant in ("row-sparse", "per-user")
@@ -68,8 +68,8 @@ def setup(M: int, variant: str, S: int, D: int, K: int):
 def one_config(M: int, variant: str, B: int, S: int, D: int, K: int, steps: int, warmup: int,
                pool: int = 0) -> dict:
     """Runs in its own process: median step seconds and peak RSS."""
-    from macrid.row_sparse import Optimizers
-    from macrid.step import train_step
+    from macrid.model.row_sparse import Optimizers
+    from macrid.training.step import train_step
 
     model, tables, sampler = setup(M, variant, S, D, K)
     opt = Optimizers(model, tables, "adam", 1e-3, 0.0)
@@ -106,8 +106,8 @@ def run_steps(args) -> list[dict]:
 def ddp_worker(rank: int, world: int, port: int, args, variant: str, out: dict) -> None:
     import torch.distributed as dist
 
-    from macrid.row_sparse import Optimizers, broadcast_tables, ignore_in_ddp
-    from macrid.step import train_step
+    from macrid.model.row_sparse import Optimizers, broadcast_tables, ignore_in_ddp
+    from macrid.training.step import train_step
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, args.threads // world))
@@ -163,8 +163,8 @@ def _median_time(fn, repeats: int = 7) -> float:
 
 def run_parts(args) -> list[dict]:
     """Each replaced piece against its replacement, same inputs, same run (gowalla-like sizes)."""
-    from macrid.evaluate import _merge_top_k
-    from macrid.loss import own_items_nll
+    from macrid.training.evaluate import _merge_top_k
+    from macrid.model.loss import own_items_nll
 
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)

@@ -4,7 +4,7 @@ In one run it measures:
 1. the float32 matmul peak: the best GFLOP/s over large square GEMMs, and the GEMM rate at the
    decoder's own shape (B*K x D) @ (D x M), which bounds what any layout of this model can reach;
 2. the matmul FLOPs of one training epoch, counted from the real batches;
-3. the median training-epoch time of MacridVAE with the fused decoder (macrid.mixture) and with
+3. the median training-epoch time of MacridVAE with the fused decoder (macrid.model.mixture) and with
    the plain-autograd decoder (the baseline).
 
   python benchmarks/speed.py --lake lake --dataset ml-1m --threads 2
@@ -20,10 +20,10 @@ import time
 import numpy as np
 import torch
 
-import macrid.model as model_mod
-from macrid.batches import iter_batches, load_dataset
-from macrid.loss import elbo_loss
-from macrid.mixture import mixture_scores, mixture_scores_reference
+import macrid.model.vae as model_mod
+from macrid.data.batches import iter_batches, load_dataset
+from macrid.model.loss import elbo_loss
+from macrid.model.mixture import mixture_scores, mixture_scores_reference
 
 
 def gemm_rate(m: int, k: int, n: int, repeats: int = 5) -> float:

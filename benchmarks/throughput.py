@@ -21,8 +21,8 @@ import time
 import numpy as np
 
 from macrid.config import load_config
-from macrid.launch import launch
-from macrid.ray_data import DATA_RESERVE_CPUS
+from macrid.training.launch import launch
+from macrid.data.ray_data import DATA_RESERVE_CPUS
 
 CPUS = 2
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from macrid.baselines import ease_scorer, gram, popularity_scorer
-from macrid.batches import load_dataset
+from macrid.model.baselines import ease_scorer, gram, popularity_scorer
+from macrid.data.batches import load_dataset
 from macrid.errors import MacridError
-from macrid.evaluate import evaluate, scores_ranker
-from macrid.lake import join, write_json
-from macrid.report import format_metrics
+from macrid.training.evaluate import evaluate, scores_ranker
+from macrid.data.lake import join, write_json
+from macrid.training.report import format_metrics
 
 
 def main(argv: list[str] | None = None) -> int:

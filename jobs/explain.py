@@ -48,12 +48,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from macrid.explain import Run, steering, traversal
+    from macrid.output.explain import Run, steering, traversal
 
     try:
         run = Run(args.lake, args.run)
         if args.command == "report":
-            from macrid.html_report import write
+            from macrid.output.html_report import write
 
             print(write(args.lake, args.run))
             return 0

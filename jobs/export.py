@@ -25,8 +25,8 @@ import sys
 import time
 
 from macrid.errors import MacridError
-from macrid.export import ExportSpec, export
-from macrid.readers import FORMATS
+from macrid.output.export import ExportSpec, export
+from macrid.data.readers import FORMATS
 
 
 def parser() -> argparse.ArgumentParser:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _push(gateway: str, name: str, summary: dict | None, seconds: float) -> None:
-    from macrid.telemetry import push_export
+    from macrid.training.telemetry import push_export
 
     try:
         push_export(gateway, name, summary, seconds)

@@ -19,7 +19,7 @@ import sys
 import time
 
 from macrid.errors import MacridError
-from macrid.synthetic import CHUNK_USERS, SyntheticSpec, write_shards
+from macrid.data.synthetic import CHUNK_USERS, SyntheticSpec, write_shards
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,10 +21,10 @@ import logging
 import sys
 
 from macrid.errors import MacridError
-from macrid.prepare import prepare
-from macrid.readers import FORMATS, read_items, read_raw, union
-from macrid.split import Protocol
-from macrid.synthetic import SyntheticSpec, generate
+from macrid.data.prepare import prepare
+from macrid.data.readers import FORMATS, read_items, read_raw, union
+from macrid.data.split import Protocol
+from macrid.data.synthetic import SyntheticSpec, generate
 
 
 def main(argv: list[str] | None = None) -> int:

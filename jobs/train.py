@@ -77,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(path, overrides)
         _ensure_default_dataset(cfg)
         if args.in_process:
-            from macrid.launch import prepare_config
-            from macrid.train import run_in_process
+            from macrid.training.launch import prepare_config
+            from macrid.training.train import run_in_process
 
             run_in_process(prepare_config(cfg))
         else:
-            from macrid.launch import launch
+            from macrid.training.launch import launch
 
             launch(cfg)  # prints the summary once, from this driver
     except MacridError as e:
@@ -93,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _ensure_default_dataset(cfg) -> None:
     """The embedded default: generate the synthetic dataset offline the first time it is needed."""
-    from macrid import lake
-    from macrid.prepare import dataset_uri, prepare
-    from macrid.split import Protocol
-    from macrid.synthetic import SyntheticSpec, generate
+    from macrid.data import lake
+    from macrid.data.prepare import dataset_uri, prepare
+    from macrid.data.split import Protocol
+    from macrid.data.synthetic import SyntheticSpec, generate
 
     if cfg.data.dataset == "synthetic" and not lake.exists(f"{dataset_uri(cfg.data.lake, 'synthetic')}/_meta.json"):
         print(f"[macrid] generating the synthetic dataset in {cfg.data.lake}/datasets/synthetic", flush=True)

@@ -25,7 +25,7 @@ import sys
 
 from macrid.config import load_config
 from macrid.errors import MacridError
-from macrid.search_space import load_space
+from macrid.training.search_space import load_space
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.set) + ([f"data.lake={args.lake!r}"] if args.lake else [])
         cfg = load_config(args.config, overrides)
         space = load_space(args.space or os.path.join(here, "configs", "search", f"{cfg.model.name}.toml"), cfg)
-        from macrid.launch import prepare_lake
-        from macrid.sweep import run_sweep
+        from macrid.training.launch import prepare_lake
+        from macrid.training.sweep import run_sweep
 
         cfg = prepare_lake(cfg)
         name = args.name or f"tune-{cfg.data.dataset}-{cfg.model.name}"

@@ -31,7 +31,7 @@ class ModelConfig:
     sample: bool = True  # draw z ~ q(z|x) in training (False uses mu: for exactness tests and ablations)
     hidden: int = 100  # Mult* encoder hidden width; the paper's 2*M*d budget keeps it = D
     # MacridVAE: after this epoch, move the prototypes to spherical k-means centres of the item vectors h_i
-    # (k-means++ seeding; macrid/prototypes.py); 0 = never
+    # (k-means++ seeding; macrid/model/prototypes.py); 0 = never
     proto_init_epoch: int = 0
 
     def __post_init__(self) -> None:
@@ -64,7 +64,7 @@ class OptimConfig:
     # (cost B*S + N, flat in M and in the batch's item spread); MacridVAE only
     candidates: str = "batch"
     # with sampled softmax, MacridVAE's item tables get sparse gradients, a row-wise exchange across
-    # workers and lazy Adam (macrid/row_sparse.py); false = dense tables, for comparison only
+    # workers and lazy Adam (macrid/model/row_sparse.py); false = dense tables, for comparison only
     row_sparse: bool = True
     ema: float = 0.0  # decay of an exponential moving average of the weights used for evaluation; 0 = off
 

@@ -41,9 +41,9 @@ def system_binary(name: str, package: str) -> str:
 
 @pytest.fixture(scope="session")
 def ml100k_lake(tmp_path_factory) -> str:
-    from macrid.prepare import prepare
-    from macrid.readers import read_raw
-    from macrid.split import Protocol
+    from macrid.data.prepare import prepare
+    from macrid.data.readers import read_raw
+    from macrid.data.split import Protocol
 
     lake = str(tmp_path_factory.mktemp("lake"))
     prepare(read_raw(real_data("ml-100k")), lake, "ml-100k", Protocol())
@@ -52,9 +52,9 @@ def ml100k_lake(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def synthetic_lake(tmp_path_factory) -> str:
-    from macrid.prepare import prepare
-    from macrid.split import Protocol
-    from macrid.synthetic import SyntheticSpec, generate
+    from macrid.data.prepare import prepare
+    from macrid.data.split import Protocol
+    from macrid.data.synthetic import SyntheticSpec, generate
 
     lake = str(tmp_path_factory.mktemp("lake"))
     prepare(generate(SyntheticSpec(n_users=800, n_items=300, K=4)), lake, "synthetic", Protocol())

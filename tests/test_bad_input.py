@@ -8,9 +8,9 @@ import pytest
 
 from macrid.config import load_config
 from macrid.errors import CheckpointError, ConfigError, DataError
-from macrid.prepare import prepare
-from macrid.readers import read_raw
-from macrid.split import Protocol
+from macrid.data.prepare import prepare
+from macrid.data.readers import read_raw
+from macrid.data.split import Protocol
 
 
 def test_missing_column(tmp_path):
@@ -84,7 +84,7 @@ def test_config_typo_and_type_are_errors(tmp_path):
 
 
 def test_dataset_without_meta_is_refused(tmp_path):
-    from macrid.batches import load_dataset
+    from macrid.data.batches import load_dataset
 
     os.makedirs(tmp_path / "datasets" / "half" / "train")
     with pytest.raises(DataError, match="no _meta.json"):
@@ -92,8 +92,8 @@ def test_dataset_without_meta_is_refused(tmp_path):
 
 
 def test_checkpoint_from_another_vocabulary_is_refused(tmp_path):
-    from macrid import checkpoint
-    from macrid.model import MacridVAE
+    from macrid.training import checkpoint
+    from macrid.model.vae import MacridVAE
 
     path = str(tmp_path / "c.pt")
     checkpoint.save(path, model=MacridVAE(5, K=2, D=3), optimizer=None, step=0, epoch=0, config={}, n_items=5,
@@ -127,8 +127,8 @@ def test_tampered_checkpoint_is_refused_and_runs_nothing(tmp_path):
 
     import torch
 
-    from macrid import checkpoint
-    from macrid.model import MacridVAE
+    from macrid.training import checkpoint
+    from macrid.model.vae import MacridVAE
 
     marker = tmp_path / "pwned"
     path = tmp_path / "latest.pt"

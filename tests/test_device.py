@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from macrid.batches import CSR, iter_batches
+from macrid.data.batches import CSR, iter_batches
 from macrid.config import ModelConfig
-from macrid.evaluate import evaluate, model_ranker
-from macrid.batches import HeldOut
-from macrid.model import build_model
-from macrid.row_sparse import Optimizers, tables_of
-from macrid.sampling import NegativeSampler
-from macrid.step import precision_context, train_step
+from macrid.training.evaluate import evaluate, model_ranker
+from macrid.data.batches import HeldOut
+from macrid.model.vae import build_model
+from macrid.model.row_sparse import Optimizers, tables_of
+from macrid.model.sampling import NegativeSampler
+from macrid.training.step import precision_context, train_step
 
 CPU = torch.device("cpu")
 M = 40
@@ -99,7 +99,7 @@ def test_bf16_step_tracks_the_fp32_step():
 
 
 def test_the_export_computation_creates_every_tensor_on_the_models_device():
-    from macrid import represent
+    from macrid.output import represent
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(K=3, D=8), M).to(CPU).eval()

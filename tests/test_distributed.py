@@ -10,15 +10,15 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from macrid import checkpoint
+from macrid.training import checkpoint
 from macrid.config import load_config
 from macrid.errors import CheckpointError, ConfigError
-from macrid.launch import launch
-from macrid.model import build_model
-from macrid.prepare import prepare
-from macrid.split import Protocol
-from macrid.synthetic import SyntheticSpec, generate
-from macrid.train import run_in_process
+from macrid.training.launch import launch
+from macrid.model.vae import build_model
+from macrid.data.prepare import prepare
+from macrid.data.split import Protocol
+from macrid.data.synthetic import SyntheticSpec, generate
+from macrid.training.train import run_in_process
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -6,10 +6,10 @@ import json
 import pytest
 
 from macrid.config import load_config
-from macrid.prepare import prepare
-from macrid.readers import read_raw
-from macrid.split import Protocol
-from macrid.train import run_in_process
+from macrid.data.prepare import prepare
+from macrid.data.readers import read_raw
+from macrid.data.split import Protocol
+from macrid.training.train import run_in_process
 
 from conftest import ROOT, real_data
 

@@ -15,16 +15,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from macrid import delta
-from macrid.batches import load_dataset
+from macrid.output import delta
+from macrid.data.batches import load_dataset
 from macrid.config import load_config
 from macrid.errors import CheckpointError, ConfigError, DataError
-from macrid.export import ExportSpec, export, export_uri
-from macrid.prepare import prepare
-from macrid.readers import read_raw
-from macrid.split import Protocol
-from macrid.synthetic import SyntheticSpec, generate
-from macrid.train import load_model, run_in_process
+from macrid.output.export import ExportSpec, export, export_uri
+from macrid.data.prepare import prepare
+from macrid.data.readers import read_raw
+from macrid.data.split import Protocol
+from macrid.data.synthetic import SyntheticSpec, generate
+from macrid.training.train import load_model, run_in_process
 
 from conftest import ROOT, real_data, system_binary
 
@@ -74,14 +74,14 @@ def all_bags(lake):
 
 
 def _snapshot(lake):
-    from macrid.batches import snapshot_uri
-    from macrid import lake as lk
+    from macrid.data.batches import snapshot_uri
+    from macrid.data import lake as lk
 
     return lk.resolve(snapshot_uri(lake, "ml-100k"))[1]
 
 
 def _fs(lake):
-    from macrid import lake as lk
+    from macrid.data import lake as lk
 
     return lk.resolve(lake)[0]
 

@@ -46,10 +46,10 @@ def test_alert_rules_pass_promtool_check_and_unit_tests():
 
 
 def test_alerts_watch_series_the_export_pushes():
-    from macrid import telemetry
+    from macrid.training import telemetry
 
     pushed = set()
-    source = (ROOT / "macrid" / "telemetry.py").read_text()
+    source = (ROOT / "macrid" / "training" / "telemetry.py").read_text()
     for line in source.splitlines():
         if 'gauge("macrid_export_' in line:
             pushed.add(line.split('gauge("')[1].split('"')[0])

@@ -10,12 +10,12 @@ from collections import Counter
 
 import pytest
 
-from macrid.batches import load_dataset, load_train_share, snapshot_uri
+from macrid.data.batches import load_dataset, load_train_share, snapshot_uri
 from macrid.errors import DataError
-from macrid.prepare import prepare
-from macrid.split import Protocol
-from macrid.synthetic import SyntheticSpec, generate
-from macrid.train import memory_batches
+from macrid.data.prepare import prepare
+from macrid.data.split import Protocol
+from macrid.data.synthetic import SyntheticSpec, generate
+from macrid.training.train import memory_batches
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -23,9 +23,9 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def lake_with_shards(tmp_path_factory, monkeypatch_module):
     """A dataset whose training users span three shards (the lake writes TRAIN_SHARD_USERS per file)."""
-    import macrid.prepare
+    import macrid.data.prepare
 
-    monkeypatch_module.setattr(macrid.prepare, "TRAIN_SHARD_USERS", 200)
+    monkeypatch_module.setattr(macrid.data.prepare, "TRAIN_SHARD_USERS", 200)
     lake = str(tmp_path_factory.mktemp("lake"))
     prepare(generate(SyntheticSpec(n_users=600, n_items=200, K=4, seed=5)), lake, "syn", Protocol())
     return lake
@@ -107,7 +107,7 @@ def local_ray():
 
 @pytest.mark.parametrize("mode", ["stream", "cache"])
 def test_ray_data_gives_every_user_once_per_epoch_across_two_workers(lake_with_shards, local_ray, mode):
-    from macrid.ray_data import CachedShard, stream_batches, train_dataset
+    from macrid.data.ray_data import CachedShard, stream_batches, train_dataset
 
     want = train_bags(lake_with_shards)
     splits = train_dataset(lake_with_shards, "syn").streaming_split(2, equal=True)
@@ -124,7 +124,7 @@ def test_ray_data_gives_every_user_once_per_epoch_across_two_workers(lake_with_s
 
 
 def test_stream_order_is_reproducible_for_a_seed_on_two_workers(lake_with_shards, local_ray):
-    from macrid.ray_data import stream_batches, train_dataset
+    from macrid.data.ray_data import stream_batches, train_dataset
 
     def order(seed):
         splits = train_dataset(lake_with_shards, "syn").streaming_split(2, equal=True)
@@ -166,7 +166,7 @@ def test_bad_shard_is_named_and_the_share_loads_after_the_fix(lake_with_shards, 
 
 
 def test_torn_shard_is_named_before_ray_data_reads(lake_with_shards, local_ray):
-    from macrid.ray_data import train_dataset
+    from macrid.data.ray_data import train_dataset
 
     with broken(lake_with_shards, "part-00002.parquet", "torn"):
         with pytest.raises(DataError, match="part-00002.parquet: cannot read this training shard"):
@@ -176,7 +176,7 @@ def test_torn_shard_is_named_before_ray_data_reads(lake_with_shards, local_ray):
 
 def test_shard_torn_during_a_streamed_run_is_named(lake_with_shards, local_ray):
     """The footers pass the check at the run's start; the file is torn before the epoch reads it."""
-    from macrid.ray_data import stream_batches, train_dataset
+    from macrid.data.ray_data import stream_batches, train_dataset
 
     train_uri = f"{snapshot_uri(lake_with_shards, 'syn')}/train"
     split = train_dataset(lake_with_shards, "syn").streaming_split(1, equal=True)[0]
@@ -189,7 +189,7 @@ def test_shard_torn_during_a_streamed_run_is_named(lake_with_shards, local_ray):
 def test_a_run_stopped_by_a_bad_shard_names_it_and_resumes_after_the_fix(lake_with_shards, local_ray):
     """Under Ray Train the worker's error reaches the driver as that error (not one traceback per worker)."""
     from macrid.config import load_config
-    from macrid.launch import launch
+    from macrid.training.launch import launch
 
     def cfg(*extra):
         return load_config(None, [f"data.lake={lake_with_shards!r}", "data.dataset='syn'", "run.name='bad-shard'",
@@ -204,7 +204,7 @@ def test_a_run_stopped_by_a_bad_shard_names_it_and_resumes_after_the_fix(lake_wi
 
 def test_auto_caches_while_the_share_fits_the_memory_budget_and_streams_past_it():
     from macrid.config import load_config
-    from macrid.launch import input_mode
+    from macrid.training.launch import input_mode
 
     def mode(interactions, workers, budget):
         cfg = load_config(None, [f"run.num_workers={workers}", f"run.memory_budget_gb={budget}"])

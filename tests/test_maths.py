@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from macrid.loss import beta_at, multinomial_nll
-from macrid.model import MacridVAE, MultVAE
+from macrid.model.loss import beta_at, multinomial_nll
+from macrid.model.vae import MacridVAE, MultVAE
 
 TAU = 0.25
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from macrid.batches import CSR, HeldOut
-from macrid.evaluate import evaluate, scores_ranker
-from macrid.metrics import independence, ndcg_at_k, recall_at_k, targets_mask, top_k
+from macrid.data.batches import CSR, HeldOut
+from macrid.training.evaluate import evaluate, scores_ranker
+from macrid.training.metrics import independence, ndcg_at_k, recall_at_k, targets_mask, top_k
 
 
 def csr(rows):
@@ -76,8 +76,8 @@ def test_independence_score():
 
 
 def test_chunked_top_k_equals_full_ranking():
-    from macrid.evaluate import chunked_top_k
-    from macrid.model import MacridVAE, MultVAE
+    from macrid.training.evaluate import chunked_top_k
+    from macrid.model.vae import MacridVAE, MultVAE
 
     torch.manual_seed(0)
     idx, off = torch.tensor([0, 3, 5, 1, 2, 7, 8, 30]), torch.tensor([0, 3, 4, 8])
@@ -91,7 +91,7 @@ def test_chunked_top_k_equals_full_ranking():
 
 def test_ease_matches_columnwise_ridge_regression():
     """EASE's closed form equals, column by column, ridge regression of item j on the other items."""
-    from macrid.baselines import ease_weights, gram
+    from macrid.model.baselines import ease_weights, gram
 
     rows = [[0, 1, 2], [1, 2], [0, 3], [2, 3, 4], [0, 1, 4], [1, 3]]
     train = csr(rows)
@@ -109,7 +109,7 @@ def test_ease_matches_columnwise_ridge_regression():
 
 def test_chunked_top_k_breaks_ties_like_the_full_sort():
     """Scores with heavy ties across chunk borders: still the lower item id first, as `top_k`."""
-    from macrid.evaluate import chunked_top_k
+    from macrid.training.evaluate import chunked_top_k
 
     table = torch.randint(0, 4, (3, 50)).float()  # 3 users, 50 items, 4 distinct scores
 
@@ -128,7 +128,7 @@ def test_chunked_top_k_breaks_ties_like_the_full_sort():
 
 
 def test_nmi_ari_and_purity_on_a_hand_computed_case():
-    from macrid.metrics import ari, nmi, purity
+    from macrid.training.metrics import ari, nmi, purity
 
     truth, learned = [0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2]
     # contingency rows (truth) x columns (learned): [[2, 1, 0], [0, 1, 2]]
@@ -142,7 +142,7 @@ def test_nmi_ari_and_purity_on_a_hand_computed_case():
 
 
 def test_identical_labelings_score_one_whatever_the_names():
-    from macrid.metrics import ari, nmi, purity
+    from macrid.training.metrics import ari, nmi, purity
 
     a = np.array([0, 0, 1, 1, 2, 2, 2])
     renamed = np.array([7, 7, 3, 3, 5, 5, 5])

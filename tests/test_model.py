@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from macrid.mixture import mixture_scores, mixture_scores_reference
-from macrid.model import MacridVAE, MultVAE
+from macrid.model.mixture import mixture_scores, mixture_scores_reference
+from macrid.model.vae import MacridVAE, MultVAE
 
 
 def tiny_batch():

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from macrid.errors import DataError
-from macrid.readers import read_raw
+from macrid.data.readers import read_raw
 
 
 def test_netflix_training_set(tmp_path):
@@ -57,7 +57,7 @@ def test_adjacency_lists_merge_train_and_test(tmp_path):
 
 
 def test_union_of_sources_keeps_their_ids_apart(tmp_path):
-    from macrid.readers import union
+    from macrid.data.readers import union
 
     for name in ("a", "b"):
         (tmp_path / name).mkdir()

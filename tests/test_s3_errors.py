@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from macrid import lake
-from macrid.batches import load_dataset
+from macrid.data import lake
+from macrid.data.batches import load_dataset
 from macrid.errors import DataError
 
 
@@ -71,9 +71,9 @@ def test_bad_credentials(tmp_path, monkeypatch):
 def test_prepare_reads_raw_shards_from_s3_and_names_the_uri(s3_endpoint, tmp_path):
     import polars as pl
 
-    from macrid.prepare import prepare
-    from macrid.readers import read_raw
-    from macrid.split import Protocol
+    from macrid.data.prepare import prepare
+    from macrid.data.readers import read_raw
+    from macrid.data.split import Protocol
 
     rows = [(u, i, 5.0) for u in range(40) for i in range(u % 7, u % 7 + 12)]
     df = pl.DataFrame(rows, schema={"uid": pl.Int64, "sku": pl.Int64, "stars": pl.Float64}, orient="row")

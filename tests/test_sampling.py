@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from macrid.loss import multinomial_nll
-from macrid.model import MacridVAE
-from macrid.sampling import NegativeSampler, all_items
+from macrid.model.loss import multinomial_nll
+from macrid.model.vae import MacridVAE
+from macrid.model.sampling import NegativeSampler, all_items
 
 
 def test_all_items_as_candidates_equals_full_softmax_with_gradients():
@@ -83,7 +83,7 @@ def test_row_sparse_tables_give_the_dense_gradients_and_touch_only_their_rows():
 
 def test_per_user_candidates_with_all_items_equal_full_softmax_with_gradients():
     """optim.candidates = "user": own items + every item as a negative (pi = 1) is the full softmax."""
-    from macrid.loss import elbo_loss
+    from macrid.model.loss import elbo_loss
 
     idx, off = torch.tensor([0, 3, 5, 1, 2, 7, 8]), torch.tensor([0, 3, 4, 7])
     losses, grads = [], []
@@ -106,7 +106,7 @@ def test_per_user_candidates_with_all_items_equal_full_softmax_with_gradients():
 
 def test_per_user_estimate_of_the_normaliser_is_unbiased():
     """E[Ẑ_u] = Z_u over many draws of the negatives (Horvitz-Thompson with the user's own items kept)."""
-    from macrid.loss import own_items_nll
+    from macrid.model.loss import own_items_nll
 
     torch.manual_seed(0)
     M, S = 30, 8

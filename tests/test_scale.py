@@ -8,13 +8,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from macrid import lake
-from macrid.batches import item_counts, load_dataset
+from macrid.data import lake
+from macrid.data.batches import item_counts, load_dataset
 from macrid.errors import DataError
-from macrid.prepare import prepare
-from macrid.readers import read_items, read_raw
-from macrid.split import Protocol
-from macrid.synthetic import SyntheticSpec, chunks, generate, write_shards
+from macrid.data.prepare import prepare
+from macrid.data.readers import read_items, read_raw
+from macrid.data.split import Protocol
+from macrid.data.synthetic import SyntheticSpec, chunks, generate, write_shards
 
 
 def test_generator_plants_categories_bag_sizes_and_power_law():
@@ -77,10 +77,10 @@ def test_item_table_without_item_column_names_the_file(tmp_path):
 SMOKE = r"""
 import json, resource, sys, time
 from macrid.config import load_config
-from macrid.prepare import prepare
-from macrid.split import Protocol
-from macrid.synthetic import SyntheticSpec, generate
-from macrid.train import run_in_process
+from macrid.data.prepare import prepare
+from macrid.data.split import Protocol
+from macrid.data.synthetic import SyntheticSpec, generate
+from macrid.training.train import run_in_process
 
 lake = sys.argv[1]
 meta = prepare(generate(SyntheticSpec(n_users=3000, n_items=1_000_000, seed=3)), lake, "m1e6",

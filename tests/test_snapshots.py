@@ -6,13 +6,13 @@ import shutil
 
 import pytest
 
-from macrid.batches import load_dataset, load_meta, snapshot_uri
+from macrid.data.batches import load_dataset, load_meta, snapshot_uri
 from macrid.config import load_config
 from macrid.errors import DataError
-from macrid.prepare import KEEP_VERSIONS, prepare
-from macrid.split import Protocol
-from macrid.synthetic import SyntheticSpec, generate
-from macrid.train import run_in_process
+from macrid.data.prepare import KEEP_VERSIONS, prepare
+from macrid.data.split import Protocol
+from macrid.data.synthetic import SyntheticSpec, generate
+from macrid.training.train import run_in_process
 
 
 def spec(seed, users=300):

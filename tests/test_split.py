@@ -4,8 +4,8 @@ import polars as pl
 import pytest
 
 from conftest import real_data
-from macrid.readers import read_raw
-from macrid.split import Protocol, split_multvae
+from macrid.data.readers import read_raw
+from macrid.data.split import Protocol, split_multvae
 
 
 def toy_interactions(n_users=60, seed=0):

@@ -5,11 +5,11 @@ import os
 
 import pytest
 
-from macrid.baselines import popularity_scorer
-from macrid.batches import load_dataset
+from macrid.model.baselines import popularity_scorer
+from macrid.data.batches import load_dataset
 from macrid.config import load_config
-from macrid.evaluate import evaluate, scores_ranker
-from macrid.train import run_in_process
+from macrid.training.evaluate import evaluate, scores_ranker
+from macrid.training.train import run_in_process
 
 
 @pytest.mark.slow
@@ -28,8 +28,8 @@ def test_few_epochs_on_ml100k_beat_popularity_clearly(ml100k_lake):
     assert on_disk["best_epoch"] == metrics["best_epoch"] and len(on_disk["history"]) == 8
     assert set(on_disk["test"]) >= {"ndcg@100", "recall@20", "recall@50", "independence"}
     # the model is rebuilt from its run folder alone and scores exactly what the run reported
-    from macrid.evaluate import model_ranker
-    from macrid.train import load_model
+    from macrid.training.evaluate import model_ranker
+    from macrid.training.train import load_model
 
     model, _ = load_model(run, data.meta["vocabulary_fingerprint"])
     again = evaluate(model_ranker(model, data.n_items), data.test, data.n_items)["ndcg@100"]
@@ -51,7 +51,7 @@ def test_baselines_train_in_the_same_harness(synthetic_lake, model):
 def test_ray_train_worker_runs_the_loop(synthetic_lake):
     import ray
 
-    from macrid.launch import launch
+    from macrid.training.launch import launch
 
     cfg = load_config(None, [f"data.lake={synthetic_lake!r}", "run.name='ray'", "optim.epochs=2",
                              "model.K=4", "model.D=16", "run.progress=false"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from macrid.traverse import beam_search, dimension_range, steer, traverse
+from macrid.output.traverse import beam_search, dimension_range, steer, traverse
 
 
 def planted(seed=0, M=300, D=6, K=3):
@@ -70,7 +70,7 @@ def test_beam_search_finds_the_brute_force_optimum_on_a_tiny_instance(gamma):
 
 
 def test_steering_a_concept_weight_to_zero_removes_it_and_ranks_by_the_restated_score():
-    from macrid.model import MacridVAE
+    from macrid.model.vae import MacridVAE
 
     torch.manual_seed(0)
     model = MacridVAE(50, K=3, D=8).eval()

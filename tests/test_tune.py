@@ -13,7 +13,7 @@ import pytest
 
 from macrid.config import Config, load_config, to_toml
 from macrid.errors import ConfigError
-from macrid.search_space import apply, load_space
+from macrid.training.search_space import apply, load_space
 
 from conftest import ROOT
 
@@ -104,7 +104,7 @@ def test_a_sweep_of_ray_train_trials_writes_a_best_config_that_trains(ml100k_lak
     assert cfg.model.K == 3 and cfg.optim.anneal in ("linear", "authors")
     header = re.search(r"NDCG@100 ([0-9.]+)", open(f"{root}/best.toml").readline()).group(1)
     assert trials["best_val_ndcg"].max() == pytest.approx(float(header), abs=1e-4)
-    from macrid.train import run_in_process
+    from macrid.training.train import run_in_process
 
     assert run_in_process(cfg)["epochs_run"] == 1
 
@@ -152,9 +152,9 @@ def test_an_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(s3
 
 @pytest.fixture(scope="module")
 def s3_sweep_lake(ray_with_state_api, s3_endpoint):
-    from macrid.prepare import prepare
-    from macrid.split import Protocol
-    from macrid.synthetic import SyntheticSpec, generate
+    from macrid.data.prepare import prepare
+    from macrid.data.split import Protocol
+    from macrid.data.synthetic import SyntheticSpec, generate
 
     lake = "s3://lake/sweep"
     prepare(generate(SyntheticSpec(n_users=400, n_items=150, K=3, seed=2)), lake, "syn", Protocol())

@@ -1,6 +1,6 @@
 """Where a training run's workers report each epoch and restore from: Ray Train, or a local run folder.
 
-`fit` (macrid/train.py) is the same loop in both cases; a session gives it its rank, world size and
+`fit` (macrid/training/train.py) is the same loop in both cases; a session gives it its rank, world size and
 device, wraps the model for data parallelism, hands it the checkpoint to resume from, and takes one
 report per epoch (metrics from every rank, the checkpoint from rank 0).
 
@@ -22,7 +22,8 @@ from collections.abc import Callable
 
 import torch
 
-from macrid import checkpoint, lake
+from macrid.training import checkpoint
+from macrid.data import lake
 from macrid.errors import ConfigError
 
 SCORE = "selection_score"  # validation NDCG@100 on evaluated epochs, -1 (below any NDCG) on the others

@@ -27,13 +27,14 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from macrid import delta, lake
-from macrid.batches import snapshot_uri
+from macrid.output import delta
+from macrid.data import lake
+from macrid.data.batches import snapshot_uri
 from macrid.errors import ConfigError, DataError
-from macrid.export_input import Source, csr, is_dataset, merge_heldout, prepared, raw
-from macrid.model import MacridVAE
-from macrid.published import published_run
-from macrid.train import MODEL_FILE, load_model
+from macrid.output.export_input import Source, csr, is_dataset, merge_heldout, prepared, raw
+from macrid.model.vae import MacridVAE
+from macrid.output.published import published_run
+from macrid.training.train import MODEL_FILE, load_model
 
 SCHEMA_VERSION = 1
 TABLES = ("user_components", "recommendations", "item_concepts", "prototypes")
@@ -145,7 +146,7 @@ def _users(spec: ExportSpec, source: Source, run_record: dict, tag: str, progres
     import ray.data
     from tqdm import tqdm
 
-    from macrid.launch import connect
+    from macrid.training.launch import connect
 
     connect()
     fs, _ = lake.resolve(spec.lake)
@@ -213,7 +214,7 @@ class ExportWorker:
         self.fail_after = fail_after
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from macrid import represent
+        from macrid.output import represent
 
         self.calls += 1
         if self.fail_after and self.calls > self.fail_after:
@@ -262,7 +263,7 @@ def recommendations_table(user_ids: pa.Array, item_ids: pa.Array, out) -> pa.Tab
 
 def _items(spec: ExportSpec, model: MacridVAE, vocab: pl.DataFrame, tag: str) -> tuple[list[dict], list[dict]]:
     """Item concepts chunk by chunk, and the prototypes; written, not committed."""
-    from macrid import represent
+    from macrid.output import represent
 
     uri = export_uri(spec.lake, spec.name, "item_concepts")
     ids = vocab["item_id"].to_arrow()

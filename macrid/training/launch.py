@@ -17,11 +17,11 @@ import json
 import os
 import time
 
-from macrid import lake
+from macrid.data import lake
 from macrid.config import Config
 from macrid.errors import ConfigError, DataError, MacridError
-from macrid.session import SCORE, STATE_FILE, RaySession
-from macrid.train import finish, fit, has_run, pin_run, run_uri
+from macrid.training.session import SCORE, STATE_FILE, RaySession
+from macrid.training.train import finish, fit, has_run, pin_run, run_uri
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
 DEFAULT_CLUSTER_CPUS_PER_WORKER = 1.0
@@ -32,8 +32,8 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: rebuild the typed config once, then train on this worker's shard."""
     import ray.train
 
-    from macrid.batches import snapshot_uri
-    from macrid.ray_data import CachedShard, stream_batches
+    from macrid.data.batches import snapshot_uri
+    from macrid.data.ray_data import CachedShard, stream_batches
 
     cfg = Config.from_dict(config, source="train_loop_config")
     session = RaySession()
@@ -112,7 +112,7 @@ def worker_resources(cfg: Config, local: bool) -> Config:
     """Fill in run.cpus_per_worker and run.threads; refuse sizes that would deadlock a local Ray."""
     import ray
 
-    from macrid.ray_data import DATA_RESERVE_CPUS, RAY_DATA_MODES
+    from macrid.data.ray_data import DATA_RESERVE_CPUS, RAY_DATA_MODES
 
     W, run = cfg.run.num_workers, cfg.run
     local_cpus = float(ray.cluster_resources().get("CPU", 1)) if local else 0.0
@@ -137,8 +137,8 @@ def launch(cfg: Config, callbacks: list | None = None) -> dict:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from macrid import checkpoint
-    from macrid.ray_data import RAY_DATA_MODES, train_dataset
+    from macrid.training import checkpoint
+    from macrid.data.ray_data import RAY_DATA_MODES, train_dataset
 
     cfg = prepare_config(cfg)
     cfg, meta = pin_run(cfg, "ray")  # fail here, with the cause, before starting workers

@@ -16,7 +16,7 @@ import pickle
 
 import torch
 
-from macrid import lake
+from macrid.data import lake
 from macrid.errors import CheckpointError, DataError
 
 FILE = "checkpoint.pt"  # the file inside a Ray Train checkpoint folder

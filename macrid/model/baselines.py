@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from macrid.batches import CSR
+from macrid.data.batches import CSR
 from macrid.errors import ConfigError
-from macrid.evaluate import Scorer, dense_rows
+from macrid.training.evaluate import Scorer, dense_rows
 
 EASE_MAX_ITEMS = 60_000  # the M x M inverse costs M^2 * 8 bytes and O(M^3) time
 

@@ -21,11 +21,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from macrid import lake
-from macrid.batches import load_meta, snapshot_uri
+from macrid.data import lake
+from macrid.data.batches import load_meta, snapshot_uri
 from macrid.errors import CheckpointError, DataError
-from macrid.prepare import dataset_uri
-from macrid.readers import read_raw
+from macrid.data.prepare import dataset_uri
+from macrid.data.readers import read_raw
 
 STAGE_USERS = 100_000  # users per staged shard of a raw input
 

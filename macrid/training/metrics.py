@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from macrid.bags import bag_rows
+from macrid.data.bags import bag_rows
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ averages the gradients, so a step with W workers equals a step with one worker o
 Every tensor lives on the session's device (a worker's GPU, or the CPU); batches are copied there
 through pinned memory. Only rank 0 evaluates (validation sets are small); it broadcasts whether to
 stop, so every rank runs the same number of steps. Each epoch ends with one report to the session
-(macrid/session.py): the metrics, and rank 0's checkpoint, from which a restarted run resumes.
+(macrid/training/session.py): the metrics, and rank 0's checkpoint, from which a restarted run resumes.
 After training, `finish` scores the best epoch on validation and test and writes the run folder.
 """
 
@@ -24,19 +24,20 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from macrid import checkpoint, lake
-from macrid.bags import to_device
-from macrid.batches import CSR, Dataset, item_counts, load_dataset, load_meta, load_train_share
+from macrid.training import checkpoint
+from macrid.data import lake
+from macrid.data.bags import to_device
+from macrid.data.batches import CSR, Dataset, item_counts, load_dataset, load_meta, load_train_share
 from macrid.config import Config
 from macrid.errors import CheckpointError, ConfigError
-from macrid.evaluate import evaluate, model_ranker
-from macrid.loss import beta_at
-from macrid.model import build_model
-from macrid.report import format_metrics, plot_learning_curve
-from macrid.row_sparse import Optimizers, broadcast_tables, ignore_in_ddp, tables_of
-from macrid.sampling import NegativeSampler
-from macrid.session import SCORE, LocalSession
-from macrid.step import precision_context, train_step
+from macrid.training.evaluate import evaluate, model_ranker
+from macrid.model.loss import beta_at
+from macrid.model.vae import build_model
+from macrid.training.report import format_metrics, plot_learning_curve
+from macrid.model.row_sparse import Optimizers, broadcast_tables, ignore_in_ddp, tables_of
+from macrid.model.sampling import NegativeSampler
+from macrid.training.session import SCORE, LocalSession
+from macrid.training.step import precision_context, train_step
 
 log = logging.getLogger(__name__)
 # epoch -> this worker's batches of (indices (N,), offsets (B+1,)), on the host
@@ -296,7 +297,7 @@ def memory_batches(share: CSR, n_users: int, batch_size: int, seed: int, rank: i
 @torch.no_grad()
 def _recentre_prototypes(model, seed: int) -> None:
     """model.proto_init_epoch: prototypes to the spherical k-means centres of h (the same on every rank)."""
-    from macrid.prototypes import spherical_kmeans
+    from macrid.model.prototypes import spherical_kmeans
 
     centres = spherical_kmeans(model.h.detach(), model.K, seed)  # (K, D) unit norm; cosines ignore the scale
     model.m.copy_(centres.to(model.m.device, model.m.dtype) * model.m.norm(dim=1, keepdim=True).mean())
@@ -314,7 +315,7 @@ def _agree(stop: bool, world: int, device: torch.device) -> bool:
 def _telemetry(cfg: Config, rank: int):
     if not cfg.run.metrics_port:
         return None
-    from macrid.telemetry import TrainMetrics
+    from macrid.training.telemetry import TrainMetrics
 
     return TrainMetrics(cfg.run.metrics_port + rank, cfg.run.name, rank)
 

@@ -16,9 +16,9 @@ from collections.abc import Callable
 
 import torch
 
-from macrid.loss import elbo_loss
-from macrid.row_sparse import Optimizers, allreduce_rows
-from macrid.sampling import NegativeSampler
+from macrid.model.loss import elbo_loss
+from macrid.model.row_sparse import Optimizers, allreduce_rows
+from macrid.model.sampling import NegativeSampler
 
 
 def train_step(model: torch.nn.Module, opt: Optimizers, tables: list[torch.nn.Parameter],

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from macrid import lake
-from macrid.readers import RawData
+from macrid.data import lake
+from macrid.data.readers import RawData
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from macrid import lake
-from macrid.batches import CSR, snapshot_uri, unreadable_shard
+from macrid.data import lake
+from macrid.data.batches import CSR, snapshot_uri, unreadable_shard
 from macrid.errors import DataError
 
 RAY_DATA_MODES = ("stream", "cache")  # the run.data values whose input goes through Ray Data

@@ -143,7 +143,7 @@ def _read_remote(uri: str, fmt: str, user_col: str, item_col: str, rating_col: s
 @contextmanager
 def _local_copy(uri: str) -> Iterator[str]:
     """Stream object-storage input to a scratch folder; DataErrors name the URI, not the scratch path."""
-    from macrid import lake
+    from macrid.data import lake
 
     with tempfile.TemporaryDirectory(prefix="macrid-raw-") as tmp:
         local = lake.download(uri, tmp)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import polars as pl
 
-from macrid import lake
-from macrid.batches import load_meta, snapshot_uri
+from macrid.data import lake
+from macrid.data.batches import load_meta, snapshot_uri
 from macrid.errors import CheckpointError, DataError
-from macrid.model import MacridVAE
-from macrid.train import MODEL_FILE, RUN_FILE, load_model
+from macrid.model.vae import MacridVAE
+from macrid.training.train import MODEL_FILE, RUN_FILE, load_model
 
 
 def published_run(lake_root: str, run_name: str) -> tuple[MacridVAE, dict, pl.DataFrame, dict]:

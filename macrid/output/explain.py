@@ -1,7 +1,7 @@
 """Explanations of a finished run for people: traversals (Sec. 2.4) and steering, with item titles.
 
 Reads the run's published model (model.pt) and the dataset version it was trained on (vocabulary,
-titles, and a user's items). The maths is in macrid/traverse.py; this module maps IDs and titles.
+titles, and a user's items). The maths is in macrid/output/traverse.py; this module maps IDs and titles.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import numpy as np
 import polars as pl
 import torch
 
-from macrid import lake
-from macrid.batches import snapshot_uri
+from macrid.data import lake
+from macrid.data.batches import snapshot_uri
 from macrid.errors import ConfigError, DataError
-from macrid.published import published_run
-from macrid.traverse import steer, traverse
+from macrid.output.published import published_run
+from macrid.output.traverse import steer, traverse
 
 
 class Run:

@@ -26,7 +26,7 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from macrid import lake
+from macrid.data import lake
 from macrid.errors import DataError
 
 PARTITION = "dt"

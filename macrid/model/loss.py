@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from macrid.bags import bag_rows
-from macrid.model import Output
+from macrid.data.bags import bag_rows
+from macrid.model.vae import Output
 
 
 def beta_at(step: int, steps_per_epoch: int, beta_cap: float, anneal_epochs: float, schedule: str = "linear"

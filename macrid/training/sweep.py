@@ -18,10 +18,10 @@ import dataclasses
 import math
 import tempfile
 
-from macrid import lake
+from macrid.data import lake
 from macrid.config import Config, to_toml
 from macrid.errors import ConfigError
-from macrid.search_space import apply
+from macrid.training.search_space import apply
 
 METRIC = "val_ndcg@100"
 INITIAL_POINTS = 5  # random trials before TPE models the results (hyperopt's default of 20 is most of a sweep)
@@ -37,8 +37,8 @@ def trial(params: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from macrid.launch import launch
-    from macrid.train import RAY_SNAPSHOT, run_uri
+    from macrid.training.launch import launch
+    from macrid.training.train import RAY_SNAPSHOT, run_uri
 
     base = Config.from_dict(params.pop("base"), source="sweep base")
     sweep = params.pop("sweep")
@@ -58,7 +58,7 @@ def run_sweep(cfg: Config, space: dict, name: str, samples: int, concurrent: int
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.hyperopt import HyperOptSearch
 
-    from macrid.launch import connect
+    from macrid.training.launch import connect
 
     root = sweep_uri(cfg, name)
     fs, path = lake.resolve(lake.join(root, "ray"))

@@ -19,10 +19,10 @@ import io
 import numpy as np
 import polars as pl
 
-from macrid import lake
-from macrid.batches import snapshot_uri
-from macrid.explain import Run, traversal
-from macrid.metrics import ari, nmi, purity
+from macrid.data import lake
+from macrid.data.batches import snapshot_uri
+from macrid.output.explain import Run, traversal
+from macrid.training.metrics import ari, nmi, purity
 
 TOP_ITEMS = 8
 

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from macrid.bags import bag_rows, to_device
-from macrid.metrics import independence, mean_se, ndcg_at_k, recall_at_k, targets_mask, top_k
+from macrid.data.bags import bag_rows, to_device
+from macrid.training.metrics import independence, mean_se, ndcg_at_k, recall_at_k, targets_mask, top_k
 
 if TYPE_CHECKING:  # keeps this module importable without the lake's I/O stack (benchmarks/gpu.py)
-    from macrid.batches import HeldOut
+    from macrid.data.batches import HeldOut
 
 # (indices (N,), offsets (B+1,), k) -> (top-k item ids (B, k) without fold-in items, representations or None)
 Ranker = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor | None]]

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from macrid import lake
+from macrid.data import lake
 from macrid.errors import DataError
-from macrid.prepare import KEEP_VERSIONS, dataset_uri
+from macrid.data.prepare import KEEP_VERSIONS, dataset_uri
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,10 @@ import numpy as np
 import polars as pl
 import pyarrow.fs as pafs
 
-from macrid import lake
+from macrid.data import lake
 from macrid.errors import DataError
-from macrid.readers import RawData
-from macrid.split import Protocol, Split, split_multvae
+from macrid.data.readers import RawData
+from macrid.data.split import Protocol, Split, split_multvae
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2  # 2: versioned snapshots behind the _meta.json pointer; 1: tables at the dataset's root

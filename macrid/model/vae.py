@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from macrid.bags import bag_rows
+from macrid.data.bags import bag_rows
 from macrid.config import ModelConfig
-from macrid.mixture import mixture_scores
+from macrid.model.mixture import mixture_scores
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Output:
 
 class MacridVAE(nn.Module):
     # The M x D item tables. With `row_sparse` set (sampled softmax) a step reads only the rows of its
-    # candidates and inputs, and their gradients are sparse (row ids + rows): see macrid/row_sparse.py.
+    # candidates and inputs, and their gradients are sparse (row ids + rows): see macrid/model/row_sparse.py.
     item_tables = ("h", "t")
 
     def __init__(self, n_items: int, K: int = 7, D: int = 100, tau: float = 0.1, sigma0: float = 0.1,

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from macrid.bags import bag_rows, to_device
-from macrid.evaluate import chunked_top_k
-from macrid.model import MacridVAE
+from macrid.data.bags import bag_rows, to_device
+from macrid.training.evaluate import chunked_top_k
+from macrid.model.vae import MacridVAE
 
 
 @dataclass

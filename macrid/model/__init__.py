@@ -1,0 +1,1 @@
+"""Model: MacridVAE and its baselines, the ELBO, sampled softmax, row-sparse item tables. No I/O."""
