@@ -21,6 +21,7 @@ import polars as pl
 
 from macrid.data import lake
 from macrid.data.batches import snapshot_uri
+from macrid.output import represent
 from macrid.output.explain import Run, traversal
 from macrid.training.metrics import ari, nmi, purity
 
@@ -32,11 +33,8 @@ def build(lake_root: str, run_name: str, traversals: int = 2) -> str:
     run = Run(lake_root, run_name)
     snap = snapshot_uri(lake_root, run.record["dataset"], run.record["version"])
     items = pl.from_arrow(lake.read_table(lake.join(snap, "items"))).sort("item_idx")
-    hn = run.h / np.linalg.norm(run.h, axis=1, keepdims=True)
-    mn = run.m / np.linalg.norm(run.m, axis=1, keepdims=True)
-    logits = hn @ mn.T / run.model.tau
-    c = np.exp(logits - logits.max(1, keepdims=True))
-    c /= c.sum(1, keepdims=True)  # (M, K) Eq. 6
+    hn = run.h / np.linalg.norm(run.h, axis=1, keepdims=True)  # (M, D)
+    c = represent.items(run.model, 0, len(run.h))[0].numpy()  # (M, K) Eq. 6
     concept = c.argmax(1)
     genre = [g[0] if g is not None and len(g) else None for g in items["genres"].to_list()]
     metrics = lake.read_json(lake.join(lake_root, "runs", run_name, "metrics.json"))
@@ -125,8 +123,9 @@ def _map(hn: np.ndarray, concept: np.ndarray, genre: list, run: Run) -> str:
 def _traversals(run: Run, items: pl.DataFrame, concept: np.ndarray, n: int) -> str:
     counts = items["train_count"].to_numpy() if "train_count" in items.columns else np.ones(len(items))
     blocks = []
-    for start in np.argsort(-counts)[:n]:
-        t = traversal(run, dim=int(start) % run.model.D, item=str(items["item_id"][int(start)]), steps=6)
+    for start in np.argsort(-counts)[:n]:  # the most popular items, each along the dimension of h it leans on most
+        dim = int(np.argmax(np.abs(run.h[start])))
+        t = traversal(run, dim=dim, item=str(items["item_id"][int(start)]), steps=6)
         steps = "".join(f"<li><code>{s['value']:+.3f}</code> {html.escape(s['item'])}</li>" for s in t["steps"])
         blocks.append(f"<div class='traversal'><h3>{html.escape(t['from'])}: dimension {t['dimension']}, "
                       f"concept {t['concept']}</h3><ol>{steps}</ol></div>")
