@@ -31,7 +31,7 @@ from macrid.output import delta
 from macrid.data import lake
 from macrid.data.batches import snapshot_uri
 from macrid.errors import ConfigError, DataError
-from macrid.output.export_input import Source, csr, is_dataset, merge_heldout, prepared, raw
+from macrid.output.export_input import Source, is_dataset, merge_heldout, prepared, raw
 from macrid.model.vae import MacridVAE
 from macrid.output.published import published_run
 from macrid.training.train import MODEL_FILE, load_model
@@ -136,9 +136,9 @@ def _source(spec: ExportSpec, fingerprint: str, vocab: pl.DataFrame, run_record:
     if "/" not in spec.input and not os.path.exists(spec.input):
         raise DataError(f"--input {spec.input!r} is neither a dataset of {spec.lake} (ls "
                         f"{lake.join(spec.lake, 'datasets')}) nor a file or folder of raw interactions")
-    return raw(spec.input, vocab.select("item_idx", "item_id"), run_record["min_rating"] if spec.rating_col
-               or spec.format != "table" else None, stage, spec.format, spec.user_col, spec.item_col,
-               spec.rating_col)
+    # rows without a rating (implicit data, or no --rating-col) are kept; rated ones below min_rating are not
+    return raw(spec.input, vocab.select("item_idx", "item_id"), run_record["min_rating"], stage, spec.format,
+               spec.user_col, spec.item_col, spec.rating_col)
 
 
 def _users(spec: ExportSpec, source: Source, run_record: dict, tag: str, progress: bool) -> dict[str, list[dict]]:
@@ -214,15 +214,16 @@ class ExportWorker:
         self.fail_after = fail_after
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from macrid.data.ray_data import lists_to_batch
         from macrid.output import represent
 
         self.calls += 1
         if self.fail_after and self.calls > self.fail_after:
             raise RuntimeError(f"injected failure after {self.fail_after} batches (fail_after_batches)")
-        indices, offsets = csr(batch["items"])
+        indices, offsets = lists_to_batch(batch["items"])  # zero-copy Arrow -> (N,), (B+1,) int64 tensors
         user_ids = batch["user_id"] if "user_id" in batch.column_names else \
             self.user_ids.take(batch["user_idx"].combine_chunks())
-        out = represent.users(self.model, torch.from_numpy(indices), torch.from_numpy(offsets), self.top_n)
+        out = represent.users(self.model, indices, offsets, self.top_n)
         B, K = out.share.shape
         records = [dict(delta.write_file(lake.join(self.tables, "user_components"), self.date,
                                          components_table(user_ids, out.mu, out.share), self.tag),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -110,11 +109,3 @@ def merge_heldout(batch: pa.Table) -> pa.Table:
     """Held-out rows (user_idx, foldin, heldout) -> (user_idx, items): the user's whole bag."""
     df = pl.from_arrow(batch)
     return df.select("user_idx", items=pl.concat_list("foldin", "heldout").list.sort()).to_arrow()
-
-
-def csr(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """A list column -> (indices (N,) int64, offsets (B+1,) int64)."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = np.asarray(arr.offsets, dtype=np.int64)
-    values = np.asarray(arr.values, dtype=np.int64)[offsets[0]:offsets[-1]]
-    return values, offsets - offsets[0]
