@@ -27,12 +27,18 @@ class ModelConfig:
     tau: float = 0.1  # cosine temperature, Eq. 6 and the decoder
     sigma0: float = 0.1  # prior std, Eq. 7
     dropout: float = 0.5  # input dropout
+    # Eq. 6's similarity between items and prototypes: "cosine" (the paper) or "inner" (h_i . m_k / tau, the
+    # ablation of Fig. 2e, which the paper reports collapses most items onto one concept)
+    similarity: str = "cosine"
     gumbel: bool = True  # relaxed Gumbel-softmax concept sample in training (else the softmax)
     sample: bool = True  # draw z ~ q(z|x) in training (False uses mu: for exactness tests and ablations)
     hidden: int = 100  # Mult* encoder hidden width; the paper's 2*M*d budget keeps it = D
     # MacridVAE: after this epoch, move the prototypes to spherical k-means centres of the item vectors h_i
     # (k-means++ seeding; macrid/model/prototypes.py); 0 = never
     proto_init_epoch: int = 0
+    # MacridVAE, with proto_init_epoch: after every later epoch, one Lloyd step from the current prototypes
+    # (each moves to the mean direction of the items nearest to it); keeps prototypes at their clusters' centres
+    proto_refine: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in MODELS:
@@ -41,6 +47,8 @@ class ModelConfig:
             raise ConfigError(f"model.K and model.D must be >= 1 (got K={self.K}, D={self.D})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must lie in [0, 1)")
+        if self.similarity not in ("cosine", "inner"):
+            raise ConfigError(f"model.similarity={self.similarity!r} must be 'cosine' or 'inner'")
         if self.tau <= 0 or self.sigma0 <= 0:
             raise ConfigError("model.tau and model.sigma0 must be > 0")
 

@@ -46,6 +46,15 @@ def test_eq6_concepts_are_a_softmax_of_cosines_over_tau():
     assert model.concepts()[0, 0].item() == pytest.approx(1 / (1 + math.exp(-1 / TAU)), rel=1e-5)
 
 
+def test_fig2e_inner_product_concepts_are_a_softmax_of_unnormalised_dot_products():
+    model = tiny_macrid(similarity="inner").eval()
+    h = np.array([[1, 0, 0], [0, 2, 0], [1, 1, 0], [0, 0, 3]], dtype=float)
+    m = np.array([[1, 0, 0], [0, 1, 1]], dtype=float)
+    np.testing.assert_allclose(model.concepts().detach().numpy(), np_softmax(h @ m.T / TAU, axis=1), rtol=1e-5)
+    # item 3 = (0, 0, 3): dots 0 and 3 -> c_31 = 1 / (1 + e^{-3/tau}); under cosine it would be 1 / (1 + e^{-0.707/tau})
+    assert model.concepts()[3, 1].item() == pytest.approx(1 / (1 + math.exp(-3 / TAU)), rel=1e-5)
+
+
 def test_training_concepts_are_relaxed_gumbel_samples_at_temperature_one():
     """log y_0 - log y_1 = (l_0 + g_0 - l_1 - g_1) / lambda with g ~ Gumbel(0, 1): mean (l_0 - l_1) / lambda and
     variance pi^2 / (3 lambda^2) (the difference of two Gumbels is logistic). lambda = 1 in the paper."""

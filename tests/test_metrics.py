@@ -149,3 +149,25 @@ def test_identical_labelings_score_one_whatever_the_names():
     assert nmi(a, renamed) == pytest.approx(1.0)
     assert ari(a, renamed) == pytest.approx(1.0)
     assert purity(renamed, a) == pytest.approx(1.0)
+
+
+def test_genre_alignment_uses_the_first_genre_and_forgives_any_listed_genre():
+    from macrid.output.alignment import genre_alignment
+
+    genres = [["a"], ["a", "b"], ["b", "a"], ["b"], None, ["c"]]
+    concept = np.array([0, 0, 0, 1, 1, 1])
+    got = genre_alignment(concept, genres)
+    # without the genre-less item: first genres a a b b c, concepts 0 0 0 1 1; concept 0's majority is a, 1's is b
+    # (tie b/c broken by first occurrence); purity (2 + 1) / 5; any-genre: items 0 1 2 match a, item 3 matches b
+    assert got["items"] == 5 and got["genres"] == 3
+    assert got["purity"] == pytest.approx(3 / 5)
+    assert got["any_genre_purity"] == pytest.approx(4 / 5)
+
+
+def test_concept_usage_entropy_by_hand():
+    from macrid.output.alignment import usage
+
+    got = usage(np.array([0, 0, 1, 1]), K=4)  # two of four concepts used equally: ln 2, ratio ln2 / ln4 = 1/2
+    assert got["counts"] == [2, 2, 0, 0]
+    assert got["entropy"] == pytest.approx(math.log(2)) and got["entropy_ratio"] == pytest.approx(0.5)
+    assert usage(np.zeros(9, dtype=int), K=3)["entropy"] == 0.0 and usage(np.zeros(9, dtype=int), K=3)["largest_share"] == 1.0

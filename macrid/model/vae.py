@@ -32,10 +32,11 @@ class MacridVAE(nn.Module):
     item_tables = ("h", "t")
 
     def __init__(self, n_items: int, K: int = 7, D: int = 100, tau: float = 0.1, sigma0: float = 0.1,
-                 dropout: float = 0.5, gumbel: bool = True, sample: bool = True, row_sparse: bool = False):
+                 dropout: float = 0.5, gumbel: bool = True, sample: bool = True, row_sparse: bool = False,
+                 similarity: str = "cosine"):
         super().__init__()
         self.K, self.D, self.tau, self.sigma0, self.dropout, self.gumbel = K, D, tau, sigma0, dropout, gumbel
-        self.sample, self.row_sparse = sample, row_sparse
+        self.sample, self.row_sparse, self.similarity = sample, row_sparse, similarity
         self.h = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, D)))  # item embeddings h_i
         self.t = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, D)))  # context embeddings t_i
         self.t_bias = nn.Parameter(torch.zeros(D))
@@ -47,9 +48,13 @@ class MacridVAE(nn.Module):
         return self.h if items is None else F.embedding(items, self.h, sparse=self.row_sparse)
 
     def concept_logits(self, h: torch.Tensor | None = None) -> torch.Tensor:
-        """s_ik = cos(h_i, m_k) / tau, Eq. 6, for the item rows h (default: all items). Returns (M or C, K)."""
+        """s_ik = cos(h_i, m_k) / tau, Eq. 6, for the item rows h (default: all items). Returns (M or C, K).
+
+        With similarity "inner" (the Fig. 2e ablation): s_ik = h_i . m_k / tau."""
         h = self.h if h is None else h
         with torch.autocast(device_type=h.device.type, enabled=False):  # fp32: small, and 1/tau amplifies rounding
+            if self.similarity == "inner":
+                return h.float() @ self.m.float().T / self.tau
             return F.normalize(h.float(), dim=1) @ F.normalize(self.m.float(), dim=1).T / self.tau
 
     def concepts(self, h: torch.Tensor | None = None) -> torch.Tensor:
@@ -173,5 +178,6 @@ class MultVAE(nn.Module):
 def build_model(cfg: ModelConfig, n_items: int, row_sparse: bool = False) -> nn.Module:
     """row_sparse (MacridVAE with sampled softmax): sparse gradients for the item tables."""
     if cfg.name == "macridvae":
-        return MacridVAE(n_items, cfg.K, cfg.D, cfg.tau, cfg.sigma0, cfg.dropout, cfg.gumbel, cfg.sample, row_sparse)
+        return MacridVAE(n_items, cfg.K, cfg.D, cfg.tau, cfg.sigma0, cfg.dropout, cfg.gumbel, cfg.sample, row_sparse,
+                         cfg.similarity)
     return MultVAE(n_items, cfg.D, cfg.hidden, cfg.dropout, variational=cfg.name == "multvae", sample=cfg.sample)

@@ -5,9 +5,7 @@ concepts with the dataset's genres (NMI, ARI, purity); a 2-D map of the items co
 and by genre, with a user's components; example traversals (Sec. 2.4); the learning curve. Images are
 PNGs embedded as data: URIs, so the file can be mailed or served as it is.
 
-Genre rule: an item's genre is its first listed genre (MovieLens lists several); items without a genre are
-left out of the alignment. "any-genre purity" counts an item as matching when its concept's majority genre
-is any of its genres.
+The genre rule (first listed genre; any-genre purity) is stated in macrid/output/alignment.py.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from macrid.data import lake
 from macrid.data.batches import snapshot_uri
 from macrid.output import represent
 from macrid.output.explain import Run, traversal
-from macrid.training.metrics import ari, nmi, purity
+from macrid.output.alignment import genre_alignment
 
 TOP_ITEMS = 8
 
@@ -36,9 +34,10 @@ def build(lake_root: str, run_name: str, traversals: int = 2) -> str:
     hn = run.h / np.linalg.norm(run.h, axis=1, keepdims=True)  # (M, D)
     c = represent.items(run.model, 0, len(run.h))[0].numpy()  # (M, K) Eq. 6
     concept = c.argmax(1)
-    genre = [g[0] if g is not None and len(g) else None for g in items["genres"].to_list()]
+    genres = items["genres"].to_list()
+    genre = [g[0] if g is not None and len(g) else None for g in genres]
     metrics = lake.read_json(lake.join(lake_root, "runs", run_name, "metrics.json"))
-    parts = [_header(run_name, metrics), _concepts(items, c, concept), _alignment(concept, genre, items),
+    parts = [_header(run_name, metrics), _concepts(items, c, concept), _alignment(concept, genres),
              _map(hn, concept, genre, run), _traversals(run, items, concept, traversals),
              _curve(lake_root, run_name)]
     return _page(run_name, "\n".join(parts))
@@ -70,24 +69,28 @@ def _concepts(items: pl.DataFrame, c: np.ndarray, concept: np.ndarray) -> str:
     return f"<section id='concepts'><h2>Concepts and their top items</h2><div class='grid'>{''.join(blocks)}</div></section>"
 
 
-def _alignment(concept: np.ndarray, genre: list, items: pl.DataFrame) -> str:
-    known = np.array([g is not None for g in genre])
-    if known.sum() < 2:
+def _alignment(concept: np.ndarray, genres: list) -> str:
+    found = genre_alignment(concept, genres)
+    if found["items"] < 2:
         return "<section id='alignment'><h2>Genre alignment</h2><p>The dataset has no genres.</p></section>"
-    g = np.array([x for x in genre if x is not None])
-    learned = concept[known]
-    all_genres = [set(x or []) for x in items["genres"].to_list()]
-    majority = {k: pl.Series(g[learned == k]).mode()[0] for k in np.unique(learned)}
-    any_match = np.mean([majority[k] in all_genres[i] for i, k in zip(np.flatnonzero(known), learned)])
-    rows = [("NMI", nmi(g, learned)), ("ARI", ari(g, learned)), ("purity (first genre)", purity(learned, g)),
-            ("any-genre purity", any_match)]
+    rows = [("NMI", found["nmi"]), ("ARI", found["ari"]), ("purity (first genre)", found["purity"]),
+            ("any-genre purity", found["any_genre_purity"])]
     table = "".join(f"<tr><th>{n}</th><td>{v:.3f}</td></tr>" for n, v in rows)
     return (f"<section id='alignment'><h2>Genre alignment</h2><p>Learned item concepts (argmax c_ik) against the "
-            f"first listed genre of {known.sum():,} items ({len(set(g))} genres).</p><table>{table}</table></section>")
+            f"first listed genre of {found['items']:,} items ({found['genres']} genres).</p><table>{table}</table>"
+            f"</section>")
 
 
 def _map(hn: np.ndarray, concept: np.ndarray, genre: list, run: Run) -> str:
-    """Items projected on the two principal axes of h (unit norm), coloured by concept and by genre."""
+    fig = item_map(hn, concept, genre, run)
+    return (f"<section id='map'><h2>Item map</h2>{_img(fig, 'items by concept and by genre')}<p>The two principal "
+            "axes of the unit item vectors h_i; the colours on the left are the model's concepts, on the right the "
+            "dataset's genres.</p></section>")
+
+
+def item_map(hn: np.ndarray, concept: np.ndarray, genre: list, run: Run):
+    """Fig. 2-style: items on the two principal axes of h (unit norm), coloured by concept and by first genre,
+    with the prototypes and one user's K components. Returns the matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,9 +118,7 @@ def _map(hn: np.ndarray, concept: np.ndarray, genre: list, run: Run) -> str:
         a.set_xticks([])
         a.set_yticks([])
     fig.tight_layout()
-    return (f"<section id='map'><h2>Item map</h2>{_img(fig, 'items by concept and by genre')}<p>The two principal "
-            "axes of the unit item vectors h_i; the colours on the left are the model's concepts, on the right the "
-            "dataset's genres.</p></section>")
+    return fig
 
 
 def _traversals(run: Run, items: pl.DataFrame, concept: np.ndarray, n: int) -> str:

@@ -171,8 +171,9 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
             sums += torch.stack([loss.detach(), parts["nll"], parts["kl"]]).double()
             if metrics is not None:
                 metrics.on_step(len(off) - 1)
-        if epoch == cfg.model.proto_init_epoch and hasattr(model, "m"):
-            _recentre_prototypes(model, cfg.run.seed)
+        if hasattr(model, "m") and (epoch == cfg.model.proto_init_epoch
+                                    or (cfg.model.proto_refine and 0 < cfg.model.proto_init_epoch < epoch)):
+            _recentre_prototypes(model, cfg.run.seed, refine_only=epoch > cfg.model.proto_init_epoch)
         mean_loss, mean_nll, mean_kl = (sums / max(n_steps, 1)).tolist()  # one sync per epoch
         row = {"epoch": epoch, "step": state["step"], "beta": beta, "seconds": time.perf_counter() - t0,
                "users": n_users * world, "loss": mean_loss, "nll": mean_nll, "kl": mean_kl, "input_seconds": waited}
@@ -295,11 +296,14 @@ def memory_batches(share: CSR, n_users: int, batch_size: int, seed: int, rank: i
 
 
 @torch.no_grad()
-def _recentre_prototypes(model, seed: int) -> None:
-    """model.proto_init_epoch: prototypes to the spherical k-means centres of h (the same on every rank)."""
-    from macrid.model.prototypes import spherical_kmeans
+def _recentre_prototypes(model, seed: int, refine_only: bool) -> None:
+    """model.proto_init_epoch / proto_refine: prototypes to spherical k-means centres of h (k-means++ at the
+    init epoch, one Lloyd step from the current prototypes after it). Deterministic: the same on every rank."""
+    from macrid.model import prototypes
 
-    centres = spherical_kmeans(model.h.detach(), model.K, seed)  # (K, D) unit norm; cosines ignore the scale
+    h = model.h.detach()
+    # (K, D) unit norm; cosines ignore the scale
+    centres = prototypes.refine(h, model.m.detach()) if refine_only else prototypes.spherical_kmeans(h, model.K, seed)
     model.m.copy_(centres.to(model.m.device, model.m.dtype) * model.m.norm(dim=1, keepdim=True).mean())
 
 
