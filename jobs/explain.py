@@ -4,6 +4,11 @@
   python jobs/explain.py --lake lake --run ml-1m-prod traverse --user 42 --component 2 --dim 7 --steps 10
   python jobs/explain.py --lake lake --run ml-1m-prod steer --user 42 --set 2:7=0.4 --weight 5=0 --top-n 10
   python jobs/explain.py --lake lake --run ml-1m-prod report        # -> <lake>/runs/ml-1m-prod/report.html
+  python jobs/explain.py --lake s3://lake --export nightly --date 2026-11-28 steer --user 42 --weight 5=0
+
+--run reads the run's checkpoint; --export reads the nightly export's tables instead (no checkpoint:
+item vectors, concepts and prototypes from item_concepts/prototypes, a user's components from
+user_components, of the date --date, default the latest export).
 
 traverse: starting from an item's representation h_i or from component k of a user, moves dimension j
 through the range where the starting concept stays the nearest prototype, and lists one item per
@@ -19,13 +24,16 @@ import argparse
 import json
 import sys
 
-from macrid.errors import MacridError
+from macrid.errors import ConfigError, MacridError
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lake", required=True, help="lake root: a folder or s3://bucket/prefix")
-    p.add_argument("--run", required=True, help="a finished run of <lake>/runs (its model.pt)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="a finished run of <lake>/runs (its model.pt)")
+    source.add_argument("--export", metavar="NAME", help="an export of <lake>/exports (traverse and steer only)")
+    p.add_argument("--date", help="with --export: the export date YYYY-MM-DD (default: the latest export)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("traverse", help="walk one dimension from an item or a user's component")
@@ -48,10 +56,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from macrid.output.explain import Run, steering, traversal
+    from macrid.output.explain import ExportedRun, Run, steering, traversal
 
     try:
-        run = Run(args.lake, args.run)
+        if args.command == "report" and args.export:
+            raise ConfigError("report needs --run (it reads the run's metrics and learning curve)")
+        run = ExportedRun(args.lake, args.export, args.date) if args.export else Run(args.lake, args.run)
         if args.command == "report":
             from macrid.output.html_report import write
 

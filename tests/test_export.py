@@ -286,3 +286,27 @@ def test_the_job_pushes_its_outcome_to_a_real_pushgateway(local_run, pushgateway
     after = gateway_metrics(pushgateway)
     assert after["macrid_export_last_failure_timestamp_seconds"] >= got["macrid_export_last_success_timestamp_seconds"]
     assert after["macrid_export_last_success_timestamp_seconds"] == got["macrid_export_last_success_timestamp_seconds"]
+
+
+def test_explain_reads_the_export_tables_and_agrees_with_the_checkpoint(local_run):
+    """Traversal and steering from the export alone (no model.pt) give what the checkpoint gives."""
+    from macrid.output.explain import ExportedRun, Run, steering, traversal
+
+    export(ExportSpec(lake=local_run, run="r", input="ml-100k", name="explained", date="2026-11-26"), progress=False)
+    ck, ex = Run(local_run, "r"), ExportedRun(local_run, "explained")
+    assert ex.date == "2026-11-26" and ex.tau == ck.tau
+    for kw in ({"item": "50"}, {"user": "1", "component": 2}):
+        a, b = traversal(ck, 3, steps=5, **kw), traversal(ex, 3, steps=5, **kw)
+        assert [s["item"] for s in a["steps"]] == [s["item"] for s in b["steps"]] and a["concept"] == b["concept"]
+        np.testing.assert_allclose([s["value"] for s in a["steps"]], [s["value"] for s in b["steps"]], atol=1e-5)
+    a = steering(ck, "1", [(2, 0, 0.5)], {1: 0.0}, top_n=10)
+    b = steering(ex, "1", [(2, 0, 0.5)], {1: 0.0}, top_n=10)
+    for when in ("before", "after"):
+        assert [x["item"] for x in a[when]] == [x["item"] for x in b[when]]
+        np.testing.assert_allclose([x["score"] for x in a[when]], [x["score"] for x in b[when]], atol=1e-4)
+    with pytest.raises(DataError, match="'999999'"):
+        ex.user_components("999999")
+    with pytest.raises(DataError, match="dt=2020-01-01"):
+        ExportedRun(local_run, "explained", "2020-01-01")
+    with pytest.raises(CheckpointError, match="jobs/export.py"):
+        ExportedRun(local_run, "no-such-export")

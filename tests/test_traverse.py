@@ -77,7 +77,7 @@ def test_steering_a_concept_weight_to_zero_removes_it_and_ranks_by_the_restated_
     mu = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
     own = torch.tensor([0, 1, 2])
     weights = torch.tensor([1.0, 0.0, 2.0])
-    items, scores, concepts = steer(model, mu, own, 10, weights)
+    items, scores, concepts = steer(model.h.detach(), model.concepts().detach(), model.tau, mu, own, 10, weights)
     h = model.h.detach()
     hn, mn = h / h.norm(dim=1, keepdim=True), model.m.detach() / model.m.detach().norm(dim=1, keepdim=True)
     c = torch.softmax(hn @ mn.T / model.tau, dim=1)

@@ -1,7 +1,14 @@
 """Explanations of a finished run for people: traversals (Sec. 2.4) and steering, with item titles.
 
-Reads the run's published model (model.pt) and the dataset version it was trained on (vocabulary,
-titles, and a user's items). The maths is in macrid/output/traverse.py; this module maps IDs and titles.
+Two sources give the same view (item vectors h, prototypes m, concepts c, tau, titles, a user's
+components and items):
+- `Run`: the run's published model (model.pt) and the dataset version it was trained on; a user's
+  components are encoded from their items (Eq. 7);
+- `ExportedRun`: the nightly export's Delta tables (docs/export-schema.md) for one date, with no
+  checkpoint: h, c and titles from `item_concepts`, m from `prototypes`, a user's components from
+  `user_components`, tau from the commit metadata; a user's items (steering never recommends them) from
+  the dataset the export read.
+The maths is in macrid/output/traverse.py; this module maps IDs and titles.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import torch
 
 from macrid.data import lake
 from macrid.data.batches import snapshot_uri
-from macrid.errors import ConfigError, DataError
+from macrid.errors import CheckpointError, ConfigError, DataError
 from macrid.output.published import published_run
 from macrid.output.traverse import steer, traverse
 
@@ -23,6 +30,9 @@ class Run:
         self.model, self.saved, self.vocab, self.record = published_run(lake_root, run)
         self.h = self.model.h.detach().numpy()  # (M, D)
         self.m = self.model.m.detach().numpy()  # (K, D)
+        self.K, self.D, self.tau = self.model.K, self.model.D, self.model.tau
+        with torch.no_grad():
+            self.c = self.model.eval().concepts()  # (M, K) Eq. 6, the softmax
 
     def item_index(self, item_id: str) -> int:
         ids = self.vocab["item_id"]
@@ -38,31 +48,110 @@ class Run:
 
     def user_items(self, user_id: str) -> torch.Tensor:
         """The user's items (item indices) in the run's dataset version: train items, or fold-in + held-out."""
-        snap = snapshot_uri(self.lake, self.record["dataset"], self.record["version"])
-        users = pl.from_arrow(lake.read_table(lake.join(snap, "users")))
-        key = pl.Series([user_id]).cast(users["user_id"].dtype, strict=False)[0]
-        found = users.filter(pl.col("user_id") == key)
-        if key is None or found.height == 0:
-            raise DataError(f"user {user_id!r} is not in dataset {self.record['dataset']!r} of run {self.run!r} "
-                            f"({users.height:,} users, e.g. {users['user_id'][0]!r})")
-        idx, split = int(found["user_idx"][0]), found["split"][0]
-        table = pl.from_arrow(lake.read_table(lake.join(snap, split))).filter(pl.col("user_idx") == idx)
-        items = table["items"][0] if split == "train" else table["foldin"][0].extend(table["heldout"][0])
-        return torch.as_tensor(np.sort(items.to_numpy()).astype(np.int64))
+        return dataset_user_items(self.lake, self.record["dataset"], self.record["version"], user_id,
+                                  f"run {self.run!r}")
 
     def components(self, items: torch.Tensor) -> torch.Tensor:
         """The user's mu (K, D) from their items."""
         return self.model.represent(items, torch.tensor([0, len(items)]))[0]
 
+    def user_components(self, user_id: str) -> torch.Tensor:
+        return self.components(self.user_items(user_id))  # (K, D)
+
     def check_dim(self, j: int) -> None:
-        if not 0 <= j < self.model.D:
-            raise ConfigError(f"--dim {j} is out of range: run {self.run!r} has D = {self.model.D} dimensions "
-                              f"(0..{self.model.D - 1})")
+        if not 0 <= j < self.D:
+            raise ConfigError(f"--dim {j} is out of range: run {self.run!r} has D = {self.D} dimensions "
+                              f"(0..{self.D - 1})")
 
     def check_component(self, k: int) -> None:
-        if not 0 <= k < self.model.K:
-            raise ConfigError(f"component {k} is out of range: run {self.run!r} has K = {self.model.K} "
-                              f"(0..{self.model.K - 1})")
+        if not 0 <= k < self.K:
+            raise ConfigError(f"component {k} is out of range: run {self.run!r} has K = {self.K} "
+                              f"(0..{self.K - 1})")
+
+
+class ExportedRun(Run):
+    """The same view from an export's tables (<lake>/exports/<name>/, one date), without the checkpoint."""
+
+    def __init__(self, lake_root: str, name: str, date: str | None = None):
+        from macrid.output import delta
+        from macrid.output.export import export_uri
+
+        self.lake, self.run = lake_root, f"export {name}"
+        items_uri = export_uri(lake_root, name, "item_concepts")
+        table = delta.open_table(items_uri)
+        if table is None:
+            raise CheckpointError(f"{items_uri}: no export table; run jobs/export.py --lake {lake_root} --name {name} "
+                                  f"first (ls {export_uri(lake_root, '')})")
+        meta = delta.last_commit(items_uri)
+        if "model" not in meta:
+            raise CheckpointError(f"{items_uri}: the latest commit has no model metadata (tau); it predates "
+                                  "explaining from exports: re-run jobs/export.py for that date")
+        self.date = date or meta["date"]
+        self.tau, self.K, self.D = float(meta["model"]["tau"]), int(meta["model"]["K"]), int(meta["model"]["D"])
+        self.record, self._users_uri = meta, export_uri(lake_root, name, "user_components")
+        items = _partition(table, self.date, items_uri).sort("item_id")
+        self.vocab = items.select(pl.int_range(items.height).alias("item_idx"), "item_id", "title")
+        self.h = np.stack(items["h"].to_numpy()).astype(np.float32)  # (M, D)
+        self.c = torch.as_tensor(np.stack(items["probabilities"].to_numpy()).astype(np.float32))  # (M, K)
+        protos = _partition(delta.open_table(export_uri(lake_root, name, "prototypes")), self.date,
+                            export_uri(lake_root, name, "prototypes")).sort("concept")
+        self.m = np.stack(protos["m"].to_numpy()).astype(np.float32)  # (K, D)
+
+    def user_components(self, user_id: str) -> torch.Tensor:
+        """mu (K, D) as exported for the user on this date."""
+        import pyarrow.dataset as pads
+
+        from macrid.output import delta
+
+        data = delta.open_table(self._users_uri).to_pyarrow_dataset()
+        key = pl.Series([user_id]).cast(pl.from_arrow(data.schema.empty_table())["user_id"].dtype, strict=False)[0]
+        rows = pl.DataFrame()
+        if key is not None:
+            rows = pl.from_arrow(data.to_table(filter=(pads.field("dt") == self.date) & (pads.field("user_id") == key),
+                                               columns=["component", "mu"])).sort("component")
+        if rows.height == 0:
+            raise DataError(f"user {user_id!r} has no components in {self._users_uri} for dt={self.date} "
+                            "(not in the export's input, or no known item); pass a user ID the export wrote")
+        return torch.as_tensor(np.stack(rows["mu"].to_numpy()).astype(np.float32))
+
+    def user_items(self, user_id: str) -> torch.Tensor:
+        """The user's items, from the dataset the export read (raw-input exports cannot say)."""
+        source = self.record.get("input", {})
+        if "dataset" not in source:
+            raise ConfigError(f"the export read raw interactions ({source.get('uri')}), so it cannot say which items "
+                              f"user {user_id!r} already has; steer with --run, or export from a dataset")
+        item_ids = dataset_user_items(self.lake, source["dataset"], source["version"], user_id, self.run, ids=True)
+        return torch.as_tensor(np.sort(self.vocab.filter(pl.col("item_id").is_in(item_ids))["item_idx"].to_numpy()))
+
+
+def _partition(table, date: str, uri: str) -> pl.DataFrame:
+    import pyarrow.dataset as pads
+
+    rows = pl.from_arrow(table.to_pyarrow_dataset().to_table(filter=pads.field("dt") == date))
+    if rows.height == 0:
+        dates = sorted(set(pl.from_arrow(table.to_pyarrow_dataset().to_table(columns=["dt"]))["dt"].to_list()))
+        raise DataError(f"{uri}: no partition dt={date}; it has {dates[-5:]} (pass --date)")
+    return rows
+
+
+def dataset_user_items(lake_root: str, dataset: str, version: str, user_id: str, what: str,
+                       ids: bool = False) -> torch.Tensor | list:
+    """A user's items in a dataset version: train items, or fold-in + held-out. Item indices, or IDs."""
+    snap = snapshot_uri(lake_root, dataset, version)
+    users = pl.from_arrow(lake.read_table(lake.join(snap, "users")))
+    key = pl.Series([user_id]).cast(users["user_id"].dtype, strict=False)[0]
+    found = users.filter(pl.col("user_id") == key)
+    if key is None or found.height == 0:
+        raise DataError(f"user {user_id!r} is not in dataset {dataset!r} of {what} "
+                        f"({users.height:,} users, e.g. {users['user_id'][0]!r})")
+    idx, split = int(found["user_idx"][0]), found["split"][0]
+    table = pl.from_arrow(lake.read_table(lake.join(snap, split))).filter(pl.col("user_idx") == idx)
+    items = table["items"][0] if split == "train" else table["foldin"][0].extend(table["heldout"][0])
+    positions = np.sort(items.to_numpy()).astype(np.int64)
+    if ids:
+        vocab = pl.from_arrow(lake.read_table(lake.join(snap, "items"), ["item_idx", "item_id"])).sort("item_idx")
+        return vocab["item_id"].gather(positions).to_list()
+    return torch.as_tensor(positions)
 
 
 def traversal(run: Run, dim: int, item: str | None = None, user: str | None = None, component: int = 0,
@@ -77,9 +166,9 @@ def traversal(run: Run, dim: int, item: str | None = None, user: str | None = No
         start, origin = run.h[exclude], f"item {run.title(exclude)}"
     else:
         run.check_component(component)
-        start = run.components(run.user_items(user))[component].numpy()
+        start = run.user_components(user)[component].numpy()
         origin = f"component {component} of user {user}"
-    t = traverse(start, dim, run.h, run.m, run.model.tau, steps, gamma, width, exclude)
+    t = traverse(start, dim, run.h, run.m, run.tau, steps, gamma, width, exclude)
     return {"from": origin, "concept": t.concept, "dimension": dim, "range": t.range,
             "steps": [{"value": v, "item": run.title(i)} for i, v in zip(t.items, t.values)]}
 
@@ -88,18 +177,19 @@ def steering(run: Run, user: str, edits: list[tuple[int, int, float]], weights: 
              top_n: int = 10) -> dict:
     """A user's top-N before and after: edits (component k, dimension j, value), concept weights {k: w}."""
     items = run.user_items(user)
-    mu = run.components(items)  # (K, D)
-    before = steer(run.model, mu, items, top_n)
+    mu = run.user_components(user)  # (K, D)
+    h = torch.as_tensor(run.h)
+    before = steer(h, run.c, run.tau, mu, items, top_n)
     edited = mu.clone()
     for k, j, value in edits:
         run.check_component(k)
         run.check_dim(j)
         edited[k, j] = value
-    w = torch.ones(run.model.K)
+    w = torch.ones(run.K)
     for k, value in weights.items():
         run.check_component(k)
         w[k] = value
-    after = steer(run.model, edited, items, top_n, w)
+    after = steer(h, run.c, run.tau, edited, items, top_n, w)
 
     def listing(result):
         top, scores, concepts = result

@@ -86,6 +86,7 @@ def export(spec: ExportSpec, progress: bool = True) -> dict:
             "checkpoint": {"run": spec.run, "file": lake.join(_run_uri(spec), MODEL_FILE), "epoch": saved["epoch"],
                            "step": saved["step"], "vocabulary_fingerprint": saved["vocabulary_fingerprint"],
                            "trained_on": run_record},
+            "model": {"K": model.K, "D": model.D, "tau": model.tau, "similarity": model.similarity},
             "input": source.record, "counts": counts,
             "seconds": {"input": round(t_input - t0, 3), "users": round(t_users - t_input, 3),
                         "items": round(t_items - t_users, 3)},
