@@ -72,6 +72,13 @@ def test_a_run_without_a_checkpoint_is_named(run_lake, capsys):
     assert code == 2 and "nope" in err and "model.pt" in err
 
 
+def test_an_export_that_does_not_exist_and_a_report_from_an_export_are_named(run_lake, capsys):
+    code, _, err = explain(capsys, "--lake", run_lake, "--export", "nightly", "steer", "--user", "1")
+    assert code == 2 and "nightly" in err and "jobs/export.py" in err
+    code, _, err = explain(capsys, "--lake", run_lake, "--export", "nightly", "report")
+    assert code == 2 and "report needs --run" in err
+
+
 def test_the_report_renders_in_headless_chromium_with_its_sections_and_images(run_lake, capsys, tmp_path):
     import base64
     import re

@@ -99,7 +99,7 @@ def item_map(hn: np.ndarray, concept: np.ndarray, genre: list, run: Run):
     centred = hn - hn.mean(0)
     axes = np.linalg.svd(centred, full_matrices=False)[2][:2].T  # (D, 2)
     xy = centred @ axes
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.6))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.6), sharex=True, sharey=True)  # same axes: same places
     a1.scatter(xy[:, 0], xy[:, 1], c=concept, cmap="tab10", s=5, alpha=0.7)
     protos = (run.m / np.linalg.norm(run.m, axis=1, keepdims=True) - hn.mean(0)) @ axes
     a1.scatter(protos[:, 0], protos[:, 1], marker="*", s=220, c=range(len(protos)), cmap="tab10", edgecolors="k")
