@@ -57,6 +57,7 @@ class ModelConfig:
 class OptimConfig:
     optimizer: str = "adam"  # "adam" or "sgd" (plain SGD: its step is proportional to the gradient)
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # or "cosine": from lr down to 0 over the run's epochs (per update)
     weight_decay: float = 0.0  # L2 on all parameters (Adam's coupled form = lam*||w||^2/2 in the loss)
     batch_size: int = 500  # users per optimizer step (global, across all workers)
     epochs: int = 50
@@ -83,6 +84,8 @@ class OptimConfig:
             raise ConfigError(f"optim.lr={self.lr} must be > 0")
         if self.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"optim.optimizer={self.optimizer!r} must be 'adam' or 'sgd'")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"optim.lr_schedule={self.lr_schedule!r} must be 'constant' or 'cosine'")
         if self.anneal not in ("linear", "authors"):
             raise ConfigError(f"optim.anneal={self.anneal!r} must be 'linear' or 'authors'")
         if self.candidates not in ("batch", "user"):

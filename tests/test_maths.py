@@ -201,3 +201,12 @@ def test_mult_encoder_decoder_and_kl_against_a_restatement(variational):
     np.testing.assert_allclose(out.mu.detach().numpy()[0, 0], mu, rtol=1e-5)
     assert out.kl.item() == pytest.approx(kl, rel=1e-5, abs=1e-7)
     np.testing.assert_allclose(out.log_scores.detach().numpy()[0], P["h"] @ mu + P["h_bias"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("step,factor", [(0, 1.0), (25, (1 + math.cos(math.pi / 4)) / 2), (50, 0.5), (100, 0.0),
+                                         (130, 0.0)])
+def test_cosine_learning_rate_by_hand(step, factor):
+    from macrid.model.loss import lr_at
+
+    assert lr_at(step, 100, 0.002, "cosine") == pytest.approx(0.002 * factor, abs=1e-12)
+    assert lr_at(step, 100, 0.002) == 0.002  # constant

@@ -1,5 +1,6 @@
 """End to end: real training on ml-100k in-process, and the Ray Train worker on synthetic data."""
 
+import math
 import json
 import os
 
@@ -62,3 +63,20 @@ def test_ray_train_worker_runs_the_loop(synthetic_lake):
         ray.shutdown()
     assert metrics["epochs_run"] == 2 and metrics["run"] == "ray"
     assert os.path.exists(os.path.join(synthetic_lake, "runs", "ray", "learning_curve.png"))
+
+
+def test_the_cosine_schedule_sets_the_learning_rate_of_every_update(synthetic_lake):
+    from macrid.training import checkpoint
+
+    epochs, batch = 3, 500
+    cfg = load_config(None, [f"data.lake={synthetic_lake!r}", "run.name='cosine'", f"optim.epochs={epochs}",
+                             f"optim.batch_size={batch}", "optim.lr=0.004", "optim.lr_schedule='cosine'",
+                             "model.D=8", "model.K=3", "run.progress=false"])
+    run_in_process(cfg)
+    saved = checkpoint.load(os.path.join(synthetic_lake, "runs", "cosine", "checkpoints", "latest.pt"))
+    users = load_dataset(synthetic_lake, "synthetic").meta["train"]["users"]
+    total = epochs * -(-users // batch)  # updates in the run
+    last = total - 1  # the last update's lr, restated: 0.004 * (1 + cos(pi * last / total)) / 2
+    assert saved["step"] == total
+    for part in saved["optimizer"]["parts"]:
+        assert part["param_groups"][0]["lr"] == pytest.approx(0.004 * (1 + math.cos(math.pi * last / total)) / 2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from macrid.data.bags import bag_rows
@@ -17,6 +19,14 @@ def beta_at(step: int, steps_per_epoch: int, beta_cap: float, anneal_epochs: flo
     if anneal_epochs <= 0:
         return beta_cap
     return beta_cap * min(1.0, step / (anneal_epochs * steps_per_epoch))
+
+
+def lr_at(step: int, total_steps: int, lr: float, schedule: str = "constant") -> float:
+    """The learning rate of update `step`: constant, or "cosine": lr * (1 + cos(pi * step / total)) / 2,
+    from lr at step 0 down to 0 at the last update."""
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+    return lr
 
 
 def multinomial_nll(log_scores: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,

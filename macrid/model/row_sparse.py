@@ -83,6 +83,11 @@ class Optimizers:
         for opt in self.parts:
             opt.zero_grad(set_to_none=True)
 
+    def set_lr(self, lr: float) -> None:
+        for opt in self.parts:
+            for group in opt.param_groups:
+                group["lr"] = lr
+
     def step(self) -> None:
         for opt in self.parts:
             opt.step()

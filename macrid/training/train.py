@@ -31,7 +31,7 @@ from macrid.data.batches import CSR, Dataset, item_counts, load_dataset, load_me
 from macrid.config import Config
 from macrid.errors import CheckpointError, ConfigError
 from macrid.training.evaluate import evaluate, model_ranker
-from macrid.model.loss import beta_at
+from macrid.model.loss import beta_at, lr_at
 from macrid.model.vae import build_model
 from macrid.training.report import format_metrics, plot_learning_curve
 from macrid.model.row_sparse import Optimizers, broadcast_tables, ignore_in_ddp, tables_of
@@ -161,6 +161,8 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
             idx, off = to_device(idx, device), to_device(off, device)
             beta = beta_at(state["step"], steps_per_epoch, cfg.optim.beta, cfg.optim.anneal_epochs,
                        cfg.optim.anneal)
+            if cfg.optim.lr_schedule != "constant":
+                opt.set_lr(lr_at(state["step"], steps_per_epoch * cfg.optim.epochs, cfg.optim.lr, cfg.optim.lr_schedule))
             loss, parts, received = train_step(train_model, opt, tables, sampler, idx, off, beta, world,
                                                per_user=cfg.optim.candidates == "user", autocast=autocast)
             exchanged += received
