@@ -85,6 +85,7 @@ class RaySession:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        _quiet_report_log()
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
@@ -117,3 +118,15 @@ class RaySession:
             json.dump({k: row[k] for k in ("epoch", "step")} | {"history": history}, f)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+
+
+def _quiet_report_log() -> None:
+    """Ray Train logs every report at INFO ("Reporting training result N: TrainingReport(...)" per rank and
+    epoch), which repeats what our own epoch line says; keep its warnings and errors only."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as ray_context  # the logger is named by the file
+    except ImportError:  # another Ray layout: nothing to quieten
+        return
+    logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
