@@ -39,6 +39,10 @@ class ModelConfig:
     # MacridVAE, with proto_init_epoch: after every later epoch, one Lloyd step from the current prototypes
     # (each moves to the mean direction of the items nearest to it); keeps prototypes at their clusters' centres
     proto_refine: bool = False
+    # MacridVAE's prior in the KL: "standard" (N(0, sigma0^2), the paper) or "composite" (RecVAE, Shenbin et al.
+    # 2020: per dimension 3/20 N(0, sigma0^2) + 3/4 q_old(z|x) + 1/10 N(0, e^10), q_old = the encoder as it was
+    # at the start of the epoch; the KL is then a one-sample Monte Carlo estimate)
+    prior: str = "standard"
 
     def __post_init__(self) -> None:
         if self.name not in MODELS:
@@ -47,6 +51,8 @@ class ModelConfig:
             raise ConfigError(f"model.K and model.D must be >= 1 (got K={self.K}, D={self.D})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must lie in [0, 1)")
+        if self.prior not in ("standard", "composite"):
+            raise ConfigError(f"model.prior={self.prior!r} must be 'standard' or 'composite'")
         if self.similarity not in ("cosine", "inner"):
             raise ConfigError(f"model.similarity={self.similarity!r} must be 'cosine' or 'inner'")
         if self.tau <= 0 or self.sigma0 <= 0:

@@ -210,3 +210,31 @@ def test_cosine_learning_rate_by_hand(step, factor):
 
     assert lr_at(step, 100, 0.002, "cosine") == pytest.approx(0.002 * factor, abs=1e-12)
     assert lr_at(step, 100, 0.002) == 0.002  # constant
+
+
+def test_composite_prior_kl_against_a_restatement():
+    """RecVAE's prior per dimension: 3/20 N(0, s0^2) + 3/4 N(mu_old, s0^2 e^lnvar_old) + 1/10 N(0, e^10); the KL is
+    log q(z|x) - log p(z) at the sample, summed over K and D. q_old is the encoder frozen by freeze_old_posterior."""
+    model = tiny_macrid(prior="composite").train()
+    idx, off = torch.tensor([0, 2, 1, 2, 3]), torch.tensor([0, 2, 5])
+    model.eval()
+    with torch.no_grad():
+        mu_before, lnvar_before = model.encode(idx, off, model.concepts(model.h[idx]))
+    model.freeze_old_posterior()
+    with torch.no_grad():
+        model.t.add_(0.3)  # the live encoder moves on; q_old must not
+    model.train()
+    torch.manual_seed(3)
+    mu, lnvar = model.encode(idx, off, model.concepts(model.h[idx]))
+    z = mu + 0.05 * torch.randn_like(mu)
+    got = model._composite_kl(idx, off, z, mu, lnvar).detach().numpy()
+
+    def npdf(x, m, v):
+        return np.exp(-0.5 * (x - m) ** 2 / v) / np.sqrt(2 * np.pi * v)
+
+    s0 = model.sigma0 ** 2
+    Z, M, LV = z.detach().numpy(), mu.detach().numpy(), lnvar.detach().numpy()
+    MO, LVO = mu_before.numpy(), lnvar_before.numpy()
+    prior = 3 / 20 * npdf(Z, 0, s0) + 3 / 4 * npdf(Z, MO, s0 * np.exp(LVO)) + 1 / 10 * npdf(Z, 0, np.exp(10.0))
+    want = (np.log(npdf(Z, M, s0 * np.exp(LV))) - np.log(prior)).sum(axis=(1, 2))
+    np.testing.assert_allclose(got, want, rtol=1e-4)

@@ -7,6 +7,7 @@ nothing here does I/O.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,10 +34,11 @@ class MacridVAE(nn.Module):
 
     def __init__(self, n_items: int, K: int = 7, D: int = 100, tau: float = 0.1, sigma0: float = 0.1,
                  dropout: float = 0.5, gumbel: bool = True, sample: bool = True, row_sparse: bool = False,
-                 similarity: str = "cosine"):
+                 similarity: str = "cosine", prior: str = "standard"):
         super().__init__()
         self.K, self.D, self.tau, self.sigma0, self.dropout, self.gumbel = K, D, tau, sigma0, dropout, gumbel
-        self.sample, self.row_sparse, self.similarity = sample, row_sparse, similarity
+        self.sample, self.row_sparse, self.similarity, self.prior = sample, row_sparse, similarity, prior
+        self._old: list[MacridVAE] = []  # the composite prior's frozen encoder (a list: not a submodule)
         self.h = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, D)))  # item embeddings h_i
         self.t = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, D)))  # context embeddings t_i
         self.t_bias = nn.Parameter(torch.zeros(D))
@@ -101,8 +103,10 @@ class MacridVAE(nn.Module):
         if self.training and self.sample:
             z = mu + torch.randn_like(mu) * self.sigma0 * torch.exp(0.5 * lnvar)  # (B, K, D)
         zn, hn = F.normalize(z, dim=-1), F.normalize(h, dim=1)
-        # The authors' KL against N(0, sigma0^2) drops the mu^2 term, because mu is normalised.
-        kl = 0.5 * (-lnvar + lnvar.exp() - 1.0).sum(dim=(1, 2))  # (B,)
+        if self._old and self.training and self.sample:
+            kl = self._composite_kl(indices, offsets, z, mu, lnvar)  # (B,)
+        else:  # the authors' KL against N(0, sigma0^2) drops the mu^2 term, because mu is normalised
+            kl = 0.5 * (-lnvar + lnvar.exp() - 1.0).sum(dim=(1, 2))  # (B,)
         if negatives is None:
             return Output(mixture_scores(zn, hn, c, self.tau).log(), kl, mu)  # (B, M or C)
         neg = mixture_scores(zn, hn[negatives], c[negatives], self.tau)  # (B, S)
@@ -113,6 +117,27 @@ class MacridVAE(nn.Module):
         own = (c[pos] * torch.exp(cos / self.tau)).sum(1)  # (N,)
         return Output(neg.log(), kl, mu, log_pos=own.log())
 
+
+    @torch.no_grad()
+    def freeze_old_posterior(self) -> None:
+        """model.prior = "composite": snapshot the encoder (and h, m for c_i) as q_old for the next epoch."""
+        old = MacridVAE(self.h.shape[0], self.K, self.D, self.tau, self.sigma0, 0.0, gumbel=False, sample=False,
+                        similarity=self.similarity).to(self.h.device)
+        old.load_state_dict({k: v.detach().clone() for k, v in self.state_dict().items()})
+        self._old = [old.eval().requires_grad_(False)]
+
+    def _composite_kl(self, indices, offsets, z, mu, lnvar) -> torch.Tensor:
+        """log q(z|x) - log p(z) at the sample z, summed over K and D, with RecVAE's per-dimension mixture prior."""
+        old = self._old[0]
+        with torch.no_grad():
+            mu_old, lnvar_old = old.encode(indices, offsets, old.concepts(old.h[indices]))  # (B, K, D) each
+        var0 = self.sigma0 ** 2
+        log_q = _log_normal(z, mu, var0 * lnvar.exp())
+        zero = torch.zeros_like(z)
+        prior = torch.stack([_log_normal(z, zero, torch.full_like(z, var0)) + math.log(3 / 20),
+                             _log_normal(z, mu_old, var0 * lnvar_old.exp()) + math.log(3 / 4),
+                             _log_normal(z, zero, torch.full_like(z, math.exp(10.0))) + math.log(1 / 10)])
+        return (log_q - torch.logsumexp(prior, dim=0)).sum(dim=(1, 2))  # (B,)
 
     @torch.no_grad()
     def represent(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -126,6 +151,11 @@ class MacridVAE(nn.Module):
         """log A_ui for representations mu (B, K, D) and item ids (C,) -> (B, C). For chunked ranking."""
         h = self.h[items]  # (C, D)
         return mixture_scores(F.normalize(mu, dim=-1), F.normalize(h, dim=1), self.concepts(h), self.tau).log()
+
+
+def _log_normal(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """Elementwise log N(x; mean, var)."""
+    return -0.5 * (math.log(2 * math.pi) + var.log() + (x - mean).square() / var)
 
 
 class MultVAE(nn.Module):
@@ -179,5 +209,5 @@ def build_model(cfg: ModelConfig, n_items: int, row_sparse: bool = False) -> nn.
     """row_sparse (MacridVAE with sampled softmax): sparse gradients for the item tables."""
     if cfg.name == "macridvae":
         return MacridVAE(n_items, cfg.K, cfg.D, cfg.tau, cfg.sigma0, cfg.dropout, cfg.gumbel, cfg.sample, row_sparse,
-                         cfg.similarity)
+                         cfg.similarity, cfg.prior)
     return MultVAE(n_items, cfg.D, cfg.hidden, cfg.dropout, variational=cfg.name == "multvae", sample=cfg.sample)

@@ -141,6 +141,8 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
     bar = _progress(cfg.optim.epochs, state["epoch"], enabled=cfg.run.progress and rank == 0, desc=cfg.run.name)
     for epoch in range(state["epoch"] + 1, cfg.optim.epochs + 1):
         t0 = time.perf_counter()
+        if getattr(model, "prior", "standard") == "composite":
+            model.freeze_old_posterior()  # q_old of RecVAE's composite prior: the encoder as this epoch starts
         model.train()
         # running sums stay on the device: a .item() per step would stall the GPU on the host
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, kl
