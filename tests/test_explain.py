@@ -93,13 +93,16 @@ def test_the_report_renders_in_headless_chromium_with_its_sections_and_images(ru
     assert code == 0, err
     page = out.strip()
     text = open(page).read()
-    for section in ("metrics", "concepts", "alignment", "map", "traversals", "curve"):
+    for section in ("metrics", "concepts", "alignment", "map", "micro", "traversals", "curve"):
         assert f"<section id='{section}'>" in text
     images = re.findall(r"src='data:image/png;base64,([^']+)'", text)
-    assert len(images) == 2  # the item map and the learning curve, embedded
+    assert len(images) == 3  # the item map, the correlation figure and the learning curve, embedded
     for data in images:
         assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Star Wars" in text or "concept 0" in text
+    # the figure's independence is the one evaluation recorded for the test users (all 93 of ml-100k's)
+    recorded = json.load(open(f"{run_lake}/runs/r/metrics.json"))["test"]["independence"]
+    assert re.search(r"components: <b>([0-9.]+)</b>", text).group(1) == f"{recorded:.3f}"
     shot = tmp_path / "report.png"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -111,4 +114,4 @@ def test_the_report_renders_in_headless_chromium_with_its_sections_and_images(ru
     assert (pixels[..., :3].mean(axis=2) < 0.5).mean() > 0.005
     dom = subprocess.run([chromium, *flags[:-2], "--dump-dom", f"file://{page}"], capture_output=True, text=True,
                          timeout=120).stdout
-    assert "Genre alignment" in dom and "Learning curve" in dom and dom.count("<img") == 2
+    assert "Genre alignment" in dom and "Learning curve" in dom and dom.count("<img") == 3
