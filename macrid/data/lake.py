@@ -175,14 +175,17 @@ def list_parquet(uri: str) -> list[str]:
     return sorted(i.path for i in infos if i.base_name.endswith(".parquet"))
 
 
-def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """Read every part-*.parquet file under a table folder, in name order."""
+def read_table(uri: str, columns: list[str] | None = None, filters=None) -> pa.Table:
+    """Read every part-*.parquet file under a table folder, in name order.
+
+    filters: a pyarrow expression (e.g. pyarrow.dataset.field("user_id") == 42) applied while reading, so
+    row groups that cannot match are skipped by their statistics."""
     fs, _ = resolve(uri)
     files = list_parquet(uri)
     if not files:
         raise DataError(f"{uri}: no Parquet files found; run jobs/prepare.py to build the dataset")
     with explained(uri):
-        return pa.concat_tables([pq.read_table(f, columns=columns, filesystem=fs) for f in files])
+        return pa.concat_tables([pq.read_table(f, columns=columns, filesystem=fs, filters=filters) for f in files])
 
 
 @contextlib.contextmanager

@@ -137,15 +137,22 @@ def _partition(table, date: str, uri: str) -> pl.DataFrame:
 def dataset_user_items(lake_root: str, dataset: str, version: str, user_id: str, what: str,
                        ids: bool = False) -> torch.Tensor | list:
     """A user's items in a dataset version: train items, or fold-in + held-out. Item indices, or IDs."""
+    import pyarrow.dataset as pads
+
     snap = snapshot_uri(lake_root, dataset, version)
-    users = pl.from_arrow(lake.read_table(lake.join(snap, "users")))
-    key = pl.Series([user_id]).cast(users["user_id"].dtype, strict=False)[0]
-    found = users.filter(pl.col("user_id") == key)
-    if key is None or found.height == 0:
+    import pyarrow.parquet as pq
+
+    fs, _ = lake.resolve(snap)
+    schema = pq.read_schema(lake.list_parquet(lake.join(snap, "users"))[0], filesystem=fs)  # the ID's type
+    key = pl.Series([user_id]).cast(pl.from_arrow(schema.empty_table())["user_id"].dtype, strict=False)[0]
+    found = pl.DataFrame()
+    if key is not None:  # only the row groups that can hold the user are read
+        found = pl.from_arrow(lake.read_table(lake.join(snap, "users"), filters=pads.field("user_id") == key))
+    if found.height == 0:
         raise DataError(f"user {user_id!r} is not in dataset {dataset!r} of {what} "
-                        f"({users.height:,} users, e.g. {users['user_id'][0]!r})")
+                        f"(its user IDs are {schema.field('user_id').type}); pass a user ID of that dataset")
     idx, split = int(found["user_idx"][0]), found["split"][0]
-    table = pl.from_arrow(lake.read_table(lake.join(snap, split))).filter(pl.col("user_idx") == idx)
+    table = pl.from_arrow(lake.read_table(lake.join(snap, split), filters=pads.field("user_idx") == idx))
     items = table["items"][0] if split == "train" else table["foldin"][0].extend(table["heldout"][0])
     positions = np.sort(items.to_numpy()).astype(np.int64)
     if ids:
