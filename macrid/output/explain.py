@@ -55,8 +55,9 @@ class Run:
         """The user's mu (K, D) from their items."""
         return self.model.represent(items, torch.tensor([0, len(items)]))[0]
 
-    def user_components(self, user_id: str) -> torch.Tensor:
-        return self.components(self.user_items(user_id))  # (K, D)
+    def user_components(self, user_id: str, items: torch.Tensor | None = None) -> torch.Tensor:
+        """The user's mu (K, D), encoded from their items (pass them when already read)."""
+        return self.components(self.user_items(user_id) if items is None else items)
 
     def check_dim(self, j: int) -> None:
         if not 0 <= j < self.D:
@@ -97,8 +98,8 @@ class ExportedRun(Run):
                             export_uri(lake_root, name, "prototypes")).sort("concept")
         self.m = np.stack(protos["m"].to_numpy()).astype(np.float32)  # (K, D)
 
-    def user_components(self, user_id: str) -> torch.Tensor:
-        """mu (K, D) as exported for the user on this date."""
+    def user_components(self, user_id: str, items: torch.Tensor | None = None) -> torch.Tensor:
+        """mu (K, D) as exported for the user on this date (items are not needed)."""
         import pyarrow.dataset as pads
 
         from macrid.output import delta
@@ -184,7 +185,7 @@ def steering(run: Run, user: str, edits: list[tuple[int, int, float]], weights: 
              top_n: int = 10) -> dict:
     """A user's top-N before and after: edits (component k, dimension j, value), concept weights {k: w}."""
     items = run.user_items(user)
-    mu = run.user_components(user)  # (K, D)
+    mu = run.user_components(user, items)  # (K, D)
     h = torch.as_tensor(run.h)
     before = steer(h, run.c, run.tau, mu, items, top_n)
     edited = mu.clone()

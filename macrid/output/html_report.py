@@ -20,7 +20,6 @@ import polars as pl
 
 from macrid.data import lake
 from macrid.data.batches import snapshot_uri
-from macrid.output import represent
 from macrid.output.explain import Run, traversal
 from macrid.output.alignment import genre_alignment
 
@@ -33,7 +32,7 @@ def build(lake_root: str, run_name: str, traversals: int = 2) -> str:
     snap = snapshot_uri(lake_root, run.record["dataset"], run.record["version"])
     items = pl.from_arrow(lake.read_table(lake.join(snap, "items"))).sort("item_idx")
     hn = run.h / np.linalg.norm(run.h, axis=1, keepdims=True)  # (M, D)
-    c = represent.items(run.model, 0, len(run.h))[0].numpy()  # (M, K) Eq. 6
+    c = run.c.numpy()  # (M, K) Eq. 6, computed once by Run
     concept = c.argmax(1)
     genres = items["genres"].to_list()
     genre = [g[0] if g is not None and len(g) else None for g in genres]
