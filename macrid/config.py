@@ -82,6 +82,12 @@ class OptimConfig:
     # workers and lazy Adam (macrid/model/row_sparse.py); false = dense tables, for comparison only
     row_sparse: bool = True
     ema: float = 0.0  # decay of an exponential moving average of the weights used for evaluation; 0 = off
+    # RecVAE's beta' = gamma * |x_u|: each user's KL weighted by |x_u| / (the batch's mean |x_u|)
+    kl_by_items: bool = False
+    # RecVAE's alternating updates: each epoch makes this many passes that update the encoder only, then
+    # one pass that updates the decoder only (item embeddings h and prototypes m; MultVAE: its output
+    # layer), without input dropout. 0 = every step updates everything. An epoch costs (alternate + 1) passes.
+    alternate: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.epochs < 1:
@@ -96,6 +102,8 @@ class OptimConfig:
             raise ConfigError(f"optim.anneal={self.anneal!r} must be 'linear' or 'authors'")
         if self.candidates not in ("batch", "user"):
             raise ConfigError(f"optim.candidates={self.candidates!r} must be 'batch' or 'user'")
+        if self.alternate < 0:
+            raise ConfigError(f"optim.alternate={self.alternate} must be >= 0 (0 = no alternating updates)")
         if self.negatives < 0:
             raise ConfigError(f"optim.negatives={self.negatives} must be >= 0 (0 = full softmax)")
         if self.negatives > 0 and self.row_sparse and self.weight_decay > 0:

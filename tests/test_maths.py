@@ -238,3 +238,19 @@ def test_composite_prior_kl_against_a_restatement():
     prior = 3 / 20 * npdf(Z, 0, s0) + 3 / 4 * npdf(Z, MO, s0 * np.exp(LVO)) + 1 / 10 * npdf(Z, 0, np.exp(10.0))
     want = (np.log(npdf(Z, M, s0 * np.exp(LV))) - np.log(prior)).sum(axis=(1, 2))
     np.testing.assert_allclose(got, want, rtol=1e-4)
+
+
+def test_kl_weighted_by_item_count_against_a_restatement():
+    """optim.kl_by_items (RecVAE's beta * |x_u|): loss = nll + beta * sum_u KL_u |x_u| / sum_u |x_u|."""
+    from macrid.model.loss import elbo_loss
+    from macrid.model.vae import Output
+
+    idx, off = torch.tensor([0, 1, 2, 3, 1, 2]), torch.tensor([0, 1, 4, 6])  # |x_u| = 1, 3, 2
+    log_scores = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25], [0.4, 0.3, 0.2, 0.1]]))
+    kl = torch.tensor([2.0, 0.5, 1.0])
+    out = Output(log_scores, kl, torch.zeros(3, 1, 1))
+    nll = -(math.log(0.1) + math.log(0.25) * 3 + math.log(0.3) + math.log(0.2)) / 3
+    by_items, _ = elbo_loss(out, idx, off, 0.3, kl_by_items=True)
+    plain, _ = elbo_loss(out, idx, off, 0.3)
+    assert by_items.item() == pytest.approx(nll + 0.3 * (2.0 * 1 + 0.5 * 3 + 1.0 * 2) / 6, rel=1e-6)
+    assert plain.item() == pytest.approx(nll + 0.3 * (2.0 + 0.5 + 1.0) / 3, rel=1e-6)

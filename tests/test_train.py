@@ -4,6 +4,7 @@ import math
 import json
 import os
 
+import numpy as np
 import pytest
 
 from macrid.model.baselines import popularity_scorer
@@ -80,3 +81,41 @@ def test_the_cosine_schedule_sets_the_learning_rate_of_every_update(synthetic_la
     assert saved["step"] == total
     for part in saved["optimizer"]["parts"]:
         assert part["param_groups"][0]["lr"] == pytest.approx(0.004 * (1 + math.cos(math.pi * last / total)) / 2)
+
+
+@pytest.mark.parametrize("model", ["macridvae", "multvae"])
+def test_alternating_updates_move_only_their_half_and_count_every_pass(synthetic_lake, model):
+    """optim.alternate = 2: per epoch two encoder passes (decoder frozen), then one decoder pass (encoder frozen)."""
+    import torch
+
+    from macrid.model.row_sparse import Optimizers
+    from macrid.model.vae import build_model
+    from macrid.training.step import train_step
+    from macrid.training.train import _passes
+
+    cfg = load_config(None, [f"data.lake={synthetic_lake!r}", f"model.name={model!r}", "model.D=8", "model.K=3"])
+    data = load_dataset(synthetic_lake, "synthetic")
+    net = build_model(cfg.model, data.n_items)
+    passes = _passes(net, 2)
+    decoder_names = {"h", "m"} if model == "macridvae" else {"h", "h_bias"}
+    assert [dropout for _, dropout in passes] == [True, True, False]  # the decoder pass reads undropped input
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert {names[id(p)] for p in passes[0][0]} == decoder_names  # frozen in the encoder passes
+    assert {names[id(p)] for p in passes[2][0]} == set(names.values()) - decoder_names
+    idx, off = data.train.take(np.arange(20))
+    for frozen, _ in (passes[0], passes[2]):
+        opt = Optimizers(net, [], "adam", 1e-2, 0.0)
+        before = {n: p.detach().clone() for n, p in net.named_parameters()}
+        train_step(net, opt, [], None, idx, off, 0.2, 1, frozen=frozen)
+        still = {names[id(p)] for p in frozen}
+        for n, p in net.named_parameters():
+            assert torch.equal(p, before[n]) == (n in still), n
+
+    epochs, batch = 2, 500
+    cfg = load_config(None, [f"data.lake={synthetic_lake!r}", f"run.name='alt-{model}'", f"optim.epochs={epochs}",
+                             f"model.name={model!r}", f"optim.batch_size={batch}", "optim.alternate=2",
+                             "model.D=8", "model.K=3", "run.progress=false"])
+    metrics = run_in_process(cfg)
+    users = data.meta["train"]["users"]
+    assert metrics["history"][-1]["step"] == epochs * 3 * -(-users // batch)  # 3 passes per epoch
+    assert metrics["history"][-1]["users"] == users

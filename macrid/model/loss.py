@@ -72,16 +72,24 @@ def own_items_nll(log_pos: torch.Tensor, log_neg: torch.Tensor, negatives: torch
 
 
 def elbo_loss(out: Output, indices: torch.Tensor, offsets: torch.Tensor, beta: float,
-              log_pi: torch.Tensor | None = None, negatives: tuple[torch.Tensor, torch.Tensor] | None = None
-              ) -> tuple[torch.Tensor, dict]:
+              log_pi: torch.Tensor | None = None, negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
+              kl_by_items: bool = False) -> tuple[torch.Tensor, dict]:
     """Negative Eq. 5 per user: reconstruction NLL + beta * KL. Returns (loss, detached nll and kl).
 
     negatives = (item ids, log pi) of the shared negatives when `out` holds per-user candidates.
+    kl_by_items (optim.kl_by_items, RecVAE's beta' = gamma * |x_u|): user u's KL is weighted by
+    |x_u| / mean |x_u| over the batch, so heavy users are pulled less towards the prior relative to
+    their (longer) reconstruction sum, and the batch's mean weight stays beta.
     """
     if out.log_pos is not None:
         nll = own_items_nll(out.log_pos, out.log_scores, negatives[0], negatives[1], indices, offsets)
     else:
         nll = multinomial_nll(out.log_scores, indices, offsets, log_pi)
     kl = out.kl.float().mean()
+    if kl_by_items:
+        n = offsets.diff().to(kl.dtype)  # (B,) |x_u|
+        penalty = (out.kl.float() * n).sum() / n.sum()  # = mean_u KL_u * |x_u| / mean |x_u|
+    else:
+        penalty = kl
     # parts stay tensors on the device: reading them back (.item()) every step would sync with the host
-    return nll + beta * kl, {"nll": nll.detach(), "kl": kl.detach()}
+    return nll + beta * penalty, {"nll": nll.detach(), "kl": kl.detach()}

@@ -24,13 +24,17 @@ from macrid.model.sampling import NegativeSampler
 def train_step(model: torch.nn.Module, opt: Optimizers, tables: list[torch.nn.Parameter],
                sampler: NegativeSampler | None, idx: torch.Tensor, off: torch.Tensor, beta: float,
                world: int, per_user: bool = False,
-               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+               kl_by_items: bool = False, frozen: tuple[torch.nn.Parameter, ...] = ()
                ) -> tuple[torch.Tensor, dict, int]:
     """One optimizer step on a batch already on the model's device: full or sampled softmax, row-wise
     exchange of the item tables.
 
     per_user: sampled softmax with per-user candidates (optim.candidates = "user").
     autocast: the precision context of the forward pass (run.precision); the loss is fp32 in any case.
+    kl_by_items: weight each user's KL by its item count (optim.kl_by_items, see elbo_loss).
+    frozen: parameters this step leaves as they are (optim.alternate): their gradients are dropped after
+    the backward pass (and the exchange), so the optimizer skips them and their Adam moments stay put.
 
     Returns the loss, its parts (detached tensors), and the bytes this rank received in the row exchange.
     """
@@ -43,11 +47,12 @@ def train_step(model: torch.nn.Module, opt: Optimizers, tables: list[torch.nn.Pa
         else:
             out = model(idx, off, cand.items)
     if cand is None:
-        loss, parts = elbo_loss(out, idx, off, beta)
+        loss, parts = elbo_loss(out, idx, off, beta, kl_by_items=kl_by_items)
     elif per_user:
-        loss, parts = elbo_loss(out, idx, off, beta, negatives=(cand.items[cand.negatives], cand.log_pi_negatives))
+        loss, parts = elbo_loss(out, idx, off, beta, negatives=(cand.items[cand.negatives], cand.log_pi_negatives),
+                                kl_by_items=kl_by_items)
     else:
-        loss, parts = elbo_loss(out, cand.positions(idx), off, beta, cand.log_pi)
+        loss, parts = elbo_loss(out, cand.positions(idx), off, beta, cand.log_pi, kl_by_items=kl_by_items)
     opt.zero_grad()
     loss.backward()
     received = 0
@@ -55,6 +60,8 @@ def train_step(model: torch.nn.Module, opt: Optimizers, tables: list[torch.nn.Pa
         for p in tables:
             p.grad, n_bytes = allreduce_rows(p.grad, world)
             received += n_bytes
+    for p in frozen:
+        p.grad = None
     opt.step()
     return loss, parts, received
 

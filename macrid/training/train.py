@@ -137,7 +137,8 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
         sampler = NegativeSampler(counts, cfg.optim.negatives, cfg.optim.proposal_alpha, seed=cfg.run.seed + rank,
                                   device=device)
     autocast = precision_context(cfg.run.precision, device)
-    steps_per_epoch = math.ceil(data.meta["train"]["users"] / cfg.optim.batch_size)
+    passes = _passes(model, cfg.optim.alternate)
+    steps = math.ceil(data.meta["train"]["users"] / cfg.optim.batch_size) * len(passes)  # updates per epoch
     bar = _progress(cfg.optim.epochs, state["epoch"], enabled=cfg.run.progress and rank == 0, desc=cfg.run.name)
     for epoch in range(state["epoch"] + 1, cfg.optim.epochs + 1):
         t0 = time.perf_counter()
@@ -147,40 +148,42 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
         # running sums stay on the device: a .item() per step would stall the GPU on the host
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, kl
         n_steps, n_users, exchanged, waited = 0, 0, 0, 0.0
-        beta = beta_at(state["step"], steps_per_epoch, cfg.optim.beta, cfg.optim.anneal_epochs,
-                       cfg.optim.anneal)
-        batches = iter(train_batches(epoch))
-        while True:
-            t_wait = time.perf_counter()
-            batch = next(batches, None)  # time blocked on the input pipeline: the profile's data share
-            waited += time.perf_counter() - t_wait
-            if batch is None:
-                break
-            idx, off = batch
-            if state["step"] == cfg.run.fail_at_step and rank == cfg.run.fail_rank and _first_failure(cfg):
-                print(f"[macrid] run.fail_at_step: killing rank {rank} at step {state['step']}", flush=True)
-                os.kill(os.getpid(), signal.SIGKILL)  # a dead worker, as when a node is lost
-            idx, off = to_device(idx, device), to_device(off, device)
-            beta = beta_at(state["step"], steps_per_epoch, cfg.optim.beta, cfg.optim.anneal_epochs,
-                       cfg.optim.anneal)
-            if cfg.optim.lr_schedule != "constant":
-                opt.set_lr(lr_at(state["step"], steps_per_epoch * cfg.optim.epochs, cfg.optim.lr, cfg.optim.lr_schedule))
-            loss, parts, received = train_step(train_model, opt, tables, sampler, idx, off, beta, world,
-                                               per_user=cfg.optim.candidates == "user", autocast=autocast)
-            exchanged += received
-            if ema is not None:
-                ema.update_parameters(model)
-            state["step"] += 1
-            n_steps, n_users = n_steps + 1, n_users + len(off) - 1
-            sums += torch.stack([loss.detach(), parts["nll"], parts["kl"]]).double()
-            if metrics is not None:
-                metrics.on_step(len(off) - 1)
+        beta = beta_at(state["step"], steps, cfg.optim.beta, cfg.optim.anneal_epochs, cfg.optim.anneal)
+        for frozen, dropout in passes:
+            model.dropout = cfg.model.dropout if dropout else 0.0
+            batches = iter(train_batches(epoch))
+            while True:
+                t_wait = time.perf_counter()
+                batch = next(batches, None)  # time blocked on the input pipeline: the profile's data share
+                waited += time.perf_counter() - t_wait
+                if batch is None:
+                    break
+                idx, off = batch
+                if state["step"] == cfg.run.fail_at_step and rank == cfg.run.fail_rank and _first_failure(cfg):
+                    print(f"[macrid] run.fail_at_step: killing rank {rank} at step {state['step']}", flush=True)
+                    os.kill(os.getpid(), signal.SIGKILL)  # a dead worker, as when a node is lost
+                idx, off = to_device(idx, device), to_device(off, device)
+                beta = beta_at(state["step"], steps, cfg.optim.beta, cfg.optim.anneal_epochs, cfg.optim.anneal)
+                if cfg.optim.lr_schedule != "constant":
+                    opt.set_lr(lr_at(state["step"], steps * cfg.optim.epochs, cfg.optim.lr, cfg.optim.lr_schedule))
+                loss, parts, received = train_step(train_model, opt, tables, sampler, idx, off, beta, world,
+                                                   per_user=cfg.optim.candidates == "user", autocast=autocast,
+                                                   kl_by_items=cfg.optim.kl_by_items, frozen=frozen)
+                exchanged += received
+                if ema is not None:
+                    ema.update_parameters(model)
+                state["step"] += 1
+                n_steps, n_users = n_steps + 1, n_users + len(off) - 1
+                sums += torch.stack([loss.detach(), parts["nll"], parts["kl"]]).double()
+                if metrics is not None:
+                    metrics.on_step(len(off) - 1)
+        model.dropout = cfg.model.dropout
         if hasattr(model, "m") and (epoch == cfg.model.proto_init_epoch
                                     or (cfg.model.proto_refine and 0 < cfg.model.proto_init_epoch < epoch)):
             _recentre_prototypes(model, cfg.run.seed, refine_only=epoch > cfg.model.proto_init_epoch)
         mean_loss, mean_nll, mean_kl = (sums / max(n_steps, 1)).tolist()  # one sync per epoch
         row = {"epoch": epoch, "step": state["step"], "beta": beta, "seconds": time.perf_counter() - t0,
-               "users": n_users * world, "loss": mean_loss, "nll": mean_nll, "kl": mean_kl, "input_seconds": waited}
+               "users": n_users * world // len(passes), "loss": mean_loss, "nll": mean_nll, "kl": mean_kl, "input_seconds": waited}
         if tables and world > 1:
             row["row_exchange_mb_per_step"] = exchanged / max(n_steps, 1) / 1e6
         stop = _validate(cfg, data, eval_model, epoch, row, state) if rank == 0 else False
@@ -207,6 +210,17 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
     if metrics is not None:
         metrics.close()
     return state["history"]
+
+
+def _passes(model, alternate: int) -> list[tuple[tuple, bool]]:
+    """An epoch's passes over the training users: (the parameters a pass leaves frozen, input dropout on).
+
+    optim.alternate = N > 0 (RecVAE): N encoder passes with dropout, then one decoder pass without it."""
+    if not alternate:
+        return [((), True)]
+    decoder = tuple(getattr(model, name) for name in model.decoder_params)
+    encoder = tuple(p for p in model.parameters() if not any(p is d for d in decoder))
+    return [(decoder, True)] * alternate + [(encoder, False)]
 
 
 def _validate(cfg: Config, data: Dataset, eval_model, epoch: int, row: dict, state: dict) -> bool:
