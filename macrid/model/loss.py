@@ -78,8 +78,9 @@ def elbo_loss(out: Output, indices: torch.Tensor, offsets: torch.Tensor, beta: f
 
     negatives = (item ids, log pi) of the shared negatives when `out` holds per-user candidates.
     kl_by_items (optim.kl_by_items, RecVAE's beta' = gamma * |x_u|): user u's KL is weighted by
-    |x_u| / mean |x_u| over the batch, so heavy users are pulled less towards the prior relative to
-    their (longer) reconstruction sum, and the batch's mean weight stays beta.
+    |x_u| / mean |x_u| over the batch. Without it a heavy user's reconstruction term, a sum over more
+    items, outweighs its KL and it is regularised less than a light user; with it the two terms keep
+    the same ratio for every user. The batch's mean weight stays beta.
     """
     if out.log_pos is not None:
         nll = own_items_nll(out.log_pos, out.log_scores, negatives[0], negatives[1], indices, offsets)
