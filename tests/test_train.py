@@ -84,7 +84,7 @@ def test_the_cosine_schedule_sets_the_learning_rate_of_every_update(synthetic_la
 
 
 @pytest.mark.parametrize("model", ["macridvae", "multvae"])
-def test_alternating_updates_move_only_their_half_and_count_every_pass(synthetic_lake, model):
+def test_alternating_updates_move_only_their_half_and_count_every_pass(synthetic_lake, model, monkeypatch):
     """optim.alternate = 2: per epoch two encoder passes (decoder frozen), then one decoder pass (encoder frozen)."""
     import torch
 
@@ -111,11 +111,25 @@ def test_alternating_updates_move_only_their_half_and_count_every_pass(synthetic
         for n, p in net.named_parameters():
             assert torch.equal(p, before[n]) == (n in still), n
 
+    # the loop itself: every step of fit records (how many parameters it freezes, the model's input dropout)
+    from macrid.training import train as loop
+
+    seen, real_step = [], loop.train_step
+
+    def recording_step(net, *args, frozen=(), **kw):
+        seen.append((len(frozen), net.dropout))
+        return real_step(net, *args, frozen=frozen, **kw)
+
+    monkeypatch.setattr(loop, "train_step", recording_step)
     epochs, batch = 2, 500
     cfg = load_config(None, [f"data.lake={synthetic_lake!r}", f"run.name='alt-{model}'", f"optim.epochs={epochs}",
                              f"model.name={model!r}", f"optim.batch_size={batch}", "optim.alternate=2",
-                             "model.D=8", "model.K=3", "run.progress=false"])
+                             "model.D=8", "model.K=3", "run.progress=false", "model.dropout=0.4"])
     metrics = run_in_process(cfg)
     users = data.meta["train"]["users"]
-    assert metrics["history"][-1]["step"] == epochs * 3 * -(-users // batch)  # 3 passes per epoch
+    steps = -(-users // batch)  # per pass
+    assert metrics["history"][-1]["step"] == epochs * 3 * steps  # 3 passes per epoch
+    n_dec, n_enc = len(passes[0][0]), len(passes[2][0])
+    one_epoch = [(n_dec, 0.4)] * (2 * steps) + [(n_enc, 0.0)] * steps  # encoder passes, then the decoder's
+    assert seen == one_epoch * epochs
     assert metrics["history"][-1]["users"] == users
