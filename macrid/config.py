@@ -43,10 +43,15 @@ class ModelConfig:
     # 2020: per dimension 3/20 N(0, sigma0^2) + 3/4 q_old(z|x) + 1/10 N(0, e^10), q_old = the encoder as it was
     # at the start of the epoch; the KL is then a one-sample Monte Carlo estimate)
     prior: str = "standard"
+    # MacridVAE: residual layers g <- g + tanh(W g + b), shared across the K components, between Eq. 7's
+    # tanh(pooled + t_bias) and f_nn (a deeper encoder, after RecVAE); each adds D^2 + D parameters; 0 = the paper
+    encoder_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.name not in MODELS:
             raise ConfigError(f"model.name={self.name!r} is unknown; use one of {MODELS}")
+        if self.encoder_layers < 0:
+            raise ConfigError(f"model.encoder_layers={self.encoder_layers} must be >= 0")
         if self.K < 1 or self.D < 1:
             raise ConfigError(f"model.K and model.D must be >= 1 (got K={self.K}, D={self.D})")
         if not 0.0 <= self.dropout < 1.0:

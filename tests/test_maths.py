@@ -254,3 +254,30 @@ def test_kl_weighted_by_item_count_against_a_restatement():
     plain, _ = elbo_loss(out, idx, off, 0.3)
     assert by_items.item() == pytest.approx(nll + 0.3 * (2.0 * 1 + 0.5 * 3 + 1.0 * 2) / 6, rel=1e-6)
     assert plain.item() == pytest.approx(nll + 0.3 * (2.0 + 0.5 + 1.0) / 3, rel=1e-6)
+
+
+def test_deeper_encoder_adds_residual_tanh_layers_before_f_nn():
+    """model.encoder_layers = 2: g_0 = tanh(pooled + t_bias), g_{l+1} = g_l + tanh(W_l g_l + b_l), (a, b) = f_nn(g_2)."""
+    model = tiny_macrid(encoder_layers=2).eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        model.t.normal_()
+        for layer in model.deep:
+            layer.weight.normal_()
+            layer.bias.normal_()
+    idx, off = torch.tensor([1, 2, 3]), torch.tensor([0, 3])  # one user with items {1, 2, 3}
+    c = model.concepts().detach().numpy()
+    t = model.t.detach().numpy()
+    layers = [(layer.weight.detach().numpy(), layer.bias.detach().numpy()) for layer in model.deep]
+    W, bias = model.f_nn.weight.detach().numpy(), model.f_nn.bias.detach().numpy()
+    want = []
+    for k in range(2):
+        w = c[[1, 2, 3], k] / np.sqrt((c[[1, 2, 3], k] ** 2).sum())
+        g = np.tanh(w @ t[[1, 2, 3]])  # t_bias is 0 at initialisation
+        for Wl, bl in layers:
+            g = g + np.tanh(Wl @ g + bl)
+        a = (W @ g + bias)[:3]
+        want.append(a / np.linalg.norm(a))
+    mu, _ = model.encode(idx, off, model.concepts()[idx])
+    np.testing.assert_allclose(mu[0].detach().numpy(), np.array(want), rtol=1e-5, atol=1e-6)
+    assert sum(p.numel() for p in model.deep.parameters()) == 2 * (3 * 3 + 3)  # 2 * (D^2 + D)

@@ -35,7 +35,7 @@ class MacridVAE(nn.Module):
 
     def __init__(self, n_items: int, K: int = 7, D: int = 100, tau: float = 0.1, sigma0: float = 0.1,
                  dropout: float = 0.5, gumbel: bool = True, sample: bool = True, row_sparse: bool = False,
-                 similarity: str = "cosine", prior: str = "standard"):
+                 similarity: str = "cosine", prior: str = "standard", encoder_layers: int = 0):
         super().__init__()
         self.K, self.D, self.tau, self.sigma0, self.dropout, self.gumbel = K, D, tau, sigma0, dropout, gumbel
         self.sample, self.row_sparse, self.similarity, self.prior = sample, row_sparse, similarity, prior
@@ -45,6 +45,7 @@ class MacridVAE(nn.Module):
         self.t_bias = nn.Parameter(torch.zeros(D))
         self.m = nn.Parameter(nn.init.xavier_uniform_(torch.empty(K, D)))  # prototypes m_k
         self.f_nn = nn.Linear(D, 2 * D)  # shared across the K components, Eq. 7
+        self.deep = nn.ModuleList(nn.Linear(D, D) for _ in range(encoder_layers))  # residual layers before f_nn
 
     def item_rows(self, items: torch.Tensor | None = None) -> torch.Tensor:
         """h_i of all items, or of the given ones (C,); a sparse gradient in row-sparse mode. (M or C, D)."""
@@ -85,7 +86,10 @@ class MacridVAE(nn.Module):
         pooled = F.embedding_bag(bag_idx, self.t, bag_off, mode="sum", per_sample_weights=w.T.reshape(-1),
                                  sparse=self.row_sparse)
         pooled = pooled.view(K, B, D).transpose(0, 1)  # (B, K, D)
-        a, b = self.f_nn(torch.tanh(pooled + self.t_bias)).split(D, dim=-1)  # (B, K, D) each
+        g = torch.tanh(pooled + self.t_bias)  # (B, K, D)
+        for layer in self.deep:
+            g = g + torch.tanh(layer(g))  # (B, K, D)
+        a, b = self.f_nn(g).split(D, dim=-1)  # (B, K, D) each
         # fp32 from here on even under bf16 autocast: sigma = sigma0 * exp(-b/2) and the KL exponentiate b
         return F.normalize(a.float(), dim=-1), -b.float()
 
@@ -123,7 +127,7 @@ class MacridVAE(nn.Module):
     def freeze_old_posterior(self) -> None:
         """model.prior = "composite": snapshot the encoder (and h, m for c_i) as q_old for the next epoch."""
         old = MacridVAE(self.h.shape[0], self.K, self.D, self.tau, self.sigma0, 0.0, gumbel=False, sample=False,
-                        similarity=self.similarity).to(self.h.device)
+                        similarity=self.similarity, encoder_layers=len(self.deep)).to(self.h.device)
         old.load_state_dict({k: v.detach().clone() for k, v in self.state_dict().items()})
         self._old = [old.eval().requires_grad_(False)]
 
@@ -211,5 +215,5 @@ def build_model(cfg: ModelConfig, n_items: int, row_sparse: bool = False) -> nn.
     """row_sparse (MacridVAE with sampled softmax): sparse gradients for the item tables."""
     if cfg.name == "macridvae":
         return MacridVAE(n_items, cfg.K, cfg.D, cfg.tau, cfg.sigma0, cfg.dropout, cfg.gumbel, cfg.sample, row_sparse,
-                         cfg.similarity, cfg.prior)
+                         cfg.similarity, cfg.prior, cfg.encoder_layers)
     return MultVAE(n_items, cfg.D, cfg.hidden, cfg.dropout, variational=cfg.name == "multvae", sample=cfg.sample)
