@@ -46,6 +46,8 @@ class ModelConfig:
     # MacridVAE: residual layers g <- g + tanh(W g + b), shared across the K components, between Eq. 7's
     # tanh(pooled + t_bias) and f_nn (a deeper encoder, after RecVAE); each adds D^2 + D parameters; 0 = the paper
     encoder_layers: int = 0
+    # MacridVAE: a learnt per-item bias b_i added to log p(i|u) (MultVAE's decoder has one; the paper's does not)
+    item_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in MODELS:

@@ -281,3 +281,22 @@ def test_deeper_encoder_adds_residual_tanh_layers_before_f_nn():
     mu, _ = model.encode(idx, off, model.concepts()[idx])
     np.testing.assert_allclose(mu[0].detach().numpy(), np.array(want), rtol=1e-5, atol=1e-6)
     assert sum(p.numel() for p in model.deep.parameters()) == 2 * (3 * 3 + 3)  # 2 * (D^2 + D)
+
+
+def test_item_bias_is_added_to_log_p_on_every_scoring_path():
+    """model.item_bias: log p(i|u) up to a constant = log sum_k c_ik exp(cos(z_u^k, h_i) / tau) + b_i, on the full
+    softmax, the sampled path (negatives and the user's own items) and the chunked ranking of `score`."""
+    model = tiny_macrid(item_bias=True).eval()
+    b = np.array([0.5, -1.0, 2.0, 0.0])
+    with torch.no_grad():
+        model.item_bias.copy_(torch.tensor(b))
+    idx, off = torch.tensor([0, 3]), torch.tensor([0, 2])
+    out = model(idx, off)
+    mu = out.mu.detach().numpy()[0]  # (K, D)
+    c = model.concepts().detach().numpy()
+    want = np.log((c * np.exp(np_cos(model.h.detach().numpy(), mu) / TAU)).sum(1)) + b  # (M,)
+    np.testing.assert_allclose(out.log_scores.detach().numpy()[0], want, rtol=1e-5)
+    sampled = model(idx, off, torch.arange(4), torch.tensor([2, 1]))  # every item a candidate, negatives 2 and 1
+    np.testing.assert_allclose(sampled.log_scores.detach().numpy()[0], want[[2, 1]], rtol=1e-5)
+    np.testing.assert_allclose(sampled.log_pos.detach().numpy(), want[[0, 3]], rtol=1e-5)
+    np.testing.assert_allclose(model.score(out.mu, torch.tensor([3, 1])).numpy()[0], want[[3, 1]], rtol=1e-5)

@@ -31,11 +31,12 @@ class MacridVAE(nn.Module):
     # The M x D item tables. With `row_sparse` set (sampled softmax) a step reads only the rows of its
     # candidates and inputs, and their gradients are sparse (row ids + rows): see macrid/model/row_sparse.py.
     item_tables = ("h", "t")
-    decoder_params = ("h", "m")  # what a decoder pass of optim.alternate updates; the rest is the encoder
+    decoder_params = ("h", "m", "item_bias")  # what a decoder pass of optim.alternate updates; the rest: encoder
 
     def __init__(self, n_items: int, K: int = 7, D: int = 100, tau: float = 0.1, sigma0: float = 0.1,
                  dropout: float = 0.5, gumbel: bool = True, sample: bool = True, row_sparse: bool = False,
-                 similarity: str = "cosine", prior: str = "standard", encoder_layers: int = 0):
+                 similarity: str = "cosine", prior: str = "standard", encoder_layers: int = 0,
+                 item_bias: bool = False):
         super().__init__()
         self.K, self.D, self.tau, self.sigma0, self.dropout, self.gumbel = K, D, tau, sigma0, dropout, gumbel
         self.sample, self.row_sparse, self.similarity, self.prior = sample, row_sparse, similarity, prior
@@ -46,6 +47,8 @@ class MacridVAE(nn.Module):
         self.m = nn.Parameter(nn.init.xavier_uniform_(torch.empty(K, D)))  # prototypes m_k
         self.f_nn = nn.Linear(D, 2 * D)  # shared across the K components, Eq. 7
         self.deep = nn.ModuleList(nn.Linear(D, D) for _ in range(encoder_layers))  # residual layers before f_nn
+        # b_i added to log p(i|u) (model.item_bias); None keeps the paper's decoder and its checkpoints' keys
+        self.item_bias = nn.Parameter(torch.zeros(n_items)) if item_bias else None
 
     def item_rows(self, items: torch.Tensor | None = None) -> torch.Tensor:
         """h_i of all items, or of the given ones (C,); a sparse gradient in row-sparse mode. (M or C, D)."""
@@ -112,22 +115,33 @@ class MacridVAE(nn.Module):
             kl = self._composite_kl(indices, offsets, z, mu, lnvar)  # (B,)
         else:  # the authors' KL against N(0, sigma0^2) drops the mu^2 term, because mu is normalised
             kl = 0.5 * (-lnvar + lnvar.exp() - 1.0).sum(dim=(1, 2))  # (B,)
+        b = self._bias(candidates)  # (M or C,) or None
         if negatives is None:
-            return Output(mixture_scores(zn, hn, c, self.tau).log(), kl, mu)  # (B, M or C)
+            log_scores = mixture_scores(zn, hn, c, self.tau).log()  # (B, M or C)
+            return Output(log_scores if b is None else log_scores + b, kl, mu)
         neg = mixture_scores(zn, hn[negatives], c[negatives], self.tau)  # (B, S)
         rows, h_own = bag_rows(offsets, len(indices)), hn[pos]  # (N,), (N, D)
         # (N, K) cosines of each user with its own items; one (N, D) slice per concept is 6x faster than
         # gathering an (N, K, D) block for a batched matmul (`python benchmarks/scale.py parts`)
         cos = torch.stack([(zn[:, k].index_select(0, rows) * h_own).sum(1) for k in range(self.K)], 1)
         own = (c[pos] * torch.exp(cos / self.tau)).sum(1)  # (N,)
-        return Output(neg.log(), kl, mu, log_pos=own.log())
+        if b is None:
+            return Output(neg.log(), kl, mu, log_pos=own.log())
+        return Output(neg.log() + b[negatives], kl, mu, log_pos=own.log() + b[pos])
+
+    def _bias(self, items: torch.Tensor | None) -> torch.Tensor | None:
+        """b_i of all items or of the given ones (C,), or None without model.item_bias."""
+        if self.item_bias is None or items is None:
+            return self.item_bias
+        return self.item_bias[items]
 
 
     @torch.no_grad()
     def freeze_old_posterior(self) -> None:
         """model.prior = "composite": snapshot the encoder (and h, m for c_i) as q_old for the next epoch."""
         old = MacridVAE(self.h.shape[0], self.K, self.D, self.tau, self.sigma0, 0.0, gumbel=False, sample=False,
-                        similarity=self.similarity, encoder_layers=len(self.deep)).to(self.h.device)
+                        similarity=self.similarity, encoder_layers=len(self.deep),
+                        item_bias=self.item_bias is not None).to(self.h.device)
         old.load_state_dict({k: v.detach().clone() for k, v in self.state_dict().items()})
         self._old = [old.eval().requires_grad_(False)]
 
@@ -155,7 +169,9 @@ class MacridVAE(nn.Module):
     def score(self, mu: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """log A_ui for representations mu (B, K, D) and item ids (C,) -> (B, C). For chunked ranking."""
         h = self.h[items]  # (C, D)
-        return mixture_scores(F.normalize(mu, dim=-1), F.normalize(h, dim=1), self.concepts(h), self.tau).log()
+        log_scores = mixture_scores(F.normalize(mu, dim=-1), F.normalize(h, dim=1), self.concepts(h), self.tau).log()
+        b = self._bias(items)
+        return log_scores if b is None else log_scores + b  # (B, C)
 
 
 def _log_normal(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -215,5 +231,5 @@ def build_model(cfg: ModelConfig, n_items: int, row_sparse: bool = False) -> nn.
     """row_sparse (MacridVAE with sampled softmax): sparse gradients for the item tables."""
     if cfg.name == "macridvae":
         return MacridVAE(n_items, cfg.K, cfg.D, cfg.tau, cfg.sigma0, cfg.dropout, cfg.gumbel, cfg.sample, row_sparse,
-                         cfg.similarity, cfg.prior, cfg.encoder_layers)
+                         cfg.similarity, cfg.prior, cfg.encoder_layers, cfg.item_bias)
     return MultVAE(n_items, cfg.D, cfg.hidden, cfg.dropout, variational=cfg.name == "multvae", sample=cfg.sample)

@@ -218,7 +218,7 @@ def _passes(model, alternate: int) -> list[tuple[tuple, bool]]:
     optim.alternate = N > 0 (RecVAE): N encoder passes with dropout, then one decoder pass without it."""
     if not alternate:
         return [((), True)]
-    decoder = tuple(getattr(model, name) for name in model.decoder_params)
+    decoder = tuple(p for name in model.decoder_params if (p := getattr(model, name, None)) is not None)
     encoder = tuple(p for p in model.parameters() if not any(p is d for d in decoder))
     return [(decoder, True)] * alternate + [(encoder, False)]
 
