@@ -102,10 +102,10 @@ def test_the_export_computation_creates_every_tensor_on_the_models_device():
     from macrid.output import represent
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(K=3, D=8), M).to(CPU).eval()
+    model = build_model(ModelConfig(K=3, D=8, item_bias=True), M).to(CPU).eval()
     idx, off = next(iter_batches(bags(12, 0), 12))
     with default_device_meta():
         out = represent.users(model, idx.to(CPU), off.to(CPU), top_n=5)
-        c, h = represent.items(model, 0, M)
-    for t in (out.mu, out.share, out.top_items, out.top_scores, out.top_concepts, c, h):
+        c, h, bias = represent.items(model, 0, M)
+    for t in (out.mu, out.share, out.top_items, out.top_scores, out.top_concepts, c, h, bias):
         assert t.device == CPU

@@ -32,9 +32,10 @@ pytestmark = pytest.mark.timeout(600)
 TOP_N = 20
 
 
-def train(lake, run="r", epochs=2):
+def train(lake, run="r", epochs=2, extra=()):
     run_in_process(load_config(None, [f"data.lake={lake!r}", "data.dataset='ml-100k'", f"run.name={run!r}",
-                                      "model.K=4", "model.D=16", f"optim.epochs={epochs}", "run.progress=false"]))
+                                      "model.K=4", "model.D=16", f"optim.epochs={epochs}", "run.progress=false",
+                                      *extra]))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def s3_run(ray_cluster, s3_endpoint):
 def local_run(ray_cluster, tmp_path_factory):
     lake = str(tmp_path_factory.mktemp("lake"))
     prepare(read_raw(real_data("ml-100k")), lake, "ml-100k", Protocol())
-    train(lake)
+    train(lake, extra=["model.item_bias=true"])  # the s3 run has the paper's decoder, this one an item bias
     return lake
 
 
@@ -100,6 +101,7 @@ def test_export_to_s3_matches_the_model(s3_run):
     assert comps.schema["mu"] == pl.List(pl.Float32) and comps.schema["component"] == pl.Int16
     assert recs.columns == ["user_id", "rank", "item_id", "score", "concept", "dt"]
     assert items.columns == ["item_id", "title", "concept", "probability", "probabilities", "h", "dt"]
+    assert model.item_bias is None  # the paper's decoder: no bias column (an item_bias run adds one, below)
     assert (comps.height, recs.height, items.height, protos.height) == (U * K, U * TOP_N, M, K)
     assert summary["counts"]["users_exported"] == U and set(comps["dt"]) == {"2026-11-27"}
 
@@ -292,15 +294,31 @@ def test_explain_reads_the_export_tables_and_agrees_with_the_checkpoint(local_ru
     """Traversal and steering from the export alone (no model.pt) give what the checkpoint gives."""
     from macrid.output.explain import ExportedRun, Run, steering, traversal
 
-    export(ExportSpec(lake=local_run, run="r", input="ml-100k", name="explained", date="2026-11-26"), progress=False)
+    export(ExportSpec(lake=local_run, run="r", input="ml-100k", name="explained", date="2026-11-26", top_n=10),
+           progress=False)
     ck, ex = Run(local_run, "r"), ExportedRun(local_run, "explained")
     assert ex.date == "2026-11-26" and ex.tau == ck.tau
+    bias = ck.model.item_bias.detach()  # (M,) this run has model.item_bias; the export carries it
+    assert bias.abs().max() > 1e-3
+    np.testing.assert_allclose(read(local_run, "explained", "item_concepts")["bias"].to_numpy(), bias.numpy(),
+                               atol=1e-6)
     for kw in ({"item": "50"}, {"user": "1", "component": 2}):
         a, b = traversal(ck, 3, steps=5, **kw), traversal(ex, 3, steps=5, **kw)
         assert [s["item"] for s in a["steps"]] == [s["item"] for s in b["steps"]] and a["concept"] == b["concept"]
         np.testing.assert_allclose([s["value"] for s in a["steps"]], [s["value"] for s in b["steps"]], atol=1e-5)
     a = steering(ck, "1", [(2, 0, 0.5)], {1: 0.0}, top_n=10)
     b = steering(ex, "1", [(2, 0, 0.5)], {1: 0.0}, top_n=10)
+    # unsteered, the list is the model's own ranking (its scores include b_i: tests/test_maths.py)
+    own = ck.user_items("1")
+    with torch.no_grad():
+        scores = ck.model.score(ck.components(own)[None], torch.arange(len(bias)))[0]  # (M,)
+    scores[own] = -torch.inf
+    best = torch.argsort(scores, descending=True)[:10]
+    assert [x["item"] for x in a["before"]] == [ck.title(int(i)) for i in best]
+    np.testing.assert_allclose([x["score"] for x in a["before"]], scores[best].numpy(), atol=1e-4)
+    recs = read(local_run, "explained", "recommendations").filter(pl.col("user_id") == 1).sort("rank")
+    assert recs["item_id"].to_list() == [int(ck.vocab["item_id"][int(i)]) for i in best]
+    np.testing.assert_allclose(recs["score"].to_numpy(), scores[best].numpy(), atol=1e-4)
     for when in ("before", "after"):
         assert [x["item"] for x in a[when]] == [x["item"] for x in b[when]]
         np.testing.assert_allclose([x["score"] for x in a[when]], [x["score"] for x in b[when]], atol=1e-4)

@@ -86,3 +86,18 @@ def test_steering_a_concept_weight_to_zero_removes_it_and_ranks_by_the_restated_
     assert items.tolist() == torch.argsort(A, descending=True)[:10].tolist()
     assert torch.allclose(scores, A[items].log(), atol=1e-5)
     assert 1 not in concepts.tolist()
+
+
+def test_steering_adds_the_item_bias_to_the_restated_score():
+    """model.item_bias: the score is log sum_k c_ik exp(cos(mu_k, h_i) / tau) + b_i, so a large b_i lifts item i."""
+    torch.manual_seed(1)
+    h, mu = torch.randn(30, 6), torch.nn.functional.normalize(torch.randn(2, 6), dim=1)
+    c = torch.softmax(torch.randn(30, 2), dim=1)
+    bias = torch.randn(30)
+    bias[7] = 50.0  # far above any log A_ui (cos / tau <= 10)
+    items, scores, _ = steer(h, c, 0.1, mu, torch.tensor([0]), 5, bias=bias)
+    hn = h / h.norm(dim=1, keepdim=True)
+    want = (c * torch.exp(hn @ mu.T / 0.1)).sum(1).log() + bias  # (30,)
+    want[0] = -torch.inf
+    assert items.tolist() == torch.argsort(want, descending=True)[:5].tolist() and items[0] == 7
+    assert torch.allclose(scores, want[items], atol=1e-4)

@@ -31,6 +31,7 @@ class Run:
         self.h = self.model.h.detach().numpy()  # (M, D)
         self.m = self.model.m.detach().numpy()  # (K, D)
         self.K, self.D, self.tau = self.model.K, self.model.D, self.model.tau
+        self.bias = None if self.model.item_bias is None else self.model.item_bias.detach()  # (M,) b_i
         with torch.no_grad():
             self.c = self.model.eval().concepts()  # (M, K) Eq. 6, the softmax
 
@@ -94,6 +95,8 @@ class ExportedRun(Run):
         self.vocab = items.select(pl.int_range(items.height).alias("item_idx"), "item_id", "title")
         self.h = np.stack(items["h"].to_numpy()).astype(np.float32)  # (M, D)
         self.c = torch.as_tensor(np.stack(items["probabilities"].to_numpy()).astype(np.float32))  # (M, K)
+        # (M,) b_i; exports written before the column existed come from models without an item bias
+        self.bias = torch.as_tensor(items["bias"].to_numpy()) if "bias" in items.columns else None
         protos = _partition(delta.open_table(export_uri(lake_root, name, "prototypes")), self.date,
                             export_uri(lake_root, name, "prototypes")).sort("concept")
         self.m = np.stack(protos["m"].to_numpy()).astype(np.float32)  # (K, D)
@@ -187,7 +190,7 @@ def steering(run: Run, user: str, edits: list[tuple[int, int, float]], weights: 
     items = run.user_items(user)
     mu = run.user_components(user, items)  # (K, D)
     h = torch.as_tensor(run.h)
-    before = steer(h, run.c, run.tau, mu, items, top_n)
+    before = steer(h, run.c, run.tau, mu, items, top_n, bias=run.bias)
     edited = mu.clone()
     for k, j, value in edits:
         run.check_component(k)
@@ -197,7 +200,7 @@ def steering(run: Run, user: str, edits: list[tuple[int, int, float]], weights: 
     for k, value in weights.items():
         run.check_component(k)
         w[k] = value
-    after = steer(h, run.c, run.tau, edited, items, top_n, w)
+    after = steer(h, run.c, run.tau, edited, items, top_n, w, run.bias)
 
     def listing(result):
         top, scores, concepts = result

@@ -95,8 +95,10 @@ def export(spec: ExportSpec, progress: bool = True) -> dict:
             if table == "recommendations" and not spec.top_n:
                 continue
             uri = export_uri(spec.lake, spec.name, table)
-            version = delta.commit(uri, SCHEMAS[table](vocab["item_id"].to_arrow().type, source.user_type),
-                                   files[table], spec.date, summary)
+            schema = SCHEMAS[table](vocab["item_id"].to_arrow().type, source.user_type)
+            if table == "item_concepts" and model.item_bias is not None:
+                schema = schema.append(pa.field("bias", pa.float32()))  # only then: older tables keep their columns
+            version = delta.commit(uri, schema, files[table], spec.date, summary)
             committed.append(table)
             summary.setdefault("versions", {})[table] = version
     except BaseException:
@@ -273,7 +275,7 @@ def _items(spec: ExportSpec, model: MacridVAE, vocab: pl.DataFrame, tag: str) ->
     files, per_concept = [], np.zeros(model.K, dtype=np.int64)
     for lo in range(0, len(vocab), ITEM_CHUNK):
         hi = min(lo + ITEM_CHUNK, len(vocab))
-        c, h = represent.items(model, lo, hi)  # (C, K), (C, D)
+        c, h, bias = represent.items(model, lo, hi)  # (C, K), (C, D), (C,) or None
         c, h = c.float().cpu().numpy(), h.float().cpu().numpy()
         concept = c.argmax(1)
         per_concept += np.bincount(concept, minlength=model.K)
@@ -281,6 +283,8 @@ def _items(spec: ExportSpec, model: MacridVAE, vocab: pl.DataFrame, tag: str) ->
             "item_id": ids.slice(lo, hi - lo), "title": titles.slice(lo, hi - lo),
             "concept": pa.array(concept.astype(np.int16)), "probability": pa.array(c.max(1)),
             "probabilities": _lists(c), "h": _lists(h)})
+        if bias is not None:
+            table = table.append_column("bias", pa.array(bias.float().cpu().numpy()))
         files.append(delta.write_file(uri, spec.date, table, tag))
     m = model.m.detach().float().cpu().numpy()  # (K, D)
     prototypes = pa.table({"concept": pa.array(np.arange(model.K, dtype=np.int16)), "m": _lists(m),

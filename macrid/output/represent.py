@@ -3,7 +3,8 @@
 - users: the K components mu^(k) (Eq. 7, z = mu), each with the user's share of concept k
   (sum of c_ik over the user's items, normalised over k), and optionally the top-N items with
   their log-score log A_ui and the concept each comes from (the k with the largest term
-  c_ik * exp(cos(mu_k, h_i) / tau) of A_ui = sum_k of those terms);
+  c_ik * exp(cos(mu_k, h_i) / tau) of A_ui = sum_k of those terms); with model.item_bias the
+  log-score is log A_ui + b_i;
 - items: c_i (Eq. 6, the softmax), its argmax (the item's concept) and h_i.
 
 Plain torch on the model's device; no I/O.
@@ -46,7 +47,10 @@ def users(model: MacridVAE, indices: torch.Tensor, offsets: torch.Tensor, top_n:
         return Users(model.encode(indices, offsets, c_x)[0], share)
     top, mu = chunked_top_k(model, indices, offsets, n_items, min(top_n, n_items))  # (B, N), (B, K, D)
     terms = concept_terms(model, mu, top)  # (B, N, K)
-    return Users(mu, share, top, terms.sum(-1).log(), terms.argmax(-1))
+    scores = terms.sum(-1).log()  # (B, N)
+    if model.item_bias is not None:
+        scores = scores + model.item_bias[top]
+    return Users(mu, share, top, scores, terms.argmax(-1))
 
 
 @torch.no_grad()
@@ -60,7 +64,8 @@ def concept_terms(model: MacridVAE, mu: torch.Tensor, items: torch.Tensor) -> to
 
 @torch.no_grad()
 def items(model: MacridVAE, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Items lo..hi-1 -> (c_i (C, K), h_i (C, D))."""
+    """Items lo..hi-1 -> (c_i (C, K), h_i (C, D), b_i (C,) the item bias, or None without model.item_bias)."""
     model.eval()
     h = model.h[lo:hi].detach()  # (C, D)
-    return model.concepts(h), h
+    bias = None if model.item_bias is None else model.item_bias[lo:hi].detach()
+    return model.concepts(h), h, bias

@@ -120,15 +120,19 @@ def traverse(h_star: np.ndarray, j: int, h: np.ndarray, m: np.ndarray, tau: floa
 
 @torch.no_grad()
 def steer(h: torch.Tensor, c: torch.Tensor, tau: float, mu: torch.Tensor, own_items: torch.Tensor, top_n: int,
-          weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          weights: torch.Tensor | None = None, bias: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A user's top-N under edited components mu (K, D) and concept weights (K,) (default all 1).
 
-    h (M, D) item vectors, c (M, K) their concepts (Eq. 6, the softmax), tau the model's temperature.
+    h (M, D) item vectors, c (M, K) their concepts (Eq. 6, the softmax), tau the model's temperature,
+    bias (M,) the items' b_i (model.item_bias), added to the log-scores; None for the paper's decoder.
     Returns (items (N,), log-scores (N,), the concept each comes from (N,)); own_items are never returned."""
     w = torch.ones(c.shape[1], device=h.device) if weights is None else weights.to(h.device)
     cos = F.normalize(h, dim=1) @ F.normalize(mu.to(h.device), dim=1).T  # (M, K)
     terms = w * c * torch.exp(cos / tau)  # (M, K)
     scores = terms.sum(1).log()  # (M,)
+    if bias is not None:
+        scores = scores + bias.to(h.device)
     scores[own_items.to(h.device)] = -torch.inf
     top = torch.topk(scores, min(top_n, len(scores))).indices  # (N,)
     return top, scores[top], terms[top].argmax(1)
