@@ -96,7 +96,7 @@ class ExportedRun(Run):
         self.h = np.stack(items["h"].to_numpy()).astype(np.float32)  # (M, D)
         self.c = torch.as_tensor(np.stack(items["probabilities"].to_numpy()).astype(np.float32))  # (M, K)
         # (M,) b_i; exports written before the column existed come from models without an item bias
-        self.bias = torch.as_tensor(items["bias"].to_numpy()) if "bias" in items.columns else None
+        self.bias = torch.tensor(items["bias"].to_numpy()) if "bias" in items.columns else None
         protos = _partition(delta.open_table(export_uri(lake_root, name, "prototypes")), self.date,
                             export_uri(lake_root, name, "prototypes")).sort("concept")
         self.m = np.stack(protos["m"].to_numpy()).astype(np.float32)  # (K, D)
