@@ -63,7 +63,7 @@ def concept_terms(model: MacridVAE, mu: torch.Tensor, items: torch.Tensor) -> to
 
 
 @torch.no_grad()
-def items(model: MacridVAE, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+def items(model: MacridVAE, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Items lo..hi-1 -> (c_i (C, K), h_i (C, D), b_i (C,) the item bias, or None without model.item_bias)."""
     model.eval()
     h = model.h[lo:hi].detach()  # (C, D)
