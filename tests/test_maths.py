@@ -296,7 +296,8 @@ def test_item_bias_is_added_to_log_p_on_every_scoring_path():
     c = model.concepts().detach().numpy()
     want = np.log((c * np.exp(np_cos(model.h.detach().numpy(), mu) / TAU)).sum(1)) + b  # (M,)
     np.testing.assert_allclose(out.log_scores.detach().numpy()[0], want, rtol=1e-5)
-    sampled = model(idx, off, torch.arange(4), torch.tensor([2, 1]))  # every item a candidate, negatives 2 and 1
-    np.testing.assert_allclose(sampled.log_scores.detach().numpy()[0], want[[2, 1]], rtol=1e-5)
+    # candidates 0, 2, 3 (item 1 left out, so positions differ from item ids); the negative is position 1 = item 2
+    sampled = model(idx, off, torch.tensor([0, 2, 3]), torch.tensor([1]))
+    np.testing.assert_allclose(sampled.log_scores.detach().numpy()[0], want[[2]], rtol=1e-5)
     np.testing.assert_allclose(sampled.log_pos.detach().numpy(), want[[0, 3]], rtol=1e-5)
     np.testing.assert_allclose(model.score(out.mu, torch.tensor([3, 1])).numpy()[0], want[[3, 1]], rtol=1e-5)
