@@ -48,28 +48,10 @@ class ModelConfig:
     encoder_layers: int = 0
     # MacridVAE: a learnt per-item bias b_i added to log p(i|u) (MultVAE's decoder has one; the paper's does not)
     item_bias: bool = False
-    # MacridVAE's input dropout: "entry" (the authors' code: each (item, component) weight x_ui * c_ik is dropped
-    # on its own) or "item" (one draw per item of the user, shared by the K components)
-    dropout_unit: str = "entry"
-    # MacridVAE, dropout_unit "item": the weight of the reconstruction terms of the items the dropout kept, against
-    # 1 for the items it dropped (emphasised denoising, Steck, NeurIPS 2020): 1 = the plain ELBO; 0 = learn only to
-    # predict the dropped items, as ranking does (it excludes the fold-in items)
-    emphasis: float = 1.0
 
     def __post_init__(self) -> None:
         if self.name not in MODELS:
             raise ConfigError(f"model.name={self.name!r} is unknown; use one of {MODELS}")
-        if self.dropout_unit not in ("entry", "item"):
-            raise ConfigError(f"model.dropout_unit={self.dropout_unit!r} must be 'entry' or 'item'")
-        if not 0.0 <= self.emphasis <= 1.0:
-            raise ConfigError(f"model.emphasis={self.emphasis} must lie in [0, 1]")
-        if self.name != "macridvae" and (self.dropout_unit != "entry" or self.emphasis != 1.0):
-            raise ConfigError(f"model.dropout_unit and model.emphasis are MacridVAE options; model.name="
-                              f"{self.name!r} drops whole items already: remove them from the config")
-        if self.emphasis < 1.0 and (self.dropout_unit != "item" or self.dropout == 0.0):
-            raise ConfigError(f"model.emphasis={self.emphasis} weighs the items the input dropout kept: it needs "
-                              f"model.dropout_unit = 'item' and model.dropout > 0 (got {self.dropout_unit!r}, "
-                              f"{self.dropout})")
         if self.encoder_layers < 0:
             raise ConfigError(f"model.encoder_layers={self.encoder_layers} must be >= 0")
         if self.K < 1 or self.D < 1:

@@ -29,41 +29,30 @@ def lr_at(step: int, total_steps: int, lr: float, schedule: str = "constant") ->
     return lr
 
 
-def _weighted(terms: torch.Tensor, log_z: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor,
-              weight: torch.Tensor | None) -> torch.Tensor:
-    """-(sum_n w_n * (terms_n - log_z[rows_n])) / B: the users' mean NLL with per-item weights (None: all 1)."""
-    if weight is None:
-        return -(terms.sum() - (log_z * offsets.diff()).sum()) / len(log_z)
-    weight = weight.to(terms.dtype)
-    per_user = weight.new_zeros(len(log_z)).index_add(0, rows, weight)  # (B,) sum of the user's weights
-    return -((weight * terms).sum() - (log_z * per_user).sum()) / len(log_z)
-
-
 def multinomial_nll(log_scores: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
-                    log_pi: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """-sum_{i in x_u} w_ui log softmax(log_scores_u)_i, averaged over the B users. Returns a scalar.
+                    log_pi: torch.Tensor | None = None) -> torch.Tensor:
+    """-sum_{i in x_u} log softmax(log_scores_u)_i, averaged over the B users. Returns a scalar.
 
     log_scores (B, M) over all items, or (B, C) over candidates with `indices` giving positions in C
     and `log_pi` (C,) the candidates' log inclusion probabilities (sampled softmax, see sampling.py).
-    weight (N,): each own item's weight w_ui (model.emphasis); None = 1.
     Only the user's own items are gathered, so the (B, M) log-softmax is never materialised.
     """
+    B = len(offsets) - 1
     rows = bag_rows(offsets, len(indices))  # (N,)
     log_scores = log_scores.float()
     corrected = log_scores if log_pi is None else log_scores - log_pi
     log_z = torch.logsumexp(corrected, dim=1)  # (B,) log of the Horvitz-Thompson estimate of Z_u
-    return _weighted(log_scores[rows, indices], log_z, rows, offsets, weight)
+    return -(log_scores[rows, indices].sum() - (log_z * offsets.diff()).sum()) / B
 
 
 def own_items_nll(log_pos: torch.Tensor, log_neg: torch.Tensor, negatives: torch.Tensor, log_pi_neg: torch.Tensor,
-                  indices: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+                  indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """The multinomial NLL with per-user candidates: the user's own items plus the shared negatives.
 
     log_pos (N,) = log A_ui of each user's own items (inclusion probability 1); log_neg (B, S) over
     the negatives' sorted, distinct item ids `negatives` (S,), with log inclusion probabilities log_pi_neg (S,). A
     negative the user holds is already among its own items and is dropped, so
     Z_u ≈ Σ_{i∈x_u} A_ui + Σ_{j∈N∖x_u} A_uj / π_j, again unbiased (docs/sampled_softmax.md).
-    weight (N,): each own item's weight in the NLL (model.emphasis); every own item stays in Z_u.
     """
     B, S = len(offsets) - 1, len(negatives)
     rows = bag_rows(offsets, len(indices))  # (N,)
@@ -79,7 +68,7 @@ def own_items_nll(log_pos: torch.Tensor, log_neg: torch.Tensor, negatives: torch
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     log_z_own = log_pos.new_zeros(B).index_add(0, rows, torch.exp(log_pos - top[rows])).log() + top  # (B,)
     log_z = torch.logaddexp(log_z_own, log_z_neg)
-    return _weighted(log_pos, log_z, rows, offsets, weight)
+    return -(log_pos.sum() - (log_z * offsets.diff()).sum()) / B
 
 
 def elbo_loss(out: Output, indices: torch.Tensor, offsets: torch.Tensor, beta: float,
@@ -94,10 +83,9 @@ def elbo_loss(out: Output, indices: torch.Tensor, offsets: torch.Tensor, beta: f
     the same ratio for every user. The batch's mean weight stays beta.
     """
     if out.log_pos is not None:
-        nll = own_items_nll(out.log_pos, out.log_scores, negatives[0], negatives[1], indices, offsets,
-                            out.recon_weight)
+        nll = own_items_nll(out.log_pos, out.log_scores, negatives[0], negatives[1], indices, offsets)
     else:
-        nll = multinomial_nll(out.log_scores, indices, offsets, log_pi, out.recon_weight)
+        nll = multinomial_nll(out.log_scores, indices, offsets, log_pi)
     kl = out.kl.float().mean()
     if kl_by_items:
         n = offsets.diff().to(kl.dtype)  # (B,) |x_u|

@@ -25,8 +25,6 @@ class Output:
     kl: torch.Tensor  # (B,) KL(q(z|x) || p(z)), zeros for MultDAE
     mu: torch.Tensor  # (B, K, D) the users' representations (K = 1 for Mult*)
     log_pos: torch.Tensor | None = None  # (N,) log A_ui of each user's own items ("user" candidates only)
-    # (N,) the weight of each own item's reconstruction term (model.emphasis in training); None = all 1
-    recon_weight: torch.Tensor | None = None
 
 
 class MacridVAE(nn.Module):
@@ -38,9 +36,8 @@ class MacridVAE(nn.Module):
     def __init__(self, n_items: int, K: int = 7, D: int = 100, tau: float = 0.1, sigma0: float = 0.1,
                  dropout: float = 0.5, gumbel: bool = True, sample: bool = True, row_sparse: bool = False,
                  similarity: str = "cosine", prior: str = "standard", encoder_layers: int = 0,
-                 item_bias: bool = False, dropout_unit: str = "entry", emphasis: float = 1.0):
+                 item_bias: bool = False):
         super().__init__()
-        self.dropout_unit, self.emphasis = dropout_unit, emphasis
         self.K, self.D, self.tau, self.sigma0, self.dropout, self.gumbel = K, D, tau, sigma0, dropout, gumbel
         self.sample, self.row_sparse, self.similarity, self.prior = sample, row_sparse, similarity, prior
         self._old: list[MacridVAE] = []  # the composite prior's frozen encoder (a list: not a submodule)
@@ -76,22 +73,15 @@ class MacridVAE(nn.Module):
             return F.gumbel_softmax(logits, tau=1.0, hard=False, dim=1)
         return torch.softmax(logits, dim=1)
 
-    def encode(self, indices: torch.Tensor, offsets: torch.Tensor, c_x: torch.Tensor,
-               kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, indices: torch.Tensor, offsets: torch.Tensor, c_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 7 on a sparse batch; c_x (N, K) holds c_i of each non-zero (x_ui * c_ik).
 
-        kept (N,) bool: the items an item-level input dropout keeps (model.dropout_unit = "item"); without
-        it, dropout in training drops each (item, component) entry on its own, as the authors' code does.
         Returns mu (B, K, D) with unit norm, and ln(var / sigma0^2) (B, K, D).
         """
         B, N, K, D = len(offsets) - 1, len(indices), self.K, self.D
         rows = bag_rows(offsets, N)  # (N,)
         norm = c_x.new_zeros(B, K).index_add(0, rows, c_x.square()).sqrt().clamp_min(1e-12)  # (B, K)
-        w = c_x / norm[rows]  # (N, K)
-        if kept is None:
-            w = F.dropout(w, self.dropout, self.training)
-        else:
-            w = w * (kept.to(w.dtype) / (1.0 - self.dropout)).unsqueeze(1)
+        w = F.dropout(c_x / norm[rows], self.dropout, self.training)  # (N, K)
         # One embedding_bag over K*B bags (concept-major): bag k*B+b sums w[n,k] * t_i over user b's items.
         bag_idx = indices.repeat(K)  # (K*N,)
         shift = N * torch.arange(K, device=offsets.device).unsqueeze(1)  # (K, 1)
@@ -116,12 +106,7 @@ class MacridVAE(nn.Module):
         h = self.item_rows(candidates)  # (M or C, D)
         c = self.concepts(h)  # (M or C, K)
         pos = indices if candidates is None else torch.searchsorted(candidates, indices)  # (N,)
-        kept = weight = None
-        if self.training and self.dropout_unit == "item" and self.dropout > 0:
-            kept = torch.rand(len(indices), device=indices.device) >= self.dropout  # (N,)
-            if self.emphasis != 1.0:  # emphasised denoising: the kept items' terms weigh `emphasis`
-                weight = torch.where(kept, self.emphasis, 1.0)  # (N,)
-        mu, lnvar = self.encode(indices, offsets, c[pos], kept)  # (B, K, D)
+        mu, lnvar = self.encode(indices, offsets, c[pos])  # (B, K, D)
         z = mu
         if self.training and self.sample:
             z = mu + torch.randn_like(mu) * self.sigma0 * torch.exp(0.5 * lnvar)  # (B, K, D)
@@ -133,7 +118,7 @@ class MacridVAE(nn.Module):
         b = self._bias(candidates)  # (M or C,) or None
         if negatives is None:
             log_scores = mixture_scores(zn, hn, c, self.tau).log()  # (B, M or C)
-            return Output(log_scores if b is None else log_scores + b, kl, mu, recon_weight=weight)
+            return Output(log_scores if b is None else log_scores + b, kl, mu)
         neg = mixture_scores(zn, hn[negatives], c[negatives], self.tau)  # (B, S)
         rows, h_own = bag_rows(offsets, len(indices)), hn[pos]  # (N,), (N, D)
         # (N, K) cosines of each user with its own items; one (N, D) slice per concept is 6x faster than
@@ -141,8 +126,8 @@ class MacridVAE(nn.Module):
         cos = torch.stack([(zn[:, k].index_select(0, rows) * h_own).sum(1) for k in range(self.K)], 1)
         own = (c[pos] * torch.exp(cos / self.tau)).sum(1)  # (N,)
         if b is None:
-            return Output(neg.log(), kl, mu, log_pos=own.log(), recon_weight=weight)
-        return Output(neg.log() + b[negatives], kl, mu, log_pos=own.log() + b[pos], recon_weight=weight)
+            return Output(neg.log(), kl, mu, log_pos=own.log())
+        return Output(neg.log() + b[negatives], kl, mu, log_pos=own.log() + b[pos])
 
     def _bias(self, items: torch.Tensor | None) -> torch.Tensor | None:
         """b_i of all items or of the given ones (C,), or None without model.item_bias."""
@@ -246,5 +231,5 @@ def build_model(cfg: ModelConfig, n_items: int, row_sparse: bool = False) -> nn.
     """row_sparse (MacridVAE with sampled softmax): sparse gradients for the item tables."""
     if cfg.name == "macridvae":
         return MacridVAE(n_items, cfg.K, cfg.D, cfg.tau, cfg.sigma0, cfg.dropout, cfg.gumbel, cfg.sample, row_sparse,
-                         cfg.similarity, cfg.prior, cfg.encoder_layers, cfg.item_bias, cfg.dropout_unit, cfg.emphasis)
+                         cfg.similarity, cfg.prior, cfg.encoder_layers, cfg.item_bias)
     return MultVAE(n_items, cfg.D, cfg.hidden, cfg.dropout, variational=cfg.name == "multvae", sample=cfg.sample)
