@@ -1,4 +1,4 @@
-"""Raw interactions -> a MultVAE-protocol dataset in the lake.
+r"""Raw interactions -> a MultVAE-protocol dataset in the lake.
 
 Examples:
   python jobs/prepare.py --synthetic --lake lake --name synthetic

@@ -1,4 +1,4 @@
-"""Train MacridVAE (or a Mult* baseline) on a prepared dataset with Ray Train.
+r"""Train MacridVAE (or a Mult* baseline) on a prepared dataset with Ray Train.
 
 With no arguments it trains on the offline synthetic dataset in ./lake, generating it first if
 it is missing. The lake may be a local folder or s3://bucket/prefix (credentials and endpoint
@@ -34,7 +34,7 @@ import argparse
 import os
 import sys
 
-from macrid.config import load_config
+from macrid.config import load_config, to_toml
 from macrid.errors import MacridError
 
 
@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="TOML config (default: configs/synthetic.toml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value, e.g. --set optim.lr=3e-4 (repeatable); keys: macrid/config.py")
+                   help="override one config value, e.g. --set optim.lr=3e-4 (repeatable); every key: --print-config")
     p.add_argument("--lake", help="shortcut for --set data.lake=...")
     p.add_argument("--num-workers", type=int, help="Ray Train workers (DDP); shortcut for run.num_workers")
     p.add_argument("--use-gpu", action="store_true", help="GPU workers, NCCL (shortcut for run.use_gpu)")
@@ -55,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics, rank r on this port + r (docs/distributed.md)")
     p.add_argument("--in-process", action="store_true", help="run the training loop in this process, without Ray")
     p.add_argument("--device", help="with --in-process: auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the config this run would use (the file, the --set values and every default) as "
+                        "TOML with each key explained, which --config takes back as it is, and exit")
     return p
 
 
@@ -75,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append("run.resume=true")
     try:
         cfg = load_config(path, overrides)
+        if args.print_config:
+            print(to_toml(cfg, header=f"{path}{' with ' + ' '.join(overrides) if overrides else ''}, "
+                                      "every key written out", explain=True), end="")
+            return 0
         _ensure_default_dataset(cfg)
         if args.in_process:
             from macrid.training.launch import prepare_config

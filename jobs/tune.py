@@ -1,4 +1,4 @@
-"""Hyper-parameter sweep at cluster scale: Ray Tune over Ray Train runs, TPE (hyperopt, as the paper)
+r"""Hyper-parameter sweep at cluster scale: Ray Tune over Ray Train runs, TPE (hyperopt, as the paper)
 behind a concurrency limit, ASHA early stopping on validation NDCG@100.
 
   python jobs/tune.py --config configs/ml-1m.toml --samples 24

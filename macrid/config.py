@@ -7,6 +7,9 @@ against the dataclass fields before it is built.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import io
+import tokenize
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +24,7 @@ DATA_MODES = ("auto", "memory", "cache", "stream", "ray")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "macridvae"  # one of MODELS
+    name: str = "macridvae"  # "macridvae", or a baseline: "multvae" (beta-MultVAE) or "multdae"
     K: int = 7  # concepts (MacridVAE only; 1 for the Mult* baselines)
     D: int = 100  # dimension of one component / of the item representations
     tau: float = 0.1  # cosine temperature, Eq. 6 and the decoder
@@ -69,11 +72,11 @@ class ModelConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     optimizer: str = "adam"  # "adam" or "sgd" (plain SGD: its step is proportional to the gradient)
-    lr: float = 1e-3
-    lr_schedule: str = "constant"  # or "cosine": from lr down to 0 over the run's epochs (per update)
+    lr: float = 1e-3  # Adam's (or SGD's) learning rate
+    lr_schedule: str = "constant"  # "constant", or "cosine": from lr down to 0 over the run's epochs (per update)
     weight_decay: float = 0.0  # L2 on all parameters (Adam's coupled form = lam*||w||^2/2 in the loss)
     batch_size: int = 500  # users per optimizer step (global, across all workers)
-    epochs: int = 50
+    epochs: int = 50  # passes over the training users; the best epoch on validation NDCG@100 is kept
     beta: float = 0.2  # KL weight cap (Eq. 5)
     anneal_epochs: float = 10.0  # "linear": beta rises linearly from 0 to its cap over this many epochs
     # "linear" (over anneal_epochs) or "authors" (the MacridVAE code's: beta = min(cap, step / (5 * steps per
@@ -130,8 +133,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class RunConfig:
     name: str = ""  # run folder name under <lake>/runs/; empty = <dataset>-<model>-<timestamp>
-    seed: int = 98765
-    num_workers: int = 1
+    seed: int = 98765  # initial weights, batch order, dropout and sampling
+    num_workers: int = 1  # Ray Train workers (DDP); optim.batch_size is split across them
     threads: int = 0  # torch intra-op threads per worker; 0 = the CPUs Ray gives the worker
     eval_every: int = 1  # validate every this many epochs
     eval_users: int = 0  # evaluate a fixed random sample of this many held-out users; 0 = all of them
@@ -156,7 +159,7 @@ class RunConfig:
     # log-sum-exp, KL and evaluation stay fp32: docs/distributed.md)
     precision: str = "fp32"
     fail_at_step: int = -1  # fault injection for recovery tests: SIGKILL rank fail_rank once at this step
-    fail_rank: int = 0
+    fail_rank: int = 0  # the rank that fail_at_step kills
 
 
     def __post_init__(self) -> None:
@@ -263,14 +266,42 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return Config.from_dict(raw, source=source + (" + overrides" if overrides else ""))
 
 
-def to_toml(cfg: Config, header: str = "") -> str:
-    """The config as a TOML file that `load_config` (and `jobs/train.py --config`) reads back as it is."""
+def to_toml(cfg: Config, header: str = "", explain: bool = False) -> str:
+    """The config as a TOML file that `load_config` (and `jobs/train.py --config`) reads back as it is.
+
+    explain: put each key's comment from this module above it (`jobs/train.py --print-config`)."""
     lines = [f"# {line}" for line in header.splitlines()]
-    for section, values in cfg.to_dict().items():
-        lines += ["", f"[{section}]"]
-        for key, value in values.items():
+    for f in dataclasses.fields(cfg):
+        comments = key_comments(f.default_factory) if explain else {}
+        lines += ["", f"[{f.name}]"]
+        for key, value in dataclasses.asdict(getattr(cfg, f.name)).items():
+            lines += [f"# {line}" for line in comments.get(key, [])]
             lines.append(f"{key} = {_toml_value(value)}")
     return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def key_comments(section_cls: type) -> dict[str, list[str]]:
+    """The comment lines written above, and at the end of, each field of a config dataclass in this file."""
+    comments: dict[str, list[str]] = {}
+    pending: list[str] = []
+    tokens = tokenize.generate_tokens(io.StringIO(inspect.getsource(section_cls)).readline)
+    line_tokens: list[tokenize.TokenInfo] = []
+    for tok in tokens:
+        if tok.type not in (tokenize.NEWLINE, tokenize.NL):
+            line_tokens.append(tok)
+            continue
+        kinds = [t.type for t in line_tokens if t.type not in (tokenize.INDENT, tokenize.DEDENT)]
+        texts = [t.string for t in line_tokens if t.type not in (tokenize.INDENT, tokenize.DEDENT)]
+        if kinds == [tokenize.COMMENT]:
+            pending.append(texts[0].lstrip("#").strip())
+        elif len(kinds) > 2 and kinds[0] == tokenize.NAME and texts[1] == ":":  # `name: type = default  # ...`
+            trailing = [t.string.lstrip("#").strip() for t in line_tokens if t.type == tokenize.COMMENT]
+            comments[texts[0]] = pending + trailing
+            pending = []
+        else:
+            pending = []
+        line_tokens = []
+    return comments
 
 
 def _toml_value(value: Any) -> str:
