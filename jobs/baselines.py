@@ -20,8 +20,8 @@ from macrid.training.report import format_metrics
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lake", default="lake")
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--lake", default="lake", help="the lake: a local folder or s3://bucket/prefix (default: lake)")
+    p.add_argument("--dataset", required=True, help="a dataset prepared by jobs/prepare.py: <lake>/datasets/<name>")
     p.add_argument("--lams", default="50,100,200,300,500,800,1000,1500,2000,3000",
                    help="comma-separated EASE L2 weights to try on validation")
     args = p.parse_args(argv)

@@ -107,6 +107,18 @@ def test_ease_matches_columnwise_ridge_regression():
         np.testing.assert_allclose(W[others, j], b, rtol=1e-4, atol=1e-6)
 
 
+def test_ease_that_would_not_fit_in_memory_is_refused_up_front():
+    """Four M x M float64 matrices: at M = 1,000 that is 4 * 8 * 10^6 bytes (0.03 GiB). One byte less is refused,
+    with the size in the message; exactly that much runs."""
+    from macrid.errors import ConfigError
+    from macrid.model.baselines import gram
+
+    train = csr([[0, 1], [1, 2]])
+    with pytest.raises(ConfigError, match=r"M=1,000 items needs about 0\.0 GiB.*machine with more memory"):
+        gram(train, 1000, memory_bytes=4 * 8 * 1000 * 1000 - 1)
+    assert gram(train, 1000, memory_bytes=4 * 8 * 1000 * 1000).shape == (1000, 1000)  # exactly enough: runs
+
+
 def test_chunked_top_k_breaks_ties_like_the_full_sort():
     """Scores with heavy ties across chunk borders: still the lower item id first, as `top_k`."""
     from macrid.training.evaluate import chunked_top_k

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -9,7 +11,7 @@ from macrid.data.batches import CSR
 from macrid.errors import ConfigError
 from macrid.training.evaluate import Scorer, dense_rows
 
-EASE_MAX_ITEMS = 60_000  # the M x M inverse costs M^2 * 8 bytes and O(M^3) time
+EASE_MATRICES = 4  # M x M float64 matrices alive at EASE's peak: G, G + lam I, its inverse P, and -P / diag(P)
 
 
 def popularity_scorer(train: CSR, n_items: int) -> Scorer:
@@ -17,10 +19,21 @@ def popularity_scorer(train: CSR, n_items: int) -> Scorer:
     return lambda indices, offsets: (pop.expand(len(offsets) - 1, n_items), None)
 
 
-def gram(train: CSR, n_items: int) -> torch.Tensor:
-    """X^T X of the training bags, (M, M) float64: computed once, shared by every lambda tried."""
-    if n_items > EASE_MAX_ITEMS:
-        raise ConfigError(f"EASE needs an M x M inverse; M={n_items} exceeds {EASE_MAX_ITEMS}. Use MacridVAE")
+def ease_bytes(n_items: int) -> int:
+    """The memory EASE needs at its peak: EASE_MATRICES float64 M x M matrices."""
+    return EASE_MATRICES * 8 * n_items * n_items
+
+
+def gram(train: CSR, n_items: int, memory_bytes: int | None = None) -> torch.Tensor:
+    """X^T X of the training bags, (M, M) float64: computed once, shared by every lambda tried.
+
+    Refused up front when EASE's peak memory exceeds `memory_bytes` (default: this machine's RAM)."""
+    memory_bytes = memory_bytes or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if ease_bytes(n_items) > memory_bytes:
+        raise ConfigError(f"EASE on M={n_items:,} items needs about {ease_bytes(n_items) / 2**30:.1f} GiB "
+                          f"({EASE_MATRICES} M x M float64 matrices); this machine has {memory_bytes / 2**30:.1f} "
+                          "GiB. Run jobs/baselines.py on a machine with more memory, or compare with MacridVAE, "
+                          "whose memory grows linearly in M")
     G = torch.zeros(n_items, n_items, dtype=torch.float64)
     for start in range(0, train.n_rows, 5000):
         rows = np.arange(start, min(start + 5000, train.n_rows))
