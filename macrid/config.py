@@ -284,7 +284,11 @@ def key_comments(section_cls: type) -> dict[str, list[str]]:
     """The comment lines written above, and at the end of, each field of a config dataclass in this file."""
     comments: dict[str, list[str]] = {}
     pending: list[str] = []
-    tokens = tokenize.generate_tokens(io.StringIO(inspect.getsource(section_cls)).readline)
+    try:
+        source = inspect.getsource(section_cls)
+    except OSError:  # installed without its .py sources: the keys are still written, without comments
+        return comments
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
     line_tokens: list[tokenize.TokenInfo] = []
     for tok in tokens:
         if tok.type not in (tokenize.NEWLINE, tokenize.NL):
