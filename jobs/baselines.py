@@ -27,10 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         data = load_dataset(args.lake, args.dataset)
+        G = gram(data.train, data.n_items)  # first: refused at once if EASE cannot fit in memory
         pop = scores_ranker(popularity_scorer(data.train, data.n_items))
         results = {"popularity": {"val": evaluate(pop, data.val, data.n_items),
                                   "test": evaluate(pop, data.test, data.n_items)}}
-        G = gram(data.train, data.n_items)
         sweep = []
         for lam in (float(x) for x in args.lams.split(",")):
             scorer = scores_ranker(ease_scorer(G, lam))
