@@ -3,6 +3,7 @@
 import math
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,3 +134,18 @@ def test_alternating_updates_move_only_their_half_and_count_every_pass(synthetic
     one_epoch = [(n_dec, 0.4)] * (2 * steps) + [(n_enc, 0.0)] * steps  # encoder passes, then the decoder's
     assert seen == one_epoch * epochs
     assert metrics["history"][-1]["users"] == users
+
+
+def test_baselines_job_writes_popularity_and_the_ease_chosen_on_validation(synthetic_lake):
+    """jobs/baselines.py end to end: both metrics.json files, EASE's lambda the best of its validation sweep."""
+    import runpy
+
+    baselines = runpy.run_path(str(Path(__file__).resolve().parents[1] / "jobs" / "baselines.py"))
+    assert baselines["main"](["--lake", synthetic_lake, "--dataset", "synthetic", "--lams", "1,30,3000"]) == 0
+    runs = Path(synthetic_lake) / "runs"
+    ease = json.loads((runs / "synthetic-ease" / "metrics.json").read_text())
+    pop = json.loads((runs / "synthetic-popularity" / "metrics.json").read_text())
+    assert set(ease["sweep"]) == {"1.0", "30.0", "3000.0"}
+    assert ease["lam"] == float(max(ease["sweep"], key=ease["sweep"].get))
+    assert ease["val"]["ndcg@100"][0] == max(ease["sweep"].values())
+    assert ease["test"]["ndcg@100"][0] > pop["test"]["ndcg@100"][0]  # the planted structure beats popularity
