@@ -35,7 +35,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lake", help="shortcut for --set data.lake=... (results go to <lake>/runs/<name>/)")
     p.add_argument("--space", default=None, help="search space TOML (default configs/search/<model>.toml)")
     p.add_argument("--samples", type=int, default=24, help="trials to run (default 24)")
-    p.add_argument("--concurrent", type=int, default=2, help="trials at once; TPE learns between them (default 2)")
+    p.add_argument("--concurrent", type=int, default=2,
+                   help="trials at once; TPE learns between them. On the local Ray a sweep starts, each trial's workers "
+                        "get 1/N of the machine's CPUs unless run.cpus_per_worker is set (default 2)")
     p.add_argument("--grace-epochs", type=int, default=15, help="ASHA: epochs before a trial can be stopped")
     p.add_argument("--name", default=None, help="sweep name (default tune-<dataset>-<model>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this --name")

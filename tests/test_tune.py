@@ -1,6 +1,7 @@
 """Sweeps: the search-space file, the best-config file, and a small real sweep on ml-100k."""
 
 import importlib.util
+import json
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import pytest
 from macrid.config import Config, load_config, to_toml
 from macrid.errors import ConfigError
 from macrid.training.search_space import apply, load_space
+from macrid.training.sweep import local_trial_cpus
 
 from conftest import ROOT
 
@@ -25,6 +27,14 @@ def test_shipped_search_spaces_load_against_their_models():
         space = load_space(ROOT / "configs" / "search" / f"{model}.toml", load_config(None, [f"model.name={model!r}"]))
         assert "optim.lr" in space
     assert "model.tau" not in load_space(ROOT / "configs" / "search" / "macridvae.toml", Config())  # fixed at 0.1
+
+
+@pytest.mark.parametrize("name", ["ml-1m-local", "ml-1m-second", "gowalla"])
+def test_the_dataset_search_spaces_load_against_their_configs(name):
+    """The spaces quality.md's sweeps ran: each key still exists in the config the file's header names."""
+    config = "gowalla" if name == "gowalla" else "ml-1m"
+    space = load_space(ROOT / "configs" / "search" / f"{name}.toml", load_config(ROOT / "configs" / f"{config}.toml", []))
+    assert "optim.beta" in space and "model.tau" not in space
 
 
 @pytest.mark.parametrize("text,words", [
@@ -62,28 +72,38 @@ def tune_job():
     return job
 
 
-# single-worker Ray Train trials that fit two at a time on the 2-CPU test cluster, reading the lake in memory
-TRIAL = ["model.K=3", "model.D=16", "optim.epochs=2", "run.num_workers=1", "run.cpus_per_worker=0.5",
-         "run.data='memory'", "run.threads=1"]
+# small single-worker Ray Train trials reading the lake in memory; the sweep sizes their CPUs on a local Ray
+TRIAL = ["model.K=3", "model.D=16", "optim.epochs=2", "run.num_workers=1", "run.data='memory'", "run.threads=1"]
 
 
 def sets(*overrides):
     return sum([["--set", o] for o in overrides], [])
 
 
-@pytest.fixture(scope="module")
-def ray_with_state_api(s3_endpoint):
-    """A 2-CPU local Ray with the dashboard: Ray Train's placement-group cleaner asks its State API whether a
-    trial's controller is gone (as the local Ray that jobs/tune.py starts has it too)."""
+@pytest.fixture
+def ray_started_by_the_job(s3_endpoint):
+    """No Ray running: jobs/tune.py starts its own local Ray (with the dashboard, whose State API Ray Train's
+    placement-group cleaner asks), as on a laptop; shut down afterwards."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=200 * 1024**2,
-             configure_logging=False)
+    assert not ray.is_initialized()
     yield
     ray.shutdown()
 
 
-def test_a_sweep_of_ray_train_trials_writes_a_best_config_that_trains(ml100k_lake, ray_with_state_api, tmp_path):
+def test_local_trials_share_the_machine():
+    """Hand-computed: CPUs per worker = ((node - concurrent * 0.01 for the trial actors) / concurrent
+    - 1 Ray Data CPU when streaming) / workers."""
+    assert local_trial_cpus(2, 2, 1, streams=False) == pytest.approx(0.99)
+    assert local_trial_cpus(2, 1, 1, streams=False) == pytest.approx(1.99)
+    assert local_trial_cpus(16, 4, 2, streams=True) == pytest.approx(1.495)
+    with pytest.raises(ConfigError, match="2 concurrent trials.*--concurrent.*run.data='memory'"):
+        local_trial_cpus(2, 2, 1, streams=True)  # 0.99 - 1 leaves nothing for the worker
+    with pytest.raises(ConfigError, match="16 concurrent trials"):
+        local_trial_cpus(2, 16, 1, streams=False)
+
+
+def test_a_sweep_of_ray_train_trials_writes_a_best_config_that_trains(ml100k_lake, ray_started_by_the_job, tmp_path):
     space = tmp_path / "space.toml"
     space.write_text("[optim]\nlr = {loguniform = [1e-3, 1e-2]}\nanneal = {choice = [\"linear\", \"authors\"]}\n"
                      "[model]\nsigma0 = {loguniform = [0.05, 0.5]}\n")
@@ -99,8 +119,16 @@ def test_a_sweep_of_ray_train_trials_writes_a_best_config_that_trains(ml100k_lak
     assert all(os.path.exists(f"{ml100k_lake}/runs/{r}/checkpoint_manager_snapshot.json") for r in runs)
     finished = [r for r in runs if os.path.exists(f"{ml100k_lake}/runs/{r}/metrics.json")]
     assert len(finished) == (trials["epoch"] == 2).sum() >= 1  # trials ASHA did not stop finished their run
+    # two trials at once fit the local machine: their workers and trial actors (0.01 CPU each) within its CPUs
+    import ray
+
+    node_cpus = ray.cluster_resources()["CPU"]
+    for r in finished:
+        run = json.load(open(f"{ml100k_lake}/runs/{r}/metrics.json"))["config"]["run"]
+        assert 2 * (run["cpus_per_worker"] + 0.01) <= node_cpus + 1e-9 and run["cpus_per_worker"] >= 0.9 * node_cpus / 2
     assert os.path.getsize(f"{root}/sweep.png") > 10_000
     cfg = load_config(f"{root}/best.toml", ["run.name='from-best'", "run.progress=false", "optim.epochs=1"])
+    assert cfg.run.cpus_per_worker == 0  # the trials' share of this machine is not written into the best config
     assert cfg.model.K == 3 and cfg.optim.anneal in ("linear", "authors")
     header = re.search(r"NDCG@100 ([0-9.]+)", open(f"{root}/best.toml").readline()).group(1)
     assert trials["best_val_ndcg"].max() == pytest.approx(float(header), abs=1e-4)
@@ -148,6 +176,18 @@ def test_an_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(s3
     table = pl.read_parquet(boto3.client("s3").get_object(Bucket="lake", Key="sweep/runs/cut/trials.parquet")["Body"])
     assert table.height == 3
     assert "best.toml" in " ".join(keys("sweep/runs/cut/"))
+
+
+@pytest.fixture(scope="module")
+def ray_with_state_api(s3_endpoint):
+    """A 2-CPU Ray with the dashboard that the sweep's driver joins (Ray Train's placement-group cleaner asks
+    its State API whether a trial's controller is gone); joined, the sweep sizes trials as on a cluster."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=200 * 1024**2,
+             configure_logging=False)
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

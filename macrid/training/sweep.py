@@ -10,6 +10,11 @@
 <lake>/runs/<sweep>/ray/ is Ray Tune's experiment folder; `resume` restores it (Tuner.restore): trials
 that finished are kept, unfinished ones restart, and a restarted trial continues its run folder from
 its last Ray Train checkpoint instead of refusing it. Selection uses validation only.
+
+On the local Ray a sweep starts itself, `concurrent` trials share the machine: unless run.cpus_per_worker
+is set, each trial's workers get 1/concurrent of its CPUs (`local_trial_cpus`). Sized as for a lone run,
+every trial would ask for the whole machine and the limiter's trials would run one at a time, the others
+timing out on worker start-up. On a cluster, workers keep the cluster default and the autoscaler adds nodes.
 """
 
 from __future__ import annotations
@@ -26,6 +31,38 @@ from macrid.training.search_space import apply
 METRIC = "val_ndcg@100"
 INITIAL_POINTS = 5  # random trials before TPE models the results (hyperopt's default of 20 is most of a sweep)
 TRIAL_CPUS = 0.01  # the trial's own actor only waits on its TorchTrainer, whose workers reserve the real CPUs
+MIN_LOCAL_WORKER_CPUS = 0.25  # below this, a local trial's workers would crawl; fewer trials at once do better
+
+
+def local_trial_cpus(node_cpus: float, concurrent: int, num_workers: int, streams: bool) -> float:
+    """CPUs per worker so that `concurrent` trials of `num_workers` workers, their trial actors and, for
+    streamed input, each trial's Ray Data reserve all fit on one node of `node_cpus` CPUs at once."""
+    from macrid.data.ray_data import DATA_RESERVE_CPUS
+
+    share = (node_cpus - concurrent * TRIAL_CPUS) / concurrent  # one trial's part of the machine
+    cpus = (share - (DATA_RESERVE_CPUS if streams else 0.0)) / num_workers
+    if cpus < MIN_LOCAL_WORKER_CPUS:
+        raise ConfigError(
+            f"{concurrent} concurrent trials of {num_workers} worker(s){' with streamed input' if streams else ''} "
+            f"leave {max(cpus, 0):.2g} CPU per worker on this {node_cpus:g}-CPU machine; pass a smaller --concurrent"
+            + (", or --set run.data='memory'" if streams else ""))
+    return cpus
+
+
+def size_local_trials(cfg: Config, concurrent: int) -> Config:
+    """The base config with run.cpus_per_worker (and run.threads) for `concurrent` trials on this local Ray."""
+    import ray
+
+    from macrid.data.batches import load_meta
+    from macrid.data.ray_data import RAY_DATA_MODES
+    from macrid.training.launch import input_mode
+
+    if cfg.run.cpus_per_worker:
+        return cfg
+    streams = input_mode(cfg, load_meta(cfg.data.lake, cfg.data.dataset, cfg.data.version)) in RAY_DATA_MODES
+    cpus = local_trial_cpus(float(ray.cluster_resources().get("CPU", 1)), concurrent, cfg.run.num_workers, streams)
+    threads = cfg.run.threads or max(1, int(cpus))
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, cpus_per_worker=cpus, threads=threads))
 
 
 def sweep_uri(cfg: Config, name: str) -> str:
@@ -67,7 +104,7 @@ def run_sweep(cfg: Config, space: dict, name: str, samples: int, concurrent: int
         raise ConfigError(f"{root} already holds a sweep; pass --resume to continue it or pick another --name")
     if resume and not exists:
         raise ConfigError(f"{root}: no sweep to resume (no ray/tuner.pkl); start it without --resume")
-    connect()
+    trial_base = size_local_trials(cfg, concurrent) if connect() else cfg  # best.toml keeps cfg's own sizing
     trainable = tune.with_resources(trial, {"cpu": TRIAL_CPUS})
     if resume:
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True,
@@ -80,7 +117,7 @@ def run_sweep(cfg: Config, space: dict, name: str, samples: int, concurrent: int
         storage_fs, storage_path = lake.resolve(root)
         tuner = tune.Tuner(
             trainable,
-            param_space={"base": cfg.to_dict(), "sweep": name},
+            param_space={"base": trial_base.to_dict(), "sweep": name},
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode="max", num_samples=samples,
                 search_alg=ConcurrencyLimiter(search, max_concurrent=concurrent),
