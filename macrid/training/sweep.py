@@ -146,7 +146,7 @@ def _outputs(cfg: Config, name: str, results, samples: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         table.write_parquet(f"{tmp}/trials.parquet")
         lake.write_bytes(lake.join(root, "trials.parquet"), open(f"{tmp}/trials.parquet", "rb").read())
-        _figure(results, f"{tmp}/sweep.png", name)
+        _figure(results, f"{tmp}/sweep.png", name, cfg.optim.epochs)
         lake.write_bytes(lake.join(root, "sweep.png"), open(f"{tmp}/sweep.png", "rb").read())
     best = results.get_best_result(metric=METRIC, mode="max", scope="all")
     chosen = {k: v for k, v in best.config.items() if k not in ("base", "sweep")}
@@ -160,34 +160,38 @@ def _outputs(cfg: Config, name: str, results, samples: int) -> dict:
             "table": lake.join(root, "trials.parquet"), "figure": lake.join(root, "sweep.png")}
 
 
-def _figure(results, path: str, name: str) -> None:
-    """Fig. 4 of the paper for one sweep: independence against NDCG@100 per trial; NDCG against beta and sigma0."""
+def _figure(results, path: str, name: str, epochs: int) -> None:
+    """Fig. 4 of the paper for one sweep: independence against NDCG@100 per trial; NDCG against beta and sigma0.
+    Trials that ASHA stopped before `epochs` are drawn hollow: their score is that of a shorter run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = []
+    rows = []  # (best val NDCG, its independence, beta, sigma0, ran every epoch)
     for r in results:
         df = r.metrics_dataframe
         if df is None or METRIC not in df:
             continue
         best = df.loc[df[METRIC].idxmax()]
         rows.append((best[METRIC], best.get("val_independence", float("nan")), r.config.get("optim.beta"),
-                     r.config.get("model.sigma0")))
+                     r.config.get("model.sigma0"), "epoch" in df and df["epoch"].max() >= epochs))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     panels = [(1, "independence (validation users)"), (2, "β (optim.beta)"), (3, "σ0 (model.sigma0)")]
     for ax, (col, label) in zip(axes, panels, strict=True):
-        pts = [(r[col], r[0]) for r in rows if r[col] is not None and not (isinstance(r[col], float) and
-                                                                            math.isnan(r[col]))]
-        if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=24, alpha=0.8)
-        else:
+        pts = [(r[col], r[0], r[4]) for r in rows if r[col] is not None and not (isinstance(r[col], float) and
+                                                                                  math.isnan(r[col]))]
+        for full, style in ((True, dict(color="C0", label=f"ran all {epochs} epochs")),
+                            (False, dict(facecolors="none", edgecolors="C0", label="stopped early by ASHA"))):
+            mine = [p for p in pts if p[2] == full]
+            if mine:
+                ax.scatter([p[0] for p in mine], [p[1] for p in mine], s=24, alpha=0.8, **style)
+        if not pts:
             ax.text(0.5, 0.5, "not searched", ha="center", va="center", transform=ax.transAxes)
+        elif col == 1:
+            ax.legend(fontsize=8, loc="lower right")
         ax.set_xlabel(label)
         ax.set_ylabel("validation NDCG@100")
-        if col == 1 and pts:
-            ax.set_xlabel("independence")
     fig.suptitle(f"sweep {name}: {len(rows)} trials (best validation epoch of each)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
