@@ -1,18 +1,29 @@
-"""Raw interactions -> a dataset in the lake (layout in docs/architecture.md).
+"""Raw interactions -> a dataset in the lake (layout in docs/architecture.md), on Ray Data.
 
     <lake>/datasets/<name>/
         _meta.json                   the pointer: the current version's _meta.json (with "version")
         versions/<version>/          one immutable snapshot per prepare, <UTC time to the µs>-<random>
             items/part-0.parquet     item_idx:int32, item_id, title, genres (evaluation only), train_count:int64
             users/part-0.parquet     user_idx:int64, user_id, split
-            train/part-*.parquet     user_idx, items: list<int32>          one row per user
+            train/part-*.parquet     user_idx, items: list<int32>          one row per user, 100,000 per shard
             val/, test/              user_idx, foldin, heldout: list<int32>
             _meta.json               counts, protocol, schema version, vocabulary fingerprint, version
 
-A prepare writes a new version folder (staged: a failed prepare leaves nothing a reader could take
-as complete), then switches the pointer with one atomic write. Nothing is ever rewritten in place,
-so a run that pinned a version at its start reads that version to its last epoch while
-`prepare --overwrite` publishes the next one. The newest KEEP_VERSIONS versions are kept; older
+The stages (stages.py runs each as parallel tasks; they meet only through files in the lake's scratch):
+  read     each input file, streamed in batches: clean, filter, number the rows (pos), partition by user
+  group    each user partition: each (user, item) once, users with >= min_user_items, one row per user
+  (driver) the users' IDs only: sort, seeded permutation -> user_idx, train/val/test
+  assign   each user partition: user_idx; training rows to their output shard; per-item first position
+           and count, partitioned by item; held-out users' rows
+  items    each item partition: an item's first position and training count over all user partitions
+  (driver) the vocabulary (items by first position), the held-out users' 80/20 split, items and users tables
+  write    each output shard of 100,000 training users: item IDs -> item_idx, sorted, one Parquet file
+
+The driver holds the users' IDs, the vocabulary and the held-out users' rows (a fixed count at scale),
+never the interactions. A prepare writes a new version folder (staged: a failed prepare leaves nothing a
+reader could take as complete), then switches the pointer with one atomic write. Nothing is ever
+rewritten in place, so a run that pinned a version at its start reads that version to its last epoch
+while `prepare --overwrite` publishes the next one. The newest KEEP_VERSIONS versions are kept; older
 ones are deleted. Datasets of schema 1 (tables at the dataset's root, no "version") are still read
 as they are.
 """
@@ -23,21 +34,27 @@ import dataclasses
 import datetime
 import hashlib
 import logging
+import math
 import uuid
 
-import numpy as np
 import polars as pl
 import pyarrow.fs as pafs
 
 from macrid.data import lake
-from macrid.errors import DataError
+from macrid.data.raw_input import Fragment, Source, fragments, id_types, read_fragment
 from macrid.data.readers import RawData
-from macrid.data.split import Protocol, Split, split_multvae
+from macrid.data.split import (Protocol, foldin_split, group_users, item_firsts, merge_item_firsts, order_users,
+                               to_item_idx, vocabulary)
+from macrid.data.stages import Scratch, Stages, partition_of, read_frame
+from macrid.errors import DataError
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2  # 2: versioned snapshots behind the _meta.json pointer; 1: tables at the dataset's root
 TRAIN_SHARD_USERS = 100_000
 KEEP_VERSIONS = 3  # a run outlives at most KEEP_VERSIONS - 1 later prepares of its dataset
+INPUT_BYTES_PER_PARTITION = 16 << 20  # ~5M interactions of zstd Parquet per user partition (~3.2 B each)
+MAX_PARTITIONS = 4096
+FLUSH_ROWS = 4 << 20  # a read task writes its partitions every FLUSH_ROWS clean rows (its memory bound)
 
 
 def vocabulary_fingerprint(item_ids: pl.Series) -> str:
@@ -55,32 +72,260 @@ def dataset_uri(lake_root: str, name: str, version: str = "") -> str:
     return lake.join(root, "versions", version) if version else root
 
 
-def prepare(raw: RawData, lake_root: str, name: str, protocol: Protocol, overwrite: bool = False) -> dict:
-    """Split `raw` with the MultVAE protocol and publish it as a new version of <lake>/datasets/<name>.
+def partitions_for(frags: list[Fragment]) -> int:
+    """User partitions from the input's size: each about INPUT_BYTES_PER_PARTITION of input."""
+    total = sum(f.size for f in frags)
+    return max(1, min(MAX_PARTITIONS, math.ceil(total / INPUT_BYTES_PER_PARTITION)))
 
-    Returns the version's _meta.json."""
+
+def prepare(raw: RawData | list[Source], lake_root: str, name: str, protocol: Protocol, overwrite: bool = False,
+            items: pl.DataFrame | None = None, partitions: int | None = None, runner: str = "local",
+            stages: Stages | None = None) -> dict:
+    """Split the input with the MultVAE protocol and publish it as a new version of <lake>/datasets/<name>.
+
+    raw: sources to read in parallel (jobs/prepare.py), or interactions already in memory (RawData: tests,
+    the synthetic default), which go through the same stages as one input file. items: item metadata
+    (item_id, title, genres), e.g. from --items. partitions: user partitions (default: from the input's
+    size). runner: "ray" (Ray Data tasks on the cluster) or "local" (this process). Returns _meta.json."""
     root = dataset_uri(lake_root, name)
     if lake.exists(f"{root}/_meta.json") and not overwrite:
         raise DataError(f"{root} already exists; pass --overwrite to publish a new version of it")
-    catalogue = raw.items["item_id"] if raw.items is not None else None
-    split = split_multvae(raw.interactions, protocol, source=raw.source, catalogue=catalogue)
-    # UTC to the microsecond, so names sort by publication; the random part keeps concurrent writers apart
+    stages = stages or Stages(runner, "prepare")
+    scratch = Scratch(lake_root, "prepare")
+    try:
+        if isinstance(raw, RawData):
+            sources, source_name, fmt = _frame_source(raw, scratch), raw.source, raw.format
+            items = raw.items if items is None else items
+        else:
+            sources, fmt = raw, raw[0].format if len(raw) == 1 else "union"
+            source_name = " + ".join(s.uri for s in raw)
+        return _prepare(sources, source_name, fmt, items, lake_root, name, protocol, partitions, stages, scratch)
+    finally:
+        scratch.delete()
+
+
+def _frame_source(raw: RawData, scratch: Scratch) -> list[Source]:
+    df = raw.interactions.select("user_id", "item_id", "rating")
+    implicit = df["rating"].null_count() == df.height
+    scratch.write(scratch.uri("input", "part-0.parquet"), df.drop("rating") if implicit else df)
+    return [Source(scratch.uri("input"), "table", rating_col=None if implicit else "rating")]
+
+
+def _prepare(sources: list[Source], source_name: str, fmt: str, items: pl.DataFrame | None, lake_root: str,
+             name: str, protocol: Protocol, partitions: int | None, stages: Stages, scratch: Scratch) -> dict:
+    frags = fragments(sources)
+    P = partitions or partitions_for(frags)
+    read = stages.run("read", _read_task, [
+        {"task": f.index, "fragment": f.to_dict(), "partitions": P, "min_rating": protocol.min_rating,
+         "scratch": scratch.uri("read")} for f in frags])
+    _check_id_types(read)
+    if items is None:
+        items = _small_format_items(sources, frags, read)
+    grouped = stages.run("group", _group_task, [
+        {"task": p, "min_user_items": protocol.min_user_items, "read": scratch.uri("read", f"p{p:05d}"),
+         "out": scratch.uri("group", f"p{p:05d}.parquet")} for p in range(P) if any(p in r["parts"] for r in read)])
+
+    # driver: the users' IDs only
+    users_by_part = [(g["task"], scratch.read(scratch.uri("group", f"p{g['task']:05d}.parquet"), ["user_id"]))
+                     for g in grouped if g["users"]]
+    all_users = pl.concat([u.with_columns(part=pl.lit(p, pl.Int32)) for p, u in users_by_part]) \
+        if users_by_part else pl.DataFrame({"user_id": [], "part": []}, schema={"user_id": pl.Int64, "part": pl.Int32})
+    ordered, n_train, n_out = order_users(all_users["user_id"], protocol, source_name)
+    index = pl.DataFrame({"user_id": ordered, "user_idx": pl.int_range(ordered.len(), dtype=pl.Int64, eager=True)})
+    assignment = all_users.join(index, on="user_id", how="left")
+    for (p,), part in assignment.partition_by("part", as_dict=True, include_key=False).items():
+        scratch.write(scratch.uri("users", f"p{p:05d}.parquet"), part)
+    del all_users, assignment
+    shards = max(1, math.ceil(n_train / TRAIN_SHARD_USERS))
+    assigned = stages.run("assign", _assign_task, [
+        {"task": p, "n_train": n_train, "partitions": P, "shard_users": TRAIN_SHARD_USERS,
+         "group": scratch.uri("group", f"p{p:05d}.parquet"), "users": scratch.uri("users", f"p{p:05d}.parquet"),
+         "scratch": scratch.root} for p, _ in users_by_part])
+    firsts = stages.run("items", _items_task, [
+        {"task": q, "read": scratch.uri("firsts", f"p{q:05d}"), "out": scratch.uri("vocab", f"p{q:05d}.parquet")}
+        for q in range(P) if any(q in a["item_parts"] for a in assigned)])
+
+    # driver: the vocabulary and the held-out users
+    vocab = vocabulary(scratch.read(scratch.uri("vocab")), protocol, source_name,
+                       catalogue=items["item_id"] if items is not None else None)
+    scratch.write(scratch.uri("vocabulary.parquet"), vocab.select("item_id", "item_idx"))
+    heldout = scratch.read(scratch.uri("heldout"))
+    val = foldin_split(heldout.filter(pl.col("user_idx") < n_train + n_out), vocab, protocol)
+    test = foldin_split(heldout.filter(pl.col("user_idx") >= n_train + n_out), vocab, protocol)
+    del heldout, firsts
+
     version = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:8]}"
     uri = dataset_uri(lake_root, name, version)
     with lake.staged_dir(uri) as stage:
-        lake.write_parquet(f"{stage}/items/part-0.parquet", _items_table(split, raw.items).to_arrow())
-        lake.write_parquet(f"{stage}/users/part-0.parquet", _users_table(split).to_arrow())
-        for i, start in enumerate(range(0, max(split.train.height, 1), TRAIN_SHARD_USERS)):
-            shard = split.train.slice(start, TRAIN_SHARD_USERS)
-            lake.write_parquet(f"{stage}/train/part-{i:05d}.parquet", shard.to_arrow())
-        lake.write_parquet(f"{stage}/val/part-0.parquet", split.val.to_arrow())
-        lake.write_parquet(f"{stage}/test/part-0.parquet", split.test.to_arrow())
-        meta = _meta(split, raw, protocol, name) | {"version": version}
+        written = stages.run("write", _write_task, [
+            {"task": s, "read": scratch.uri("train", f"p{s:05d}"), "vocabulary": scratch.uri("vocabulary.parquet"),
+             "out": lake.join(stage, "train", f"part-{s:05d}.parquet")} for s in range(shards)])
+        lake.write_parquet(f"{stage}/items/part-0.parquet", _items_table(vocab, items).to_arrow())
+        labels = pl.Series(["train"] * n_train + ["val"] * n_out + ["test"] * n_out)
+        lake.write_parquet(f"{stage}/users/part-0.parquet", index.select("user_idx", "user_id").with_columns(split=labels).to_arrow())
+        lake.write_parquet(f"{stage}/val/part-0.parquet", val.to_arrow())
+        lake.write_parquet(f"{stage}/test/part-0.parquet", test.to_arrow())
+        counts = _sum(read, ("rows", "ratings_missing", "below_min_rating", "kept"))
+        meta = {
+            "schema_version": SCHEMA_VERSION, "name": name, "source": source_name, "format": fmt,
+            "protocol": dataclasses.asdict(protocol),
+            "n_users": ordered.len(), "n_items": vocab.height,
+            "n_interactions_filtered": sum(g["interactions"] for g in grouped),
+            "input": {"files": len(frags), "partitions": P, **counts},
+            "train": {"users": n_train, "interactions": sum(w["interactions"] for w in written)},
+            "val": _heldout_counts(val), "test": _heldout_counts(test),
+            "has_categories": items is not None,
+            "vocabulary_fingerprint": vocabulary_fingerprint(vocab["item_id"]),
+            "version": version,
+        }
         lake.write_json(f"{stage}/_meta.json", meta)
-    lake.write_json(f"{root}/_meta.json", meta)  # the switch: one atomic write (a PUT on S3, a rename locally)
-    _prune_versions(root)
-    log.info("wrote %s: %d users, %d items", uri, meta["n_users"], meta["n_items"])
+    lake.write_json(f"{dataset_uri(lake_root, name)}/_meta.json", meta)  # the switch: one atomic write
+    _prune_versions(dataset_uri(lake_root, name))
+    log.info("wrote %s: %d users, %d items (%d input rows, %d without a rating dropped)", uri, meta["n_users"],
+             meta["n_items"], counts["rows"], counts["ratings_missing"])
     return meta
+
+
+# ---- the tasks (run on Ray Data's workers; every argument and result is JSON) ----
+
+def _read_task(spec: dict) -> dict:
+    """One input file -> its clean rows, partitioned by user: read/p<k>/<file>-<flush>.parquet."""
+    frag = Fragment(**spec["fragment"])
+    scratch, P = spec["scratch"], spec["partitions"]
+    totals = {"rows": 0, "ratings_missing": 0, "below_min_rating": 0, "kept": 0}
+    buffered: list[pl.DataFrame] = []
+    parts: set[int] = set()
+    types = None
+    flushes = 0
+
+    def flush() -> None:
+        nonlocal flushes
+        df = pl.concat(buffered)
+        df = df.unique(["user_id", "item_id"], keep="first", maintain_order=True)  # rows are in pos order
+        df = df.with_columns(part=partition_of(df["user_id"], P))
+        for (k,), part in df.partition_by("part", as_dict=True, include_key=False).items():
+            lake.write_parquet(lake.join(scratch, f"p{k:05d}", f"{frag.index:06d}-{flushes:04d}.parquet"),
+                               part.to_arrow())
+            parts.add(int(k))
+        buffered.clear()
+        flushes += 1
+
+    rows = 0
+    for frame, counts in read_fragment(frag, spec["min_rating"]):
+        totals = {k: totals[k] + counts[k] for k in totals}
+        if frame.height:
+            t = id_types(frame)
+            if types is not None and t != types:
+                raise DataError(f"{frag.uri}: its IDs change type within the file ({types} then {t})")
+            types = t
+            buffered.append(frame)
+            rows += frame.height
+        if rows >= FLUSH_ROWS:
+            flush()
+            rows = 0
+    if buffered:
+        flush()
+    return totals | {"types": types, "parts": sorted(parts), "uri": frag.uri}
+
+
+def _group_task(spec: dict) -> dict:
+    """One user partition -> one row per kept user (user_id, items, pos)."""
+    rows = read_frame(spec["read"])
+    grouped = group_users(rows, spec["min_user_items"])
+    if grouped.height:
+        lake.write_parquet(spec["out"], grouped.to_arrow())
+    return {"users": grouped.height, "interactions": int(grouped["items"].list.len().sum() or 0)}
+
+
+def _assign_task(spec: dict) -> dict:
+    """One user partition with its user_idx -> training rows by output shard, item firsts by item
+    partition, held-out users' rows."""
+    s = spec["scratch"]
+    users = read_frame(spec["users"])
+    rows = read_frame(spec["group"]).join(users, on="user_id", how="inner")
+    train = rows.filter(pl.col("user_idx") < spec["n_train"])
+    firsts = item_firsts(train)
+    firsts = firsts.with_columns(part=partition_of(firsts["item_id"], spec["partitions"]))
+    item_parts = set()
+    for (q,), part in firsts.partition_by("part", as_dict=True, include_key=False).items():
+        lake.write_parquet(lake.join(s, "firsts", f"p{q:05d}", f"{spec['task']:06d}.parquet"), part.to_arrow())
+        item_parts.add(int(q))
+    train = train.select("user_idx", "items").with_columns(shard=(pl.col("user_idx") // spec["shard_users"]))
+    for (k,), part in train.partition_by("shard", as_dict=True, include_key=False).items():
+        lake.write_parquet(lake.join(s, "train", f"p{k:05d}", f"{spec['task']:06d}.parquet"), part.to_arrow())
+    heldout = rows.filter(pl.col("user_idx") >= spec["n_train"]).select("user_id", "user_idx", "items")
+    if heldout.height:
+        lake.write_parquet(lake.join(s, "heldout", f"{spec['task']:06d}.parquet"), heldout.to_arrow())
+    return {"item_parts": sorted(item_parts)}
+
+
+def _items_task(spec: dict) -> dict:
+    """One item partition: each item's first position and training count over every user partition."""
+    merged = merge_item_firsts(read_frame(spec["read"]))
+    lake.write_parquet(spec["out"], merged.to_arrow())
+    return {"items": merged.height}
+
+
+def _write_task(spec: dict) -> dict:
+    """One output shard: its training users' item IDs -> item_idx, sorted by user_idx, one Parquet file."""
+    rows = read_frame(spec["read"])
+    vocab = read_frame(spec["vocabulary"])
+    train = to_item_idx(rows, vocab).sort("user_idx")
+    lake.write_parquet(spec["out"], train.to_arrow())
+    return {"users": train.height, "interactions": int(train["items"].list.len().sum() or 0)}
+
+
+# ---- the driver's small pieces ----
+
+def _check_id_types(read: list[dict]) -> None:
+    """Every file's IDs must be of one type: integers in one shard and strings in another would never join."""
+    seen: dict[str, str] = {}
+    for r in read:
+        if r["types"] is not None:
+            seen.setdefault(r["types"], r["uri"])
+    if len(seen) > 1:
+        (t1, f1), (t2, f2) = list(seen.items())[:2]
+        raise DataError(f"{f2}: its (user, item) IDs are {t2}, but {f1} has {t1}; the input's shards have "
+                        "different schemas. Cast the ID columns to one type in every shard")
+
+
+def _small_format_items(sources: list[Source], frags: list[Fragment], read: list[dict]) -> pl.DataFrame | None:
+    """The item metadata (titles, genres) of MovieLens/Netflix inputs, read on the driver (O(items))."""
+    from macrid.data.raw_input import SMALL_FORMATS
+    from macrid.data.readers import read_item_metadata
+
+    parts = []
+    for f in frags:
+        if f.kind not in SMALL_FORMATS:
+            return None
+        meta = read_item_metadata(f.uri, f.kind)
+        if meta is None:
+            return None
+        parts.append(meta.with_columns(item_id=f.prefix + pl.col("item_id").cast(pl.String)) if f.prefix else meta)
+    return pl.concat(parts) if parts else None
+
+
+def _items_table(vocab: pl.DataFrame, items: pl.DataFrame | None) -> pl.DataFrame:
+    """The vocabulary with metadata and each item's training count (the sampler's popularity: streamed
+    workers read it here instead of loading every training bag)."""
+    table = vocab.select("item_idx", "item_id")
+    if items is None:
+        table = table.with_columns(pl.lit(None, pl.String).alias("title"),
+                                   pl.lit(None, pl.List(pl.String)).alias("genres"))
+    else:
+        items = items.with_columns(pl.col("item_id").cast(table["item_id"].dtype, strict=False)).unique("item_id")
+        table = table.join(items.select("item_id", "title", "genres"), on="item_id", how="left",
+                           maintain_order="left")
+    return table.with_columns(train_count=vocab["train_count"])
+
+
+def _heldout_counts(df: pl.DataFrame) -> dict:
+    return {"users": df.height, "foldin": int(df["foldin"].list.len().sum()),
+            "heldout": int(df["heldout"].list.len().sum())}
+
+
+def _sum(results: list[dict], keys: tuple[str, ...]) -> dict:
+    return {k: sum(r[k] for r in results) for k in keys}
 
 
 def _prune_versions(root: str) -> None:
@@ -92,49 +337,3 @@ def _prune_versions(root: str) -> None:
                           and not i.base_name.startswith("."))
         for old in versions[:-KEEP_VERSIONS]:
             fs.delete_dir(old)
-
-
-def _items_table(split: Split, items: pl.DataFrame | None) -> pl.DataFrame:
-    """The vocabulary with metadata and each item's training count (the sampler's popularity: streamed
-    workers read it here instead of loading every training bag)."""
-    n = split.item_ids.len()
-    counts = np.bincount(split.train["items"].explode().drop_nulls().to_numpy(), minlength=n)
-    vocab = pl.DataFrame({"item_idx": pl.int_range(n, dtype=pl.Int32, eager=True), "item_id": split.item_ids})
-    if items is None:
-        table = vocab.with_columns(pl.lit(None, pl.String).alias("title"),
-                                   pl.lit(None, pl.List(pl.String)).alias("genres"))
-    else:
-        items = items.with_columns(pl.col("item_id").cast(vocab["item_id"].dtype, strict=False)).unique("item_id")
-        table = vocab.join(items, on="item_id", how="left", maintain_order="left")
-    return table.with_columns(train_count=pl.Series(counts.astype(np.int64)))
-
-
-def _users_table(split: Split) -> pl.DataFrame:
-    n, h = split.user_ids.len(), split.n_heldout
-    labels = ["train"] * split.n_train_users + ["val"] * h + ["test"] * h
-    return pl.DataFrame({"user_idx": pl.int_range(n, dtype=pl.Int64, eager=True), "user_id": split.user_ids,
-                         "split": labels})
-
-
-def _meta(split: Split, raw: RawData, protocol: Protocol, name: str) -> dict:
-    n_train_inter = int(split.train["items"].list.len().sum())
-
-    def heldout_counts(df: pl.DataFrame) -> dict:
-        return {"users": df.height, "foldin": int(df["foldin"].list.len().sum()),
-                "heldout": int(df["heldout"].list.len().sum())}
-
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "name": name,
-        "source": raw.source,
-        "format": raw.format,
-        "protocol": dataclasses.asdict(protocol),
-        "n_users": split.user_ids.len(),
-        "n_items": split.item_ids.len(),
-        "n_interactions_filtered": split.n_interactions,
-        "train": {"users": split.train.height, "interactions": n_train_inter},
-        "val": heldout_counts(split.val),
-        "test": heldout_counts(split.test),
-        "has_categories": raw.items is not None,
-        "vocabulary_fingerprint": vocabulary_fingerprint(split.item_ids),
-    }

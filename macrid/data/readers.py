@@ -95,6 +95,24 @@ def read_raw(
     return read_table(path, user_col, item_col, rating_col)
 
 
+def read_item_metadata(path: str | Path, fmt: str) -> pl.DataFrame | None:
+    """The item metadata (item_id, title, genres) that a single-file format ships beside its ratings, read
+    without the ratings; None when the format or the folder has none."""
+    if str(path).startswith("s3://"):
+        return None  # object-storage input gets its metadata from --items
+    path = Path(path)
+    if fmt == "ml-100k":
+        return _items_ml100k(path / "u.data" if path.is_dir() else path)
+    if fmt == "ml-1m":
+        data = _ml1m_ratings_file(path) if path.is_dir() else path
+        return _items_ml1m(data) if data is not None else None
+    if fmt == "ml-20m":
+        return _items_ml20m(path / "ratings.csv" if path.is_dir() else path)
+    if fmt == "netflix":
+        return _items_netflix(path)
+    return None
+
+
 def union(parts: list[RawData], names: list[str]) -> RawData:
     """Several sources as one: user and item ids become "<name>:<id>", so the sources never collide."""
     if len(set(names)) != len(names):
@@ -253,18 +271,21 @@ def _typed(file: Path, df: pl.DataFrame) -> pl.DataFrame:
 def _read_ml100k(path: Path) -> RawData:
     data = path / "u.data" if path.is_dir() else path
     df = _typed(data, _read_delimited(data, "\t", ["user_id", "item_id", "rating", "timestamp"]))
-    items = None
+    return RawData(df, _items_ml100k(data), str(data), "ml-100k")
+
+
+def _items_ml100k(data: Path) -> pl.DataFrame | None:
     item_file = data.parent / "u.item"
-    if item_file.exists():
-        rows = []
-        for line in item_file.read_bytes().decode("latin-1").splitlines():
-            f = line.split("|")
-            if len(f) < 24:
-                continue
-            genres = [g for g, flag in zip(ML100K_GENRES, f[5:24]) if flag == "1"]
-            rows.append((int(f[0]), f[1], genres))
-        items = _items_frame(rows)
-    return RawData(df, items, str(data), "ml-100k")
+    if not item_file.exists():
+        return None
+    rows = []
+    for line in item_file.read_bytes().decode("latin-1").splitlines():
+        f = line.split("|")
+        if len(f) < 24:
+            continue
+        genres = [g for g, flag in zip(ML100K_GENRES, f[5:24]) if flag == "1"]
+        rows.append((int(f[0]), f[1], genres))
+    return _items_frame(rows)
 
 
 def _ml1m_ratings_file(folder: Path) -> Path | None:
@@ -280,16 +301,19 @@ def _read_ml1m(path: Path) -> RawData:
     if data is None:
         raise DataError(f"{path}: no ratings.dat(.gz) in this folder")
     df = _typed(data, _read_delimited(data, "::", ["user_id", "item_id", "rating", "timestamp"], "latin-1"))
-    items = None
+    return RawData(df, _items_ml1m(data), str(data), "ml-1m")
+
+
+def _items_ml1m(data: Path) -> pl.DataFrame | None:
     movies = data.parent / "movies.dat"
-    if movies.exists():
-        rows = []
-        for line in movies.read_bytes().decode("latin-1").splitlines():
-            f = line.split("::")
-            if len(f) == 3:
-                rows.append((int(f[0]), f[1], f[2].split("|")))
-        items = _items_frame(rows)
-    return RawData(df, items, str(data), "ml-1m")
+    if not movies.exists():
+        return None
+    rows = []
+    for line in movies.read_bytes().decode("latin-1").splitlines():
+        f = line.split("::")
+        if len(f) == 3:
+            rows.append((int(f[0]), f[1], f[2].split("|")))
+    return _items_frame(rows)
 
 
 def _read_ml20m(path: Path) -> RawData:
@@ -299,15 +323,17 @@ def _read_ml20m(path: Path) -> RawData:
     if missing:
         raise DataError(f"{data}: missing column(s) {missing}; an ml-20m ratings.csv has userId,movieId,rating")
     df = _typed(data, df.rename({"userId": "user_id", "movieId": "item_id"}))
-    items = None
+    return RawData(df, _items_ml20m(data), str(data), "ml-20m")
+
+
+def _items_ml20m(data: Path) -> pl.DataFrame | None:
     movies = data.parent / "movies.csv"
-    if movies.exists():
-        m = pl.read_csv(movies)
-        items = m.select(
-            pl.col("movieId").cast(pl.Int64).alias("item_id"), pl.col("title"),
-            pl.col("genres").str.split("|").alias("genres"),
-        )
-    return RawData(df, items, str(data), "ml-20m")
+    if not movies.exists():
+        return None
+    return pl.read_csv(movies).select(
+        pl.col("movieId").cast(pl.Int64).alias("item_id"), pl.col("title"),
+        pl.col("genres").str.split("|").alias("genres"),
+    )
 
 
 def _read_netflix(path: Path) -> RawData:
@@ -325,16 +351,20 @@ def _read_netflix(path: Path) -> RawData:
                          schema_overrides={"user_id": pl.String, "rating": pl.String, "date": pl.String})
         df = df.with_columns(pl.lit(head.strip().rstrip(":")).alias("item_id"))
         frames.append(_typed(f, df))
+    return RawData(pl.concat(frames), _items_netflix(path), str(folder), "netflix")
+
+
+def _items_netflix(path: Path) -> pl.DataFrame | None:
+    folder = path / "training_set" if (path / "training_set").is_dir() else path
     titles = (path if path.is_dir() else folder.parent) / "movie_titles.txt"
-    items = None
-    if titles.exists():
-        rows = []
-        for line in titles.read_bytes().decode("latin-1").splitlines():
-            f = line.split(",", 2)
-            if len(f) == 3:
-                rows.append((int(f[0]), f[2], []))
-        items = _items_frame(rows)
-    return RawData(pl.concat(frames), items, str(folder), "netflix")
+    if not titles.exists():
+        return None
+    rows = []
+    for line in titles.read_bytes().decode("latin-1").splitlines():
+        f = line.split(",", 2)
+        if len(f) == 3:
+            rows.append((int(f[0]), f[2], []))
+    return _items_frame(rows)
 
 
 def _adjacency_files(folder: Path) -> list[Path]:

@@ -1,11 +1,17 @@
-"""The MultVAE protocol (Liang et al. 2018), which MacridVAE follows exactly.
+"""The MultVAE protocol (Liang et al. 2018), which MacridVAE follows exactly, as the pieces that
+`prepare` runs: per user partition (`group_users`), on the driver (`order_users`, `vocabulary`,
+`foldin_split`) and per output shard (`to_item_idx`).
 
-Binarize (rating >= min_rating), keep users with >= min_user_items items,
-shuffle the users with a seeded numpy RandomState, hold out the last
-2 * n_heldout users as validation and test, build the item vocabulary from the
-training users only, and split each held-out user's items 80/20 into fold-in
-and targets. The random calls mirror the reference notebook, so the same seed
-gives the same users and the same targets.
+Binarize (rating >= min_rating), keep each (user, item) once, keep users with >= min_user_items
+items, shuffle the sorted users with a seeded numpy RandomState, hold out the last 2 * n_heldout
+users as validation and test, build the item vocabulary from the training users only (in order of
+first appearance in the input), and split each held-out user's items 80/20 into fold-in and targets
+with a fresh RandomState per split, in user-ID order. The random calls mirror the reference
+notebook, so the same seed gives the same users and the same targets.
+
+"Input order" is the order of `pos` (raw_input.py), so every piece gives the same answer however the
+rows were partitioned: a user's items are in the order of their first occurrence, and the
+vocabulary in the order of each item's first occurrence among training users.
 """
 
 from __future__ import annotations
@@ -32,96 +38,108 @@ class Protocol:
     def __post_init__(self) -> None:
         if self.vocabulary not in ("train", "catalogue"):
             raise DataError(f"vocabulary={self.vocabulary!r} must be 'train' or 'catalogue'")
+        if not (self.heldout > 0 and np.isfinite(self.heldout)):
+            raise DataError(f"--heldout {self.heldout} must be a positive fraction (< 1) or a count (>= 1)")
+        if self.min_user_items < 1:
+            raise DataError(f"--min-user-items {self.min_user_items} must be at least 1")
+        if self.min_rating is not None and not np.isfinite(self.min_rating):
+            raise DataError(f"--min-rating {self.min_rating} must be a finite number")
 
     def n_heldout(self, n_users: int) -> int:
         return int(self.heldout * n_users) if self.heldout < 1 else int(self.heldout)
 
 
-@dataclass(frozen=True)
-class Split:
-    """A split in the lake's vocabulary: user_idx follows the shuffled order, item_idx the vocabulary."""
+def group_users(rows: pl.DataFrame, min_user_items: int) -> pl.DataFrame:
+    """One partition's rows (user_id, item_id, pos), all rows of each of its users, in any order ->
+    one row per kept user: user_id, items (list, input order), pos (list, each item's first pos).
 
-    item_ids: pl.Series  # (M,) original item IDs, position = item_idx
-    user_ids: pl.Series  # (U,) original user IDs, position = user_idx
-    n_train_users: int
-    n_heldout: int
-    train: pl.DataFrame  # user_idx, items: list[int32]
-    val: pl.DataFrame  # user_idx, foldin, heldout: list[int32]
-    test: pl.DataFrame
-    n_interactions: int  # after binarizing and filtering, before the vocabulary restriction
+    Vectorised (a sort and one group_by), never a Python function per user."""
+    first = rows.sort("pos").unique(["user_id", "item_id"], keep="first", maintain_order=True)
+    grouped = first.group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("items"),
+                                                                 pl.col("pos"))
+    return grouped.filter(pl.col("items").list.len() >= min_user_items).sort("user_id")
 
 
-def split_multvae(interactions: pl.DataFrame, protocol: Protocol, source: str = "input",
-                  catalogue: pl.Series | None = None) -> Split:
-    """catalogue: every item id of the item table, for protocol.vocabulary == "catalogue"."""
-    df = interactions
-    if protocol.min_rating is not None and df["rating"].null_count() < df.height:
-        df = df.filter(pl.col("rating") >= protocol.min_rating)
-    df = df.select("user_id", "item_id").unique(maintain_order=True)
-    counts = df.group_by("user_id").len()
-    keep = counts.filter(pl.col("len") >= protocol.min_user_items)["user_id"]
-    df = df.filter(pl.col("user_id").is_in(keep.implode()))
-    if df.height == 0:
+def order_users(users: pl.Series, protocol: Protocol, source: str) -> tuple[pl.Series, int, int]:
+    """Every kept user's ID (any order) -> (IDs in user_idx order, n_train, n_heldout)."""
+    n_users = users.len()
+    if n_users == 0:
         raise DataError(
             f"{source}: no interactions left after keeping ratings >= {protocol.min_rating} "
             f"and users with >= {protocol.min_user_items} items; check --min-rating and the rating column"
         )
-
-    users = df["user_id"].unique().sort()  # pandas groupby order in the reference
-    n_users = users.len()
     n_out = protocol.n_heldout(n_users)
     if n_out < 1 or n_users - 2 * n_out < 1:
         raise DataError(
             f"{source}: {n_users} users after filtering cannot give {n_out} validation and {n_out} test "
             "users plus training users; lower --heldout or add data"
         )
+    ordered = users.sort()  # pandas groupby order in the reference
     perm = np.random.RandomState(protocol.seed).permutation(n_users)
-    users = users.gather(perm)
-    user_idx = pl.DataFrame({"user_id": users, "user_idx": np.arange(n_users, dtype=np.int64)})
-    df = df.join(user_idx, on="user_id", how="left", maintain_order="left")
-    n_train = n_users - 2 * n_out
+    return ordered.gather(perm), n_users - 2 * n_out, n_out
 
-    n_filtered = df.height
-    train_plays = df.filter(pl.col("user_idx") < n_train)
-    item_ids = train_plays["item_id"].unique(maintain_order=True)  # pd.unique order
+
+def item_firsts(train_rows: pl.DataFrame) -> pl.DataFrame:
+    """Training users' rows (items, pos lists) -> per item: first_pos (its first occurrence), train_count."""
+    return (train_rows.select("items", "pos").explode("items", "pos")
+            .group_by("items").agg(first_pos=pl.col("pos").min(), train_count=pl.len().cast(pl.Int64))
+            .rename({"items": "item_id"}))
+
+
+def merge_item_firsts(parts: pl.DataFrame) -> pl.DataFrame:
+    """Partial item_firsts of several partitions -> the total per item."""
+    return parts.group_by("item_id").agg(pl.col("first_pos").min(), pl.col("train_count").sum())
+
+
+def vocabulary(firsts: pl.DataFrame, protocol: Protocol, source: str,
+               catalogue: pl.Series | None = None) -> pl.DataFrame:
+    """Every training item's first_pos and train_count -> item_id, item_idx:int32, train_count:int64.
+
+    Items in order of first appearance (pd.unique over the training users' rows); with
+    vocabulary="catalogue", then every other item of the catalogue, in its order, with count 0."""
+    vocab = firsts.sort("first_pos").select("item_id", "train_count")
     if protocol.vocabulary == "catalogue":
         if catalogue is None:
             raise DataError(f"{source}: vocabulary='catalogue' needs an item table; pass --items")
-        cold = catalogue.cast(item_ids.dtype, strict=False)
+        cold = catalogue.cast(vocab["item_id"].dtype, strict=False)
         if cold.null_count() > catalogue.null_count():
             raise DataError(f"{source}: item table column item_id holds ids that are not of the interactions' "
-                            f"type {item_ids.dtype}; make both the same type")
+                            f"type {vocab['item_id'].dtype}; make both the same type")
         cold = cold.drop_nulls().unique(maintain_order=True)
-        item_ids = pl.concat([item_ids, cold.filter(~cold.is_in(item_ids.implode()))])
-    vocab = pl.DataFrame({"item_id": item_ids, "item_idx": np.arange(item_ids.len(), dtype=np.int32)})
-    df = df.join(vocab, on="item_id", how="inner", maintain_order="left")
-
-    train = (
-        df.filter(pl.col("user_idx") < n_train)
-        .group_by("user_idx", maintain_order=True).agg(pl.col("item_idx").alias("items"))
-        .sort("user_idx")
-    )
-    val = _foldin_split(df, n_train, n_train + n_out, users, protocol)
-    test = _foldin_split(df, n_train + n_out, n_users, users, protocol)
-    return Split(item_ids, users, n_train, n_out, train, val, test, n_interactions=n_filtered)
+        cold = cold.filter(~cold.is_in(vocab["item_id"].implode()))
+        vocab = pl.concat([vocab, pl.DataFrame({"item_id": cold, "train_count": pl.zeros(cold.len(), pl.Int64,
+                                                                                         eager=True)})])
+    return vocab.with_columns(item_idx=pl.int_range(vocab.height, dtype=pl.Int32)).select(
+        "item_id", "item_idx", "train_count")
 
 
-def _foldin_split(df: pl.DataFrame, lo: int, hi: int, users: pl.Series, protocol: Protocol) -> pl.DataFrame:
-    """80/20 fold-in/target split per held-out user, in original-user-ID order with a fresh seed."""
-    part = df.filter((pl.col("user_idx") >= lo) & (pl.col("user_idx") < hi))
-    grouped = part.group_by("user_id", maintain_order=True).agg("user_idx", "item_idx").sort("user_id")
+def to_item_idx(rows: pl.DataFrame, vocab: pl.DataFrame, key: str = "user_idx") -> pl.DataFrame:
+    """Rows (key, items: list of item IDs) -> (key, items: list<int32> of item_idx), each list in its
+    order; items outside the vocabulary are dropped, and so are rows left with none."""
+    return (rows.select(key, "items").explode("items").rename({"items": "item_id"})
+            .join(vocab.select("item_id", "item_idx"), on="item_id", how="inner", maintain_order="left")
+            .group_by(key, maintain_order=True).agg(pl.col("item_idx").alias("items")))
+
+
+def foldin_split(heldout: pl.DataFrame, vocab: pl.DataFrame, protocol: Protocol) -> pl.DataFrame:
+    """Held-out users (user_id, user_idx, items: list of item IDs in input order) -> (user_idx, foldin,
+    heldout: list<int32>): 20% of each user's items as targets, drawn in user-ID order by a fresh
+    RandomState(seed), as the reference notebook re-seeds for each split. Users with no item left in
+    the vocabulary are dropped; those with fewer than 5 keep all as fold-in."""
+    mapped = to_item_idx(heldout.select("user_id", "items"), vocab, key="user_id").sort("user_id")
+    index = heldout.select("user_id", "user_idx")
+    mapped = mapped.join(index, on="user_id", how="left", maintain_order="left")
     rng = np.random.RandomState(protocol.seed)
-    rows_idx, foldin, heldout = [], [], []
-    for uidx, items in zip(grouped["user_idx"].to_list(), grouped["item_idx"].to_list()):
+    foldin, targets = [], []
+    for items in mapped["items"].to_list():
         items = np.asarray(items, dtype=np.int32)
         n = len(items)
         mask = np.zeros(n, dtype=bool)
         if n >= 5:
             mask[rng.choice(n, size=int(protocol.test_prop * n), replace=False)] = True
-        rows_idx.append(uidx[0])
         foldin.append(items[~mask].tolist())
-        heldout.append(items[mask].tolist())
+        targets.append(items[mask].tolist())
     return pl.DataFrame(
-        {"user_idx": rows_idx, "foldin": foldin, "heldout": heldout},
+        {"user_idx": mapped["user_idx"], "foldin": foldin, "heldout": targets},
         schema={"user_idx": pl.Int64, "foldin": pl.List(pl.Int32), "heldout": pl.List(pl.Int32)},
     ).sort("user_idx")

@@ -149,7 +149,7 @@ def _users(spec: ExportSpec, source: Source, run_record: dict, tag: str, progres
     import ray.data
     from tqdm import tqdm
 
-    from macrid.training.launch import connect
+    from macrid.cluster import connect
 
     connect()
     fs, _ = lake.resolve(spec.lake)

@@ -17,13 +17,13 @@ import json
 import os
 import time
 
+from macrid.cluster import connect
 from macrid.data import lake
 from macrid.config import Config
 from macrid.errors import ConfigError, DataError, MacridError
 from macrid.training.session import SCORE, STATE_FILE, RaySession
 from macrid.training.train import finish, fit, has_run, pin_run, run_uri
 
-LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
 DEFAULT_CLUSTER_CPUS_PER_WORKER = 1.0
 CACHED_BYTES_PER_INTERACTION = 11  # peak RSS of a cached share over a streamed one, measured (throughput.md)
 
@@ -81,31 +81,6 @@ def prepare_config(cfg: Config) -> Config:
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} is smaller than run.num_workers")
     # Restarted workers must resume, not refuse: from here on the run folder is ours.
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, resume=True))
-
-
-def connect() -> bool:
-    """Join a running Ray cluster (RAY_ADDRESS, `ray start`, `ray job submit`) or start a local one.
-
-    Returns True when this process started its own local Ray. A running cluster is joined as it is:
-    start-up options such as object_store_memory are refused there, so none are passed.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    try:
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", configure_logging=False)
-        return False
-    except ConnectionError:
-        if os.environ.get("RAY_ADDRESS"):
-            raise
-    # A laptop is never preempted: Ray Train's preemption watcher (for spot nodes) only adds a core-worker
-    # error line on every run (ray-project/ray#53727). Clusters the job joins keep it.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # The dashboard also serves Ray's State API, which Ray Train polls; without it every poll logs a warning.
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-             configure_logging=False)
-    return True
 
 
 def worker_resources(cfg: Config, local: bool) -> Config:

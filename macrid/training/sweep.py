@@ -95,7 +95,7 @@ def run_sweep(cfg: Config, space: dict, name: str, samples: int, concurrent: int
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.hyperopt import HyperOptSearch
 
-    from macrid.training.launch import connect
+    from macrid.cluster import connect
 
     root = sweep_uri(cfg, name)
     fs, path = lake.resolve(lake.join(root, "ray"))

@@ -1,0 +1,32 @@
+"""Where every job runs: join a running Ray cluster, or start a local one on this machine."""
+
+from __future__ import annotations
+
+import os
+
+LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
+
+
+def connect() -> bool:
+    """Join a running Ray cluster (RAY_ADDRESS, `ray start`, `ray job submit`) or start a local one.
+
+    Returns True when this process started its own local Ray. A running cluster is joined as it is:
+    start-up options such as object_store_memory are refused there, so none are passed.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", configure_logging=False)
+        return False
+    except ConnectionError:
+        if os.environ.get("RAY_ADDRESS"):
+            raise
+    # A laptop is never preempted: Ray Train's preemption watcher (for spot nodes) only adds a core-worker
+    # error line on every run (ray-project/ray#53727). Clusters the job joins keep it.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # The dashboard also serves Ray's State API, which Ray Train polls; without it every poll logs a warning.
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+             configure_logging=False)
+    return True
