@@ -1,4 +1,11 @@
-r"""Raw interactions -> a MultVAE-protocol dataset in the lake.
+r"""Raw interactions -> a MultVAE-protocol dataset in the lake, on Ray Data.
+
+Joins the running Ray cluster (RAY_ADDRESS, `ray start`, `ray job submit`) or starts a local Ray, then
+reads the input files in parallel straight from object storage or local disk (only the columns it
+needs), partitions the rows by user and splits them in parallel tasks: memory does not grow with the
+input (see benchmarks/prepare.md). Input: a Parquet or CSV file or folder, a Delta table, or one of the
+single-file formats (MovieLens, Netflix, LightGCN adjacency lists). Rows with a missing (NaN or null)
+rating are dropped and counted in _meta.json ("input"); each (user, item) pair is kept once.
 
 Examples:
   python jobs/prepare.py --synthetic --lake lake --name synthetic
@@ -14,15 +21,15 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 import logging
 import sys
 
-from macrid.errors import MacridError
+from macrid.cluster import connect
+from macrid.errors import ConfigError, DataError, MacridError
 from macrid.data.prepare import prepare
-from macrid.data.readers import FORMATS, read_items, read_raw, union
+from macrid.data.raw_input import Source
+from macrid.data.readers import FORMATS, read_items
 from macrid.data.split import Protocol
 from macrid.data.synthetic import SyntheticSpec, generate
 
@@ -34,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "Netflix training_set/, LightGCN train.txt/test.txt, or any .parquet/.csv); "
                                      "repeat it to prepare the union of several sources, ids prefixed by folder name")
     src.add_argument("--synthetic", action="store_true", help="generate planted-structure data instead")
-    p.add_argument("--format", default="auto", choices=FORMATS, help="raw format (default: from the file name)")
+    p.add_argument("--format", default="auto", choices=FORMATS + ("delta",),
+                   help="raw format (default: from the file name; a folder with _delta_log/ is a Delta table)")
     p.add_argument("--user-col", default="user_id", help="user column of a generic table")
     p.add_argument("--item-col", default="item_id", help="item column of a generic table")
     p.add_argument("--rating-col", default=None, help="rating column of a generic table (omit for implicit data)")
@@ -50,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="validation and test users each: a fraction (<1) or a count (>=1); default 0.1")
     p.add_argument("--seed", type=int, default=98765, help="split seed (default 98765, as MultVAE)")
     p.add_argument("--overwrite", action="store_true", help="publish a new version of an existing dataset (runs keep reading the version they started on)")
+    p.add_argument("--partitions", type=int, default=None,
+                   help="user partitions of the shuffle (default: one per ~16 MB of input); the result is the "
+                        "same for any number")
+    p.add_argument("--local", action="store_true",
+                   help="run every task in this process instead of on Ray (small inputs, debugging)")
     g = p.add_argument_group("synthetic data")
     helps = {"n_users": "users to generate", "n_items": "catalogue size M", "K": "planted categories",
              "factors": "latent factors within each category", "zipf": "popularity exponent within a category",
@@ -63,23 +76,30 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     try:
+        protocol = Protocol(args.seed, args.min_rating, args.min_user_items, args.heldout,
+                            vocabulary=args.vocabulary)
+        if args.partitions is not None and args.partitions < 1:
+            raise ConfigError(f"--partitions {args.partitions} must be at least 1")
+        items = read_items(args.items, args.item_col) if args.items else None
         if args.synthetic:
             spec = SyntheticSpec(**{k: getattr(args, f"syn_{k}") for k in SyntheticSpec.__dataclass_fields__})
             raw = generate(spec)
         else:
-            parts = [read_raw(i, args.format, args.user_col, args.item_col, args.rating_col) for i in args.input]
-            names = [os.path.basename(os.path.normpath(i)) for i in args.input]
-            raw = parts[0] if len(parts) == 1 else union(parts, names)
-        if args.items:
-            raw = dataclasses.replace(raw, items=read_items(args.items, args.item_col))
-        protocol = Protocol(args.seed, args.min_rating, args.min_user_items, args.heldout,
-                            vocabulary=args.vocabulary)
-        meta = prepare(raw, args.lake, args.name, protocol, overwrite=args.overwrite)
+            names = [i.rstrip("/").rsplit("/", 1)[-1] for i in args.input]
+            if len(names) > 1 and len(set(names)) != len(names):
+                raise DataError(f"the --input sources need distinct folder names to tell their ids apart; "
+                                f"got {names}")
+            raw = [Source(i, args.format, args.user_col, args.item_col, args.rating_col,
+                          prefix=f"{n}:" if len(names) > 1 else "") for i, n in zip(args.input, names)]
+        if not args.local:
+            connect()
+        meta = prepare(raw, args.lake, args.name, protocol, overwrite=args.overwrite, items=items,
+                       partitions=args.partitions, runner="local" if args.local else "ray")
     except MacridError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: meta[k] for k in ("name", "n_users", "n_items", "n_interactions_filtered", "train",
-                                           "val", "test")}, indent=1))
+                                           "val", "test", "input")}, indent=1))
     return 0
 
 

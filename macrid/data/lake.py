@@ -157,11 +157,15 @@ def write_json(uri: str, obj: Any) -> None:
     write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
-def write_parquet(uri: str, table: pa.Table) -> None:
+def write_parquet(uri: str, table: pa.Table, scratch: bool = False) -> None:
+    """scratch: a job's intermediate file, read once by the next stage (lz4, no checksums: faster)."""
     fs, path = resolve(uri)
     with explained(uri):
         if not is_s3(uri):
             fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        if scratch:
+            pq.write_table(table, path, filesystem=fs, compression="lz4")
+            return
         # page checksums: a reader that verifies them (load_train_share) names a bit-rotted shard instead of
         # training on garbage
         pq.write_table(table, path, filesystem=fs, compression="zstd", write_page_checksum=True)

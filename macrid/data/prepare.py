@@ -41,7 +41,8 @@ import polars as pl
 import pyarrow.fs as pafs
 
 from macrid.data import lake
-from macrid.data.raw_input import Fragment, Source, fragments, id_types, read_fragment
+from macrid.data.by_user import read_by_user
+from macrid.data.raw_input import Fragment, Source
 from macrid.data.readers import RawData
 from macrid.data.split import (Protocol, foldin_split, group_users, item_firsts, merge_item_firsts, order_users,
                                to_item_idx, vocabulary)
@@ -52,9 +53,6 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2  # 2: versioned snapshots behind the _meta.json pointer; 1: tables at the dataset's root
 TRAIN_SHARD_USERS = 100_000
 KEEP_VERSIONS = 3  # a run outlives at most KEEP_VERSIONS - 1 later prepares of its dataset
-INPUT_BYTES_PER_PARTITION = 16 << 20  # ~5M interactions of zstd Parquet per user partition (~3.2 B each)
-MAX_PARTITIONS = 4096
-FLUSH_ROWS = 4 << 20  # a read task writes its partitions every FLUSH_ROWS clean rows (its memory bound)
 
 
 def vocabulary_fingerprint(item_ids: pl.Series) -> str:
@@ -70,12 +68,6 @@ def dataset_uri(lake_root: str, name: str, version: str = "") -> str:
     """The dataset's root (where the _meta.json pointer lives), or the folder of one version."""
     root = lake.join(lake_root, "datasets", name)
     return lake.join(root, "versions", version) if version else root
-
-
-def partitions_for(frags: list[Fragment]) -> int:
-    """User partitions from the input's size: each about INPUT_BYTES_PER_PARTITION of input."""
-    total = sum(f.size for f in frags)
-    return max(1, min(MAX_PARTITIONS, math.ceil(total / INPUT_BYTES_PER_PARTITION)))
 
 
 def prepare(raw: RawData | list[Source], lake_root: str, name: str, protocol: Protocol, overwrite: bool = False,
@@ -113,12 +105,7 @@ def _frame_source(raw: RawData, scratch: Scratch) -> list[Source]:
 
 def _prepare(sources: list[Source], source_name: str, fmt: str, items: pl.DataFrame | None, lake_root: str,
              name: str, protocol: Protocol, partitions: int | None, stages: Stages, scratch: Scratch) -> dict:
-    frags = fragments(sources)
-    P = partitions or partitions_for(frags)
-    read = stages.run("read", _read_task, [
-        {"task": f.index, "fragment": f.to_dict(), "partitions": P, "min_rating": protocol.min_rating,
-         "scratch": scratch.uri("read")} for f in frags])
-    _check_id_types(read)
+    frags, P, read = read_by_user(sources, protocol.min_rating, partitions, stages, scratch)
     if items is None:
         items = _small_format_items(sources, frags, read)
     grouped = stages.run("group", _group_task, [
@@ -188,52 +175,12 @@ def _prepare(sources: list[Source], source_name: str, fmt: str, items: pl.DataFr
 
 # ---- the tasks (run on Ray Data's workers; every argument and result is JSON) ----
 
-def _read_task(spec: dict) -> dict:
-    """One input file -> its clean rows, partitioned by user: read/p<k>/<file>-<flush>.parquet."""
-    frag = Fragment(**spec["fragment"])
-    scratch, P = spec["scratch"], spec["partitions"]
-    totals = {"rows": 0, "ratings_missing": 0, "below_min_rating": 0, "kept": 0}
-    buffered: list[pl.DataFrame] = []
-    parts: set[int] = set()
-    types = None
-    flushes = 0
-
-    def flush() -> None:
-        nonlocal flushes
-        df = pl.concat(buffered)
-        df = df.unique(["user_id", "item_id"], keep="first", maintain_order=True)  # rows are in pos order
-        df = df.with_columns(part=partition_of(df["user_id"], P))
-        for (k,), part in df.partition_by("part", as_dict=True, include_key=False).items():
-            lake.write_parquet(lake.join(scratch, f"p{k:05d}", f"{frag.index:06d}-{flushes:04d}.parquet"),
-                               part.to_arrow())
-            parts.add(int(k))
-        buffered.clear()
-        flushes += 1
-
-    rows = 0
-    for frame, counts in read_fragment(frag, spec["min_rating"]):
-        totals = {k: totals[k] + counts[k] for k in totals}
-        if frame.height:
-            t = id_types(frame)
-            if types is not None and t != types:
-                raise DataError(f"{frag.uri}: its IDs change type within the file ({types} then {t})")
-            types = t
-            buffered.append(frame)
-            rows += frame.height
-        if rows >= FLUSH_ROWS:
-            flush()
-            rows = 0
-    if buffered:
-        flush()
-    return totals | {"types": types, "parts": sorted(parts), "uri": frag.uri}
-
-
 def _group_task(spec: dict) -> dict:
     """One user partition -> one row per kept user (user_id, items, pos)."""
     rows = read_frame(spec["read"])
     grouped = group_users(rows, spec["min_user_items"])
     if grouped.height:
-        lake.write_parquet(spec["out"], grouped.to_arrow())
+        lake.write_parquet(spec["out"], grouped.to_arrow(), scratch=True)
     return {"users": grouped.height, "interactions": int(grouped["items"].list.len().sum() or 0)}
 
 
@@ -248,21 +195,21 @@ def _assign_task(spec: dict) -> dict:
     firsts = firsts.with_columns(part=partition_of(firsts["item_id"], spec["partitions"]))
     item_parts = set()
     for (q,), part in firsts.partition_by("part", as_dict=True, include_key=False).items():
-        lake.write_parquet(lake.join(s, "firsts", f"p{q:05d}", f"{spec['task']:06d}.parquet"), part.to_arrow())
+        lake.write_parquet(lake.join(s, "firsts", f"p{q:05d}", f"{spec['task']:06d}.parquet"), part.to_arrow(), scratch=True)
         item_parts.add(int(q))
     train = train.select("user_idx", "items").with_columns(shard=(pl.col("user_idx") // spec["shard_users"]))
     for (k,), part in train.partition_by("shard", as_dict=True, include_key=False).items():
-        lake.write_parquet(lake.join(s, "train", f"p{k:05d}", f"{spec['task']:06d}.parquet"), part.to_arrow())
+        lake.write_parquet(lake.join(s, "train", f"p{k:05d}", f"{spec['task']:06d}.parquet"), part.to_arrow(), scratch=True)
     heldout = rows.filter(pl.col("user_idx") >= spec["n_train"]).select("user_id", "user_idx", "items")
     if heldout.height:
-        lake.write_parquet(lake.join(s, "heldout", f"{spec['task']:06d}.parquet"), heldout.to_arrow())
+        lake.write_parquet(lake.join(s, "heldout", f"{spec['task']:06d}.parquet"), heldout.to_arrow(), scratch=True)
     return {"item_parts": sorted(item_parts)}
 
 
 def _items_task(spec: dict) -> dict:
     """One item partition: each item's first position and training count over every user partition."""
     merged = merge_item_firsts(read_frame(spec["read"]))
-    lake.write_parquet(spec["out"], merged.to_arrow())
+    lake.write_parquet(spec["out"], merged.to_arrow(), scratch=True)
     return {"items": merged.height}
 
 
@@ -276,18 +223,6 @@ def _write_task(spec: dict) -> dict:
 
 
 # ---- the driver's small pieces ----
-
-def _check_id_types(read: list[dict]) -> None:
-    """Every file's IDs must be of one type: integers in one shard and strings in another would never join."""
-    seen: dict[str, str] = {}
-    for r in read:
-        if r["types"] is not None:
-            seen.setdefault(r["types"], r["uri"])
-    if len(seen) > 1:
-        (t1, f1), (t2, f2) = list(seen.items())[:2]
-        raise DataError(f"{f2}: its (user, item) IDs are {t2}, but {f1} has {t1}; the input's shards have "
-                        "different schemas. Cast the ID columns to one type in every shard")
-
 
 def _small_format_items(sources: list[Source], frags: list[Fragment], read: list[dict]) -> pl.DataFrame | None:
     """The item metadata (titles, genres) of MovieLens/Netflix inputs, read on the driver (O(items))."""

@@ -54,9 +54,14 @@ def group_users(rows: pl.DataFrame, min_user_items: int) -> pl.DataFrame:
     one row per kept user: user_id, items (list, input order), pos (list, each item's first pos).
 
     Vectorised (a sort and one group_by), never a Python function per user."""
-    first = rows.sort("pos").unique(["user_id", "item_id"], keep="first", maintain_order=True)
-    grouped = first.group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("items"),
-                                                                 pl.col("pos"))
+    grouped = (rows.sort("pos").group_by("user_id", maintain_order=True)
+               .agg(pl.col("item_id").alias("items"), pl.col("pos")))
+    repeats = grouped["items"].list.n_unique() < grouped["items"].list.len()
+    if repeats.any():  # keep each (user, item) once, at its first position: only the users who repeat one
+        again = grouped.filter(repeats).explode("items", "pos").unique(["user_id", "items"], keep="first",
+                                                                        maintain_order=True)
+        again = again.group_by("user_id", maintain_order=True).agg("items", "pos")
+        grouped = pl.concat([grouped.filter(~repeats), again])
     return grouped.filter(pl.col("items").list.len() >= min_user_items).sort("user_id")
 
 

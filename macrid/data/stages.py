@@ -59,7 +59,7 @@ class Scratch:
         return lake.join(self.root, *parts)
 
     def write(self, uri: str, df: pl.DataFrame) -> None:
-        lake.write_parquet(uri, df.to_arrow())
+        lake.write_parquet(uri, df.to_arrow(), scratch=True)
 
     def read(self, uri: str, columns: list[str] | None = None) -> pl.DataFrame | None:
         return read_frame(uri, columns)
@@ -73,7 +73,7 @@ class Scratch:
         fs, path = lake.resolve(self.root)
         with lake.explained(self.root):
             fs.delete_dir_contents(path, missing_dir_ok=True)
-            if not lake.is_s3(self.root):
+            if not lake.is_s3(self.root) and fs.get_file_info(path).type != pafs.FileType.NotFound:
                 fs.delete_dir(path)
                 parent = path.rsplit("/", 1)[0]
                 if not fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True)):

@@ -139,7 +139,11 @@ def _source(spec: ExportSpec, fingerprint: str, vocab: pl.DataFrame, run_record:
     if "/" not in spec.input and not os.path.exists(spec.input):
         raise DataError(f"--input {spec.input!r} is neither a dataset of {spec.lake} (ls "
                         f"{lake.join(spec.lake, 'datasets')}) nor a file or folder of raw interactions")
-    # rows without a rating (implicit data, or no --rating-col) are kept; rated ones below min_rating are not
+    # rows without a rating column (implicit data, or no --rating-col) are kept; rated ones below min_rating,
+    # and rows whose rating is missing, are not
+    from macrid.cluster import connect
+
+    connect()
     return raw(spec.input, vocab.select("item_idx", "item_id"), run_record["min_rating"], stage, spec.format,
                spec.user_col, spec.item_col, spec.rating_col)
 

@@ -5,11 +5,12 @@ Two sources:
   held-out items together), read by Ray Data shard by shard; its vocabulary must be the run's;
 - raw shards in any format `prepare` reads (`--input PATH_OR_URI`): item IDs are mapped through the
   run's vocabulary (unknown items counted and dropped, users left with no known item counted and
-  reported), ratings below the dataset's `min_rating` dropped, as training did, then grouped into
-  user rows written as Parquet shards to a staging folder that Ray Data reads.
+  reported), ratings below the dataset's `min_rating` and rows without a rating (NaN or null, when
+  the input has a rating column) dropped, as in training, then grouped into user rows written as
+  Parquet shards (one per user partition) to a staging folder that Ray Data reads.
 
-The raw path groups interactions in memory with polars on the driver (as `prepare` does); a lake of
-prepared datasets streams with bounded memory.
+Both stream with bounded memory: the raw path goes through prepare's read stage (by_user.py) and
+one task per user partition, so the driver never holds the interactions.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from macrid.data import lake
 from macrid.data.batches import load_meta, snapshot_uri
 from macrid.errors import CheckpointError, DataError
 from macrid.data.prepare import dataset_uri
-from macrid.data.readers import read_raw
+from macrid.data.by_user import read_by_user
+from macrid.data.raw_input import Source as RawSource
+from macrid.data.stages import Scratch, Stages, read_frame
 
-STAGE_USERS = 100_000  # users per staged shard of a raw input
 
 
 @dataclass
@@ -62,34 +64,66 @@ def prepared(lake_root: str, name: str, fingerprint: str) -> Source:
 
 
 def raw(uri: str, vocabulary: pl.DataFrame, min_rating: float | None, stage: str, fmt: str = "auto",
-        user_col: str = "user_id", item_col: str = "item_id", rating_col: str | None = None) -> Source:
-    """Raw interactions -> staged user rows in the run's item indices. vocabulary: item_idx, item_id."""
-    data = read_raw(uri, fmt, user_col, item_col, rating_col).interactions  # user_id, item_id, rating
-    if data.height == 0:
-        raise DataError(f"{uri}: holds no interactions; check --input (an empty export would look like a "
-                        "night with no users)")
-    data = data.with_columns(item_id=_as_vocabulary_ids(data["item_id"], vocabulary["item_id"], uri, item_col))
-    if min_rating is not None:
-        data = data.filter(pl.col("rating").is_null() | (pl.col("rating") >= min_rating))
-    users_in = data["user_id"].n_unique()
-    known = data.join(vocabulary, on="item_id", how="left")
-    unknown = known.filter(pl.col("item_idx").is_null())
-    if unknown.height == data.height:
+        user_col: str = "user_id", item_col: str = "item_id", rating_col: str | None = None,
+        runner: str = "ray") -> Source:
+    """Raw interactions -> staged user rows in the run's item indices. vocabulary: item_idx, item_id.
+
+    The rows go through prepare's read stage (parallel, partitioned by user) and one task per user
+    partition maps them through the vocabulary and writes `<stage>/part-<partition>.parquet`; the driver
+    holds the vocabulary and the distinct unknown item IDs, never the interactions."""
+    stages = Stages(runner, "export-input")
+    scratch = Scratch(stage.rsplit("/_staging/", 1)[0] if "/_staging/" in stage else stage, "export-input")
+    try:
+        _, P, read = read_by_user([RawSource(uri, fmt, user_col, item_col, rating_col)], min_rating, None,
+                                  stages, scratch)
+        if sum(r["kept"] for r in read) == 0:
+            raise DataError(f"{uri}: holds no interactions; check --input (an empty export would look like a "
+                            "night with no users)")
+        scratch.write(scratch.uri("vocabulary.parquet"), vocabulary.select("item_id", "item_idx"))
+        bags = stages.run("bags", _bags_task, [
+            {"task": p, "uri": uri, "item_col": item_col, "read": scratch.uri("read", f"p{p:05d}"),
+             "vocabulary": scratch.uri("vocabulary.parquet"), "out": lake.join(stage, f"part-{p:05d}.parquet"),
+             "unknown": scratch.uri("unknown", f"p{p:05d}.parquet")}
+            for p in range(P) if any(p in r["parts"] for r in read)])
+        unknown = scratch.read(scratch.uri("unknown"))
+        items_unknown = unknown["item_id"].n_unique() if unknown is not None else 0
+    finally:
+        scratch.delete()
+    total = {k: sum(b[k] for b in bags) for k in ("users_input", "users_with_known_items", "interactions_dropped")}
+    interactions = sum(r["kept"] for r in read)
+    if total["interactions_dropped"] == interactions:
+        example = unknown["item_id"][0] if unknown is not None and unknown.height else None
         raise DataError(
-            f"{uri}: none of its {data['item_id'].n_unique():,} item IDs (e.g. {data['item_id'][0]!r}) is in the "
+            f"{uri}: none of its {items_unknown:,} item IDs (e.g. {example!r}) is in the "
             f"run's vocabulary ({vocabulary.height:,} items, e.g. {vocabulary['item_id'][0]!r}); check --item-col "
             "and that this is the catalogue the run was trained on")
+    counts = {"users_input": total["users_input"], "interactions_input": interactions,
+              "users_without_known_items": total["users_input"] - total["users_with_known_items"],
+              "interactions_dropped": total["interactions_dropped"], "items_unknown": items_unknown,
+              "ratings_missing": sum(r["ratings_missing"] for r in read)}
+    files = lake.list_parquet(stage)
+    fs, _ = lake.resolve(stage)
+    user_type = pq.read_schema(files[0], filesystem=fs).field("user_id").type
+    return Source({"bags": files}, None, {"uri": uri, "interactions": interactions}, counts, user_type)
+
+
+def _bags_task(spec: dict) -> dict:
+    """One user partition -> (user_id, items: the user's known item_idx, unique and sorted), sorted by user."""
+    rows = read_frame(spec["read"], ["user_id", "item_id"])
+    vocab = read_frame(spec["vocabulary"])
+    rows = rows.with_columns(item_id=_as_vocabulary_ids(rows["item_id"], vocab["item_id"], spec["uri"],
+                                                        spec["item_col"]))
+    known = rows.join(vocab, on="item_id", how="left")
+    unknown = known.filter(pl.col("item_idx").is_null())
     bags = (known.filter(pl.col("item_idx").is_not_null())
             .group_by("user_id").agg(pl.col("item_idx").unique().sort().alias("items"))
             .sort("user_id"))
-    for start in range(0, bags.height, STAGE_USERS):
-        lake.write_parquet(lake.join(stage, f"part-{start // STAGE_USERS:05d}.parquet"),
-                           bags.slice(start, STAGE_USERS).to_arrow())
-    counts = {"users_input": users_in, "interactions_input": data.height,
-              "users_without_known_items": users_in - bags.height,
-              "interactions_dropped": unknown.height, "items_unknown": unknown["item_id"].n_unique()}
-    return Source({"bags": lake.list_parquet(stage)}, None, {"uri": uri, "interactions": data.height}, counts,
-                  bags.to_arrow().schema.field("user_id").type)
+    if bags.height:
+        lake.write_parquet(spec["out"], bags.to_arrow())
+    if unknown.height:
+        lake.write_parquet(spec["unknown"], unknown.select(pl.col("item_id").unique()).to_arrow(), scratch=True)
+    return {"users_input": rows["user_id"].n_unique(), "users_with_known_items": bags.height,
+            "interactions_dropped": unknown.height}
 
 
 def _as_vocabulary_ids(ids: pl.Series, vocabulary: pl.Series, uri: str, col: str) -> pl.Series:
