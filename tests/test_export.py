@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from macrid.data import lake
 from macrid.output import delta
 from macrid.data.batches import load_dataset
 from macrid.config import load_config
@@ -186,20 +187,29 @@ def test_crash_halfway_leaves_the_previous_version_whole(local_run):
     assert not os.path.exists(staging) or not os.listdir(staging)
 
 
-def test_raw_input_maps_ids_and_counts_what_it_drops(local_run, tmp_path):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_raw_input_maps_ids_and_counts_what_it_drops(local_run, tmp_path, where):
+    """Raw input goes through prepare's read stage and user partitions: users split across two shards are
+    grouped whole, and the counts are those worked out by hand below."""
     data = pl.from_arrow(pq.read_table(f"{_snapshot(local_run)}/items"))  # item_id of the vocabulary
     known = data["item_id"].to_list()
     unknown = max(known) + 1000
-    raw = pl.DataFrame({"user_id": [1, 1, 1, 2, 2, 3], "item_id": [known[0], known[1], unknown, known[2],
-                                                                  unknown, unknown + 1]})
-    raw.write_parquet(tmp_path / "events.parquet")
-    summary = export(ExportSpec(lake=local_run, run="r", input=str(tmp_path / "events.parquet"), name="raw",
-                                date="2026-11-28"), progress=False)
+    shards = [pl.DataFrame({"user_id": [1, 1, 2], "item_id": [known[0], known[1], known[2]]}),
+              pl.DataFrame({"user_id": [1, 2, 3], "item_id": [unknown, unknown, unknown + 1]})]
+    folder = str(tmp_path / "events") if where == "local" else "s3://lake/raw-export/events"
+    for i, shard in enumerate(shards):
+        lake.write_parquet(f"{folder}/part-{i}.parquet", shard.to_arrow())
+    summary = export(ExportSpec(lake=local_run, run="r", input=folder, name=f"raw-{where}",
+                                date="2026-11-28", top_n=20), progress=False)
+    # users 1, 2, 3 read; 3 has no known item; rows (1, unknown), (2, unknown), (3, unknown + 1) dropped
     assert summary["counts"] == summary["counts"] | {"users_input": 3, "users_exported": 2,
                                                       "users_without_known_items": 1, "interactions_dropped": 3,
                                                       "items_unknown": 2}
-    comps = read(local_run, "raw", "user_components")
+    comps = read(local_run, f"raw-{where}", "user_components")
     assert sorted(set(comps["user_id"])) == [1, 2]
+    recs = read(local_run, f"raw-{where}", "recommendations")
+    user1 = set(recs.filter(pl.col("user_id") == 1)["item_id"])
+    assert not user1 & {known[0], known[1]}  # user 1's two known items, from both shards, are its fold-in
 
 
 @pytest.mark.parametrize("case", ["vocabulary", "missing column", "mistyped column", "empty", "date", "no run"])

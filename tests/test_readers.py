@@ -57,14 +57,24 @@ def test_adjacency_lists_merge_train_and_test(tmp_path):
 
 
 def test_union_of_sources_keeps_their_ids_apart(tmp_path):
-    from macrid.data.readers import union
+    """jobs/prepare.py --input a --input b: ids become "<folder>:<id>"; same-named folders are refused."""
+    import subprocess
+    import sys
 
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "train.txt").write_text("0 1 2 3\n1 2 3\n")
-    raw = union([read_raw(tmp_path / "a"), read_raw(tmp_path / "b")], ["a", "b"])
-    df = raw.interactions
-    assert df.height == 10 and set(df["user_id"].unique()) == {"a:0", "a:1", "b:0", "b:1"}
-    assert df.filter(pl.col("item_id") == "b:2").height == 2
-    with pytest.raises(DataError, match="distinct"):
-        union([read_raw(tmp_path / "a"), read_raw(tmp_path / "a")], ["a", "a"])
+        (tmp_path / name / "train.txt").write_text("".join(f"{u} " + " ".join(str(i) for i in range(u, u + 6)) + "\n"
+                                                         for u in range(8)))
+    from macrid.data.batches import snapshot_uri
+    from macrid.data.prepare import prepare
+    from macrid.data.raw_input import Source
+    from macrid.data.split import Protocol
+
+    lake = str(tmp_path / "lake")
+    meta = prepare([Source(str(tmp_path / "a"), prefix="a:"), Source(str(tmp_path / "b"), prefix="b:")], lake, "u",
+                   Protocol(heldout=2, min_rating=None))
+    users = pl.read_parquet(f"{snapshot_uri(lake, 'u')}/users/part-0.parquet")
+    assert meta["n_users"] == 16 and set(users["user_id"]) == {f"{s}:{u}" for s in "ab" for u in range(8)}
+    done = subprocess.run([sys.executable, "jobs/prepare.py", "--local", "--input", str(tmp_path / "a"), "--input",
+                           str(tmp_path / "a") + "/", "--lake", lake, "--name", "v"], capture_output=True, text=True)
+    assert done.returncode == 2 and "distinct folder names" in done.stderr

@@ -4,8 +4,10 @@ import polars as pl
 import pytest
 
 from conftest import real_data
-from macrid.data.readers import read_raw
-from macrid.data.split import Protocol, split_multvae
+from macrid.data.batches import snapshot_uri
+from macrid.data.prepare import prepare
+from macrid.data.readers import RawData, read_raw
+from macrid.data.split import Protocol
 
 
 def toy_interactions(n_users=60, seed=0):
@@ -16,35 +18,51 @@ def toy_interactions(n_users=60, seed=0):
     return pl.DataFrame(rows, schema={"user_id": pl.Int64, "item_id": pl.Int64, "rating": pl.Float64}, orient="row")
 
 
-def test_split_is_deterministic_for_a_seed_and_changes_with_it():
-    df = toy_interactions()
-    a, b = split_multvae(df, Protocol(seed=1)), split_multvae(df, Protocol(seed=1))
-    c = split_multvae(df, Protocol(seed=2))
-    assert a.user_ids.equals(b.user_ids) and a.val.equals(b.val) and a.test.equals(b.test)
-    assert not a.user_ids.equals(c.user_ids)
+def split(tmp_path, df, protocol, name="d"):
+    """prepare's tables for an in-memory frame, as polars frames, and its _meta.json."""
+    lake = str(tmp_path / "lake")
+    meta = prepare(RawData(df, None, "toy", "table"), lake, name, protocol)
+    snap = snapshot_uri(lake, name)
+    return {t: pl.read_parquet(f"{snap}/{t}/*.parquet") for t in ("items", "users", "train", "val", "test")}, meta
 
 
-def test_split_rules_on_toy_data():
+def test_split_is_deterministic_for_a_seed_and_changes_with_it(tmp_path):
     df = toy_interactions()
-    s = split_multvae(df, Protocol(min_rating=4, heldout=0.1))
+    a, _ = split(tmp_path, df, Protocol(seed=1), "a")
+    b, _ = split(tmp_path, df, Protocol(seed=1), "b")
+    c, _ = split(tmp_path, df, Protocol(seed=2), "c")
+    assert all(a[t].equals(b[t]) for t in a)
+    assert not a["users"].equals(c["users"])
+
+
+def test_split_rules_on_toy_data(tmp_path):
+    df = toy_interactions()
+    s, meta = split(tmp_path, df, Protocol(min_rating=4, heldout=0.1))
     kept = df.filter(pl.col("rating") >= 4)
-    assert s.n_heldout == int(0.1 * s.user_ids.len())
-    train_items = set(s.train["items"].explode().to_list())
-    assert train_items == set(range(s.item_ids.len()))  # vocabulary = items of training users
-    for part in (s.val, s.test):
+    n_users = s["users"].height
+    assert s["val"].height <= int(0.1 * n_users) and (s["users"]["split"] == "val").sum() == int(0.1 * n_users)
+    train_items = set(s["train"]["items"].explode().to_list())
+    assert train_items == set(range(s["items"].height))  # vocabulary = items of training users
+    for part in (s["val"], s["test"]):
         for f, h in zip(part["foldin"].to_list(), part["heldout"].to_list()):
             assert not set(f) & set(h)
             assert len(h) == int(0.2 * (len(f) + len(h))) or len(f) + len(h) < 5
-    assert kept.height >= s.n_interactions
+    assert kept.height >= meta["n_interactions_filtered"]
+    # every kept user has >= 5 items; the item counts are the training bags' counts
+    per_user = kept.group_by("user_id").len()
+    assert set(s["users"]["user_id"]) == set(per_user.filter(pl.col("len") >= 5)["user_id"])
+    counts = s["train"]["items"].explode().value_counts().sort("items")
+    assert s["items"].sort("item_idx")["train_count"].to_list() == counts["count"].to_list()
 
 
-def test_ml1m_counts():
+def test_ml1m_counts(tmp_path):
     raw = read_raw(real_data("ml-1m"))
-    s = split_multvae(raw.interactions, Protocol())
-    assert s.user_ids.len() == 6034
-    assert s.n_interactions == 575_272
-    assert s.val.height == 603 and s.test.height == 603
-    assert s.item_ids.len() == 3497
+    lake = str(tmp_path / "lake")
+    meta = prepare(raw, lake, "ml-1m", Protocol())
+    assert meta["n_users"] == 6034
+    assert meta["n_interactions_filtered"] == 575_272
+    assert meta["val"]["users"] == 603 and meta["test"]["users"] == 603
+    assert meta["n_items"] == 3497
     # the rebuilt file has no timestamps; the reader must still find genres for evaluation
     assert raw.items is not None and raw.items.height == 3883
 
@@ -57,8 +75,8 @@ def test_ml100k_reads_genres():
 
 
 @pytest.mark.parametrize("heldout", [0.5, 10_000])
-def test_too_many_heldout_users_is_a_clear_error(heldout):
+def test_too_many_heldout_users_is_a_clear_error(tmp_path, heldout):
     from macrid.errors import DataError
 
     with pytest.raises(DataError, match="lower --heldout"):
-        split_multvae(toy_interactions(), Protocol(heldout=heldout, min_rating=None))
+        split(tmp_path, toy_interactions(), Protocol(heldout=heldout, min_rating=None))

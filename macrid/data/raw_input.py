@@ -172,6 +172,26 @@ def read_fragment(frag: Fragment, min_rating: float | None) -> Iterator[tuple[pl
         yield frame, counts
 
 
+def read_rows(src: Source) -> pl.DataFrame:
+    """Every row of one source in input order, in memory: user_id, item_id, rating (Float64, null without a
+    rating column). Validated like read_fragment, not filtered; for small inputs (readers.read_raw)."""
+    frames, start = [], 0
+    for frag in fragments([src]):
+        start = frag.index << POS_SHIFT
+        for df in _batches(frag):
+            rating = _ratings(frag, df["__rating"], start) if "__rating" in df.columns else \
+                pl.Series("rating", [None] * df.height, pl.Float64)
+            frames.append(pl.DataFrame({"user_id": _ids(frag, df[frag.user_col], frag.user_col, start),
+                                        "item_id": _ids(frag, df[frag.item_col], frag.item_col, start),
+                                        "rating": rating}))
+            start += df.height
+    if not frames:
+        return pl.DataFrame(schema={"user_id": pl.Int64, "item_id": pl.Int64, "rating": pl.Float64})
+    if len({(f["user_id"].dtype, f["item_id"].dtype) for f in frames}) > 1:
+        raise DataError(f"{src.uri}: its files' ID columns have different types; cast them to one type")
+    return pl.concat(frames)
+
+
 def _batches(frag: Fragment) -> Iterator[pl.DataFrame]:
     """The fragment's rows in file order: user, item, rating (raw types), BATCH_ROWS at a time."""
     wanted = [frag.user_col, frag.item_col] + ([frag.rating_col] if frag.rating_col else [])

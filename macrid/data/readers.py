@@ -74,6 +74,8 @@ def read_raw(
     item_col: str = "item_id",
     rating_col: str | None = None,
 ) -> RawData:
+    if str(path).startswith("s3://") and fmt in ("auto", "table"):
+        return _read_table(str(path), user_col, item_col, rating_col)
     if str(path).startswith("s3://"):
         return _read_remote(str(path), fmt, user_col, item_col, rating_col)
     path = Path(path)
@@ -92,7 +94,7 @@ def read_raw(
     }.get(fmt)
     if reader is not None:
         return reader(path)
-    return read_table(path, user_col, item_col, rating_col)
+    return _read_table(str(path), user_col, item_col, rating_col)
 
 
 def read_item_metadata(path: str | Path, fmt: str) -> pl.DataFrame | None:
@@ -111,22 +113,6 @@ def read_item_metadata(path: str | Path, fmt: str) -> pl.DataFrame | None:
     if fmt == "netflix":
         return _items_netflix(path)
     return None
-
-
-def union(parts: list[RawData], names: list[str]) -> RawData:
-    """Several sources as one: user and item ids become "<name>:<id>", so the sources never collide."""
-    if len(set(names)) != len(names):
-        raise DataError(f"the --input sources need distinct folder names to tell their ids apart; got {names}")
-    frames, item_frames = [], []
-    for raw, name in zip(parts, names, strict=True):
-        def prefixed(col: str) -> pl.Expr:
-            return (pl.lit(f"{name}:") + pl.col(col).cast(pl.String)).alias(col)
-
-        frames.append(raw.interactions.with_columns(prefixed("user_id"), prefixed("item_id")))
-        if raw.items is not None:
-            item_frames.append(raw.items.with_columns(prefixed("item_id")))
-    items = pl.concat(item_frames) if len(item_frames) == len(parts) else None
-    return RawData(pl.concat(frames), items, " + ".join(p.source for p in parts), "union")
 
 
 def read_items(path: str | Path, item_col: str = "item_id") -> pl.DataFrame:
@@ -184,57 +170,19 @@ def _table_files(path: Path) -> Iterator[tuple[Path, pl.DataFrame]]:
         yield f, df
 
 
-def read_table(path: Path, user_col: str, item_col: str, rating_col: str | None) -> RawData:
-    """Any Parquet or CSV file (or folder of them) with named user/item[/rating] columns."""
-    frames = []
-    for f, df in _table_files(path):
-        wanted = [user_col, item_col] + ([rating_col] if rating_col else [])
-        missing = [c for c in wanted if c not in df.columns]
-        if missing:
-            raise DataError(
-                f"{f}: missing column(s) {missing}; it has {df.columns}. "
-                "Name the columns with --user-col/--item-col/--rating-col"
-            )
-        rating = df[rating_col] if rating_col else pl.Series("rating", [None] * df.height, pl.Float64)
-        frames.append(_frame(f, df[user_col], df[item_col], rating, user_col, item_col, rating_col or "rating"))
-    return RawData(pl.concat(frames), None, str(path), "table")
+def _read_table(uri: str, user_col: str, item_col: str, rating_col: str | None) -> RawData:
+    """Any Parquet or CSV file (or folder of them) with named user/item[/rating] columns, read as prepare
+    reads it (raw_input.py: in name order, streamed, no local copy of object-storage input)."""
+    from macrid.data.raw_input import Source, read_rows
 
-
-def _frame(
-    file: Path, users: pl.Series, items: pl.Series, rating: pl.Series,
-    user_col: str, item_col: str, rating_col: str,
-) -> pl.DataFrame:
-    """Validate and normalise one file's columns: IDs not null, rating numeric."""
-    for series, col in ((users, user_col), (items, item_col)):
-        nulls = series.null_count()
-        if nulls:
-            row = int(series.is_null().arg_max())
-            raise DataError(f"{file}: column {col!r} has {nulls} null ID(s), first at row {row}; drop or fill them")
-    if rating.dtype == pl.String or rating.dtype == pl.Utf8:
-        cast = rating.cast(pl.Float64, strict=False)
-        bad = cast.is_null() & rating.is_not_null()
-        if bad.any():
-            row = int(bad.arg_max())
-            raise DataError(
-                f"{file}: column {rating_col!r} is not numeric: row {row} holds {rating[row]!r}; "
-                "fix the value or pass the right --rating-col"
-            )
-        rating = cast
-    elif rating.dtype != pl.Null and not rating.dtype.is_numeric():
-        raise DataError(f"{file}: column {rating_col!r} has type {rating.dtype}, expected a number")
-    return pl.DataFrame({
-        "user_id": _id(users), "item_id": _id(items), "rating": rating.cast(pl.Float64),
-    })
+    rows = read_rows(Source(uri, "table", user_col, item_col, rating_col))
+    return RawData(rows, None, uri, "table")
 
 
 def _items_frame(rows: list[tuple[int, str, list[str]]]) -> pl.DataFrame:
     """(item_id, title, genres) rows -> the item metadata frame."""
     return pl.DataFrame(rows, schema={"item_id": pl.Int64, "title": pl.String, "genres": pl.List(pl.String)},
                         orient="row")
-
-
-def _id(s: pl.Series) -> pl.Series:
-    return s.cast(pl.Int64) if s.dtype.is_integer() else s.cast(pl.String)
 
 
 def _read_delimited(file: Path, sep: str, names: list[str], encoding: str = "utf8") -> pl.DataFrame:

@@ -89,6 +89,7 @@ class Stages:
         self.runner, self.job = runner, job
         self.stats: list[str] = []  # Ray Data's ds.stats() of each stage, for benchmarks
         self.seconds: dict[str, float] = {}
+        self.nodes: dict[str, set[str]] = {}  # the Ray nodes each stage's tasks ran on
 
     def run(self, name: str, fn: Callable[[dict], dict], specs: list[dict], cpus: float = 1.0) -> list[dict]:
         """fn(spec) for every spec, in parallel; results in spec order. A DataError in any task stops the
@@ -105,7 +106,11 @@ class Stages:
             import ray.data
 
             ds = ray.data.from_items([{"spec": json.dumps(s)} for s in specs], override_num_blocks=len(specs))
-            ds = ds.map(task, num_cpus=cpus).materialize()
+            def mapper(row: dict) -> dict:
+                return task(row)
+
+            mapper.__name__ = mapper.__qualname__ = task.__name__  # Ray Data names the stage after it
+            ds = ds.map(mapper, num_cpus=cpus).materialize()
             self.stats.append(f"== {name} ==\n{ds.stats()}")
             results = [json.loads(r["result"]) for r in ds.take_all()]
             results.sort(key=lambda r: r["task"])
@@ -113,6 +118,7 @@ class Stages:
         if errors:
             raise DataError(errors[0]["__error"])
         self.seconds[name] = time.perf_counter() - t0
+        self.nodes[name] = {r["node"] for r in results if "node" in r}
         log.info("%s %s: %d tasks in %.1f s", self.job, name, len(specs), self.seconds[name])
         return results
 
@@ -121,7 +127,7 @@ class _Task:
     """A stage's function as Ray Data's row mapper: spec row -> result row; DataErrors become results."""
 
     def __init__(self, fn: Callable[[dict], dict], name: str) -> None:
-        self.fn, self.__name__ = fn, name  # Ray Data names the stage's progress bar after __name__
+        self.fn, self.__name__ = fn, name
 
     def call(self, spec: dict) -> dict:
         try:
@@ -131,4 +137,7 @@ class _Task:
         return out | {"task": spec["task"]}
 
     def __call__(self, row: dict) -> dict:
-        return {"result": json.dumps(self.call(json.loads(row["spec"])))}
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()  # where it ran: a multi-node job spreads its tasks
+        return {"result": json.dumps(self.call(json.loads(row["spec"])) | {"node": node})}

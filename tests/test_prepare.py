@@ -1,0 +1,271 @@
+"""Lake-scale prepare (issue 21): the distributed stages write exactly the tables of the in-memory
+MultVAE protocol (frozen in tests/reference/protocol.py, the expectation), whatever the number of
+partitions, the runner or the order the files were written in; object-storage input is read in
+place; a skewed user completes; bad shards are named and publish nothing."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import polars as pl
+import pytest
+
+from conftest import real_data
+from macrid.data import lake
+from macrid.data.batches import snapshot_uri
+from macrid.data.prepare import prepare
+from macrid.data.raw_input import Source
+from macrid.data.readers import read_raw
+from macrid.data.split import Protocol
+from macrid.data.stages import Stages
+from macrid.errors import DataError
+from reference.protocol import tables as reference_tables
+
+TABLES = ("items", "users", "train", "val", "test")
+
+
+def written(lake_root: str, name: str) -> dict[str, pl.DataFrame]:
+    snap = snapshot_uri(lake_root, name)
+    fs, _ = lake.resolve(snap)
+    out = {}
+    for t in TABLES:
+        out[t] = pl.from_arrow(lake.read_table(f"{snap}/{t}"))
+    return out
+
+
+def assert_same_tables(got: dict, ref: dict) -> None:
+    for t in TABLES:
+        assert got[t].schema == ref[t].schema, t
+        assert got[t].equals(ref[t]), f"table {t} differs from the in-memory protocol's"
+
+
+def assert_nothing_published(lake_root: str, name: str) -> None:
+    assert not lake.exists(f"{lake_root}/datasets/{name}/_meta.json")
+    fs, path = lake.resolve(f"{lake_root}/_scratch")
+    import pyarrow.fs as pafs
+
+    left = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    assert not [i for i in left if i.type == pafs.FileType.File], "the job's scratch files were left behind"
+
+
+@pytest.fixture(scope="module")
+def ml1m():
+    raw = read_raw(real_data("ml-1m"))
+    return raw.interactions, raw.items
+
+
+@pytest.fixture(scope="module")
+def ml1m_shards(ml1m, tmp_path_factory):
+    """ml-1m as 5 Parquet shards: 4 slices in input order plus a fifth that repeats rows of the first (so
+    (user, item) pairs recur across files), written last-name-first so the folder lists them in another
+    order than their names. The reference reads the shards' concatenation in name order."""
+    inter, _ = ml1m
+    folder = tmp_path_factory.mktemp("raw") / "ratings"
+    folder.mkdir()
+    n = inter.height
+    bounds = np.linspace(0, n, 5).astype(int)
+    shards = [inter.slice(bounds[i], bounds[i + 1] - bounds[i]) for i in range(4)]
+    shards.append(inter.slice(0, 20_000).with_columns(rating=pl.lit(5.0)))  # repeats, rated 5
+    for i in reversed(range(5)):
+        shards[i].write_parquet(folder / f"part-{i:02d}.parquet")
+    return str(folder), pl.concat(shards)
+
+
+@pytest.mark.parametrize("partitions,runner,seed", [(1, "local", 98765), (3, "ray", 98765), (8, "local", 98765),
+                                                     (3, "local", 1)])
+def test_identical_to_the_in_memory_protocol_on_ml1m(request, ml1m, ml1m_shards, tmp_path, partitions, runner,
+                                                     seed):
+    if runner == "ray":
+        request.getfixturevalue("ray_cluster")
+    folder, concatenated = ml1m_shards
+    _, items = ml1m
+    protocol = Protocol(seed=seed)
+    ref = reference_tables(concatenated, items, protocol)
+    stages = Stages(runner, "prepare")
+    meta = prepare([Source(folder, rating_col="rating")], str(tmp_path), "ml-1m", protocol, items=items,
+                   partitions=partitions, stages=stages)
+    assert_same_tables(written(str(tmp_path), "ml-1m"), ref)
+    assert meta["n_interactions_filtered"] == ref["n_interactions"]
+    assert meta["input"] == meta["input"] | {"files": 5, "partitions": partitions, "rows": concatenated.height,
+                                             "ratings_missing": 0}
+    if runner == "ray":
+        assert stages.stats and "Map(prepare:read)" in stages.stats[0]
+
+
+def test_the_union_of_two_sources_matches_the_reference(tmp_path):
+    """--input gowalla --input amazon-book-kgat: IDs prefixed by the folder, sources in order."""
+    from reference.protocol import union
+
+    names = ("gowalla", "amazon-book-kgat")
+    parts = [read_raw(real_data(n)) for n in names]
+    inter, items = union([(p.interactions, p.items) for p in parts], list(names))
+    protocol = Protocol(heldout=5000)
+    ref = reference_tables(inter, items, protocol)
+    prepare([Source(str(real_data(n)), prefix=f"{n}:") for n in names], str(tmp_path), "u", protocol, partitions=4)
+    assert_same_tables(written(str(tmp_path), "u"), ref)
+
+
+def test_s3_input_is_read_in_place(s3_endpoint, tmp_path, monkeypatch):
+    """Shards on the S3 server are streamed from it: nothing downloads them to local disk first."""
+    rng = np.random.default_rng(3)
+    frames = [pl.DataFrame({"uid": rng.integers(0, 300, 4000), "sku": rng.integers(0, 500, 4000),
+                            "stars": rng.integers(1, 6, 4000).astype(float)}) for _ in range(3)]
+    for i, f in enumerate(frames):
+        lake.write_parquet(f"s3://lake/raw-in-place/events/part-{i}.parquet", f.to_arrow())
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the input was copied to local disk")
+
+    monkeypatch.setattr(lake, "download", no_download)
+    import pyarrow.fs as pafs
+
+    monkeypatch.setattr(pafs, "copy_files", no_download)
+    protocol = Protocol(heldout=20)
+    meta = prepare([Source("s3://lake/raw-in-place/events", user_col="uid", item_col="sku", rating_col="stars")],
+                   "s3://lake/in-place", "events", protocol, partitions=3)
+    ref = reference_tables(pl.concat(frames).rename({"uid": "user_id", "sku": "item_id", "stars": "rating"}), None,
+                           protocol)
+    assert_same_tables(written("s3://lake/in-place", "events"), ref)
+    assert meta["input"]["files"] == 3
+    assert_nothing_published("s3://lake/in-place", "never")  # and the scratch folder is gone
+
+
+def test_a_user_with_1e5_items_completes_in_a_skewed_partition(tmp_path):
+    rng = np.random.default_rng(0)
+    heavy = pl.DataFrame({"user_id": np.zeros(100_000, dtype=np.int64),
+                          "item_id": rng.permutation(200_000)[:100_000].astype(np.int64)})
+    light = pl.DataFrame({"user_id": rng.integers(1, 400, 8000), "item_id": rng.integers(0, 3000, 8000)})
+    inter = pl.concat([light.slice(0, 4000), heavy, light.slice(4000)]).with_columns(rating=pl.lit(None, pl.Float64))
+    (tmp_path / "raw").mkdir()
+    inter.drop("rating").write_parquet(tmp_path / "raw" / "part-0.parquet")
+    protocol = Protocol(heldout=30, min_rating=None)
+    prepare([Source(str(tmp_path / "raw"))], str(tmp_path / "lake"), "skew", protocol, partitions=4)
+    got = written(str(tmp_path / "lake"), "skew")
+    assert_same_tables(got, reference_tables(inter, None, protocol))
+    heavy_idx = got["users"].filter(pl.col("user_id") == 0)["user_idx"][0]
+    rows = pl.concat([got["train"].rename({"items": "all"}),
+                      got["val"].select("user_idx", all=pl.concat_list("foldin", "heldout")),
+                      got["test"].select("user_idx", all=pl.concat_list("foldin", "heldout"))])
+    assert rows.filter(pl.col("user_idx") == heavy_idx)["all"].list.len()[0] == 100_000
+
+
+def test_nan_and_null_ratings_are_dropped_and_counted_never_positives(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 6000
+    df = pl.DataFrame({"user_id": rng.integers(0, 200, n), "item_id": rng.integers(0, 400, n),
+                       "rating": rng.integers(1, 6, n).astype(float)})
+    missing = rng.choice(n, 700, replace=False)
+    ratings = df["rating"].to_numpy().copy()
+    ratings[missing[:500]] = np.nan
+    df = df.with_columns(rating=pl.Series(ratings)).with_columns(
+        rating=pl.when(pl.int_range(n).is_in(missing[500:].tolist())).then(None).otherwise(pl.col("rating")))
+    (tmp_path / "raw").mkdir()
+    df.write_parquet(tmp_path / "raw" / "part-0.parquet")
+    protocol = Protocol(heldout=15)
+    meta = prepare([Source(str(tmp_path / "raw"), rating_col="rating")], str(tmp_path / "lake"), "nan", protocol)
+    assert meta["input"]["ratings_missing"] == 700
+    assert meta["input"]["below_min_rating"] == int(((ratings < 4) & ~np.isnan(ratings)).sum()
+                                                    - (ratings[missing[500:]] < 4).sum())
+    clean = df.filter(pl.col("rating").is_not_null() & ~pl.col("rating").is_nan())
+    assert_same_tables(written(str(tmp_path / "lake"), "nan"), reference_tables(clean, None, protocol))
+
+
+def test_an_empty_shard_is_counted_and_changes_nothing(tmp_path):
+    rng = np.random.default_rng(2)
+    df = pl.DataFrame({"user_id": rng.integers(0, 150, 3000), "item_id": rng.integers(0, 300, 3000)})
+    (tmp_path / "raw").mkdir()
+    df.write_parquet(tmp_path / "raw" / "part-0.parquet")
+    df.head(0).write_parquet(tmp_path / "raw" / "part-1.parquet")
+    (tmp_path / "raw" / "part-2.csv").write_text("user_id,item_id\n")
+    protocol = Protocol(heldout=10, min_rating=None)
+    meta = prepare([Source(str(tmp_path / "raw"))], str(tmp_path / "lake"), "e", protocol, partitions=2)
+    assert meta["input"]["files"] == 3 and meta["input"]["rows"] == 3000
+    ref = reference_tables(df.with_columns(rating=pl.lit(None, pl.Float64)), None, protocol)
+    assert_same_tables(written(str(tmp_path / "lake"), "e"), ref)
+
+
+def _shards(tmp_path, case: str) -> tuple[str, str]:
+    """A folder of good shards plus one bad one; returns (folder, the bad shard's file name)."""
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    for i in range(3):
+        good = pl.DataFrame({"user_id": rng.integers(0, 100, 2000), "item_id": rng.integers(0, 200, 2000)})
+        if case == "csv text rating":
+            good = good.with_columns(rating=pl.lit(5.0))
+        good.write_parquet(folder / f"part-{i}.parquet")
+    bad = "part-3.parquet"
+    if case == "corrupt":
+        (folder / bad).write_bytes(b"PAR1" + os.urandom(200) + b"PAR1")
+    elif case == "truncated":
+        good = (folder / "part-0.parquet").read_bytes()
+        (folder / bad).write_bytes(good[: len(good) // 2])
+    elif case == "string ids":
+        pl.DataFrame({"user_id": ["a", "b"], "item_id": [1, 2]}).write_parquet(folder / bad)
+    elif case == "missing column":
+        pl.DataFrame({"user": [1, 2], "item_id": [1, 2]}).write_parquet(folder / bad)
+    elif case == "float ids":
+        pl.DataFrame({"user_id": [1.5, 2.0], "item_id": [1, 2]}).write_parquet(folder / bad)
+    elif case == "list ids":
+        pl.DataFrame({"user_id": [[1], [2]], "item_id": [1, 2]}).write_parquet(folder / bad)
+    elif case == "null ids":
+        pl.DataFrame({"user_id": [1, None], "item_id": [1, 2]}).write_parquet(folder / bad)
+    elif case == "uint64 ids":
+        pl.DataFrame({"user_id": pl.Series([2**63 + 5, 1], dtype=pl.UInt64), "item_id": [1, 2]}).write_parquet(
+            folder / bad)
+    elif case == "csv text rating":
+        bad = "part-3.csv"
+        (folder / bad).write_text("user_id,item_id,rating\n1,2,5\n3,4,great\n")
+    return str(folder), bad
+
+
+@pytest.mark.parametrize("case,words", [
+    ("corrupt", ["cannot be read as parquet"]),
+    ("truncated", ["cannot be read as parquet"]),
+    ("string ids", ["different schemas", "part-0.parquet"]),
+    ("missing column", ["missing column", "'user_id'"]),
+    ("float ids", ["'user_id' has type Float64", "integers or strings"]),
+    ("list ids", ["'user_id' has type List", "integers or strings"]),
+    ("null ids", ["'user_id' has 1 null", "row 1"]),
+    ("uint64 ids", ["above the int64 range", "strings"]),
+    ("csv text rating", ["'rating' is not numeric", "row 1", "'great'"]),
+])
+def test_a_bad_shard_is_named_and_nothing_is_published(tmp_path, case, words):
+    folder, bad = _shards(tmp_path, case)
+    rating = "rating" if case == "csv text rating" else None
+    with pytest.raises(DataError) as err:
+        prepare([Source(folder, rating_col=rating)], str(tmp_path / "lake"), "bad", Protocol(heldout=5),
+                partitions=3)
+    message = str(err.value)
+    assert bad in message, message
+    for w in words:
+        assert w in message, message
+    assert_nothing_published(str(tmp_path / "lake"), "bad")
+
+
+def test_a_bad_shard_on_ray_names_the_file(ray_cluster, tmp_path):
+    """The error crosses from a Ray Data task to the driver with the file's name, not a traceback."""
+    folder, bad = _shards(tmp_path, "corrupt")
+    with pytest.raises(DataError, match=rf"{bad}: cannot be read as parquet"):
+        prepare([Source(folder)], str(tmp_path / "lake"), "bad", Protocol(heldout=5), partitions=2, runner="ray")
+    assert_nothing_published(str(tmp_path / "lake"), "bad")
+
+
+def test_the_job_runs_on_ray_and_reports_its_counts(tmp_path):
+    """jobs/prepare.py end to end: it starts its own local Ray, and prints what it read and dropped."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    folder, _ = _shards(tmp_path, "none")
+    env = os.environ | {"RAY_ADDRESS": ""}
+    done = subprocess.run([sys.executable, str(ROOT / "jobs" / "prepare.py"), "--input", folder, "--lake",
+                           str(tmp_path / "lake"), "--name", "job", "--heldout", "5", "--partitions", "2"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout[done.stdout.index("{"):])
+    assert out["input"] == out["input"] | {"files": 3, "rows": 6000, "partitions": 2}
+    assert "Traceback" not in done.stderr
