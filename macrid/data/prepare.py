@@ -83,6 +83,7 @@ def prepare(raw: RawData | list[Source], lake_root: str, name: str, protocol: Pr
     if lake.exists(f"{root}/_meta.json") and not overwrite:
         raise DataError(f"{root} already exists; pass --overwrite to publish a new version of it")
     stages = stages or Stages(runner, "prepare")
+    stages.require_shared([lake_root] + ([s.uri for s in raw] if not isinstance(raw, RawData) else []))
     scratch = Scratch(lake_root, "prepare")
     try:
         if isinstance(raw, RawData):

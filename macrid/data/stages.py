@@ -91,6 +91,18 @@ class Stages:
         self.seconds: dict[str, float] = {}
         self.nodes: dict[str, set[str]] = {}  # the Ray nodes each stage's tasks ran on
 
+    def require_shared(self, uris: list[str]) -> None:
+        """On a Ray cluster of several nodes, tasks run anywhere: every path they read or write must be on
+        storage all nodes see (s3://), not one node's disk."""
+        if self.runner != "ray":
+            return
+        import ray
+
+        local = [u for u in uris if not lake.is_s3(u)]
+        if local and sum(n["Alive"] for n in ray.nodes()) > 1:
+            raise DataError(f"{local[0]} is a local path, but this Ray cluster has several nodes whose tasks "
+                            "could not see it; put the input and the lake on s3://, or run with --local")
+
     def run(self, name: str, fn: Callable[[dict], dict], specs: list[dict], cpus: float = 1.0) -> list[dict]:
         """fn(spec) for every spec, in parallel; results in spec order. A DataError in any task stops the
         job with that task's message (the lowest-numbered failing task, so the error is reproducible)."""

@@ -72,6 +72,7 @@ def raw(uri: str, vocabulary: pl.DataFrame, min_rating: float | None, stage: str
     partition maps them through the vocabulary and writes `<stage>/part-<partition>.parquet`; the driver
     holds the vocabulary and the distinct unknown item IDs, never the interactions."""
     stages = Stages(runner, "export-input")
+    stages.require_shared([uri, stage])
     scratch = Scratch(stage.rsplit("/_staging/", 1)[0] if "/_staging/" in stage else stage, "export-input")
     try:
         _, P, read = read_by_user([RawSource(uri, fmt, user_col, item_col, rating_col)], min_rating, None,
