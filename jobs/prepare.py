@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             raw = [Source(i, args.format, args.user_col, args.item_col, args.rating_col,
                           prefix=f"{n}:" if len(names) > 1 else "") for i, n in zip(args.input, names)]
         if not args.local:
-            connect()
+            connect(dashboard=False)
         meta = prepare(raw, args.lake, args.name, protocol, overwrite=args.overwrite, items=items,
                        partitions=args.partitions, runner="local" if args.local else "ray")
     except MacridError as e:
