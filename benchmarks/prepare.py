@@ -133,6 +133,7 @@ def one(args: argparse.Namespace) -> int:
     from macrid.data.split import Protocol
     from macrid.data.stages import Stages
 
+    cluster = None
     if args.nodes > 1:
         from ray.cluster_utils import Cluster
 
@@ -158,7 +159,10 @@ def one(args: argparse.Namespace) -> int:
                       "nodes": {k: len(v) for k, v in stages.nodes.items()}, "spilled": spilled.strip(),
                       "interactions": meta["input"]["rows"], "n_users": meta["n_users"], "n_items": meta["n_items"],
                       "partitions": meta["input"]["partitions"], "stats_largest_stage": stages.stats[biggest],
-                      "stats_all": stages.stats}))
+                      "stats_all": stages.stats}), flush=True)
+    ray.shutdown()
+    if cluster is not None:
+        cluster.shutdown()  # its raylets are this process's children: stop them before exiting
     return 0
 
 
@@ -198,7 +202,7 @@ def main() -> int:
     work = args.work or tempfile.mkdtemp(prefix="macrid-prepare-bench-")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
         "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    rows = []
+    rows = json.load(open(args.out))["rows"] if args.only and os.path.exists(args.out) else []
     plan = [("in-memory", "p1e7"), ("ray", "p1e7"), ("in-memory", "p5e7"), ("ray", "p5e7"), ("ray", "p2e8"),
             ("ray-s3", "p5e7"), ("ray-2-nodes-s3", "p5e7")]
     server = None
@@ -242,7 +246,13 @@ def main() -> int:
             cmd = [sys.executable, os.path.abspath(__file__), "--one", "--input", inp, "--items", items, "--lake",
                    lake_root, "--nodes", "2" if "2-nodes" in kind else "1"]
         print(f"{name}: {interactions:,} interactions ...", flush=True)
-        r = measure(cmd, run_env, scratch=os.path.join(lake_dir, "_scratch") if lake_root == lake_dir else None)
+        try:
+            r = measure(cmd, run_env, scratch=os.path.join(lake_dir, "_scratch") if lake_root == lake_dir else None)
+        except RuntimeError as e:
+            print(str(e)[-20000:], flush=True)
+            rows = [x for x in rows if x["row"] != name] + [{"row": name, "failed": str(e)[-3000:]}]
+            save(args.out, rows)
+            continue
         out = r.pop("stdout")
         if kind != "in-memory":
             r |= json.loads(out[out.rindex('{"prepare_s"'):])
@@ -250,17 +260,22 @@ def main() -> int:
               "interactions_per_s": round(interactions / r["wall_s"]),
               "ns_per_interaction": round(r["wall_s"] / interactions * 1e9, 1)}
         print(json.dumps({k: v for k, v in r.items() if not k.startswith("stats")}), flush=True)
-        rows.append(r)
+        rows = [x for x in rows if x["row"] != name] + [r]
+        save(args.out, rows)
         shutil.rmtree(lake_dir, ignore_errors=True)
     if server is not None:
         server.terminate()
+    print(f"wrote {args.out}")
+    return 0
+
+
+def save(path: str, rows: list[dict]) -> None:
+    """The rows so far (a re-run with --only replaces its rows and keeps the others)."""
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1024**3:.0f} GiB",
               "python": platform.python_version(), "rows": rows}
-    with open(args.out, "w") as f:
+    with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from macrid.data.batches import load_dataset
 from macrid.errors import MacridError
 from macrid.training.evaluate import evaluate, scores_ranker
 from macrid.data.lake import join, write_json
+from macrid.data.layout import run_uri
 from macrid.training.report import format_metrics
 
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for name, r in results.items():
-        write_json(join(args.lake, "runs", f"{args.dataset}-{name}", "metrics.json"),
+        write_json(join(run_uri(args.lake, f"{args.dataset}-{name}"), "metrics.json"),
                    {"dataset": args.dataset, "model": name, **r})
         print(f"{name}{' lam=' + format(r['lam'], 'g') if 'lam' in r else ''}: test {format_metrics(r['test'])}")
     return 0

@@ -77,13 +77,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _push(gateway: str, name: str, summary: dict | None, seconds: float) -> None:
+    from macrid.errors import redact
     from macrid.training.telemetry import push_export
 
     try:
         push_export(gateway, name, summary, seconds)
     except OSError as e:  # the export's outcome stands; say that monitoring did not get it
-        print(f"warning: could not push to the Pushgateway at {gateway} ({e}); the export's outcome is not "
-              "monitored for this run", file=sys.stderr)
+        print(redact(f"warning: could not push to the Pushgateway at {gateway} ({e}); the export's outcome is "
+                     "not monitored for this run"), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ model, for export), metrics.json and learning_curve.png. --resume continues from
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -53,6 +54,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue run.name from its latest checkpoint")
     p.add_argument("--metrics-port", type=int,
                    help="serve Prometheus metrics, rank r on this port + r (docs/distributed.md)")
+    p.add_argument("--metrics-host", help="address the metrics endpoints listen on (default 0.0.0.0, so "
+                                          "Prometheus can scrape a cluster's worker nodes; 127.0.0.1 keeps them "
+                                          "on this machine)")
     p.add_argument("--in-process", action="store_true", help="run the training loop in this process, without Ray")
     p.add_argument("--device", help="with --in-process: auto (default), cpu, cuda or cuda:N")
     p.add_argument("--print-config", action="store_true",
@@ -67,11 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     path = args.config or os.path.join(here, "configs", "synthetic.toml")
     overrides = list(args.set)
     for flag, key in (("lake", "data.lake"), ("num_workers", "run.num_workers"), ("metrics_port", "run.metrics_port"),
+                      ("metrics_host", "run.metrics_host"),
                       ("cpus_per_worker", "run.cpus_per_worker"), ("gpus_per_worker", "run.gpus_per_worker"),
                       ("precision", "run.precision"), ("device", "run.device")):
         value = getattr(args, flag)
         if value is not None:
-            overrides.append(f"{key}={value!r}")
+            # a TOML value: strings as basic strings (JSON's escapes are TOML's), so 'a\b' stays a\b
+            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
     if args.use_gpu:
         overrides.append("run.use_gpu=true")
     if args.resume:
@@ -101,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 def _ensure_default_dataset(cfg) -> None:
     """The embedded default: generate the synthetic dataset offline the first time it is needed."""
     from macrid.data import lake
-    from macrid.data.prepare import dataset_uri, prepare
+    from macrid.data.layout import dataset_uri
+    from macrid.data.prepare import prepare
     from macrid.data.split import Protocol
     from macrid.data.synthetic import SyntheticSpec, generate
 

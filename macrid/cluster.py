@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
+log = logging.getLogger(__name__)
 
 
 def connect(dashboard: bool = True) -> bool:
@@ -19,6 +22,8 @@ def connect(dashboard: bool = True) -> bool:
 
     if ray.is_initialized():
         return False
+    if not os.environ.get("RAY_ADDRESS"):
+        _forget_dead_local_cluster()
     try:
         ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", configure_logging=False)
         return False
@@ -32,3 +37,26 @@ def connect(dashboard: bool = True) -> bool:
     ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", object_store_memory=LOCAL_OBJECT_STORE_BYTES,
              configure_logging=False)
     return True
+
+
+def _forget_dead_local_cluster() -> None:
+    """A local Ray killed with SIGKILL (an OOM kill, a crash) leaves /tmp/ray/ray_current_cluster naming its
+    dead GCS, and ray.init("auto") would wait on it for minutes. When nothing answers there, remove the
+    stale record (logged) so that this job starts a local Ray."""
+    from ray._private.utils import get_ray_address_file, read_ray_address
+
+    recorded, record = read_ray_address(), get_ray_address_file(None)
+    if not recorded:
+        return
+    host, _, port = recorded.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return
+    except (OSError, ValueError):
+        pass
+    log.warning("%s names a Ray cluster at %s that no longer answers (a Ray that was killed?); starting a "
+                "local Ray instead", record, recorded)
+    try:
+        os.remove(record)
+    except OSError:
+        pass

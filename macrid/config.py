@@ -7,6 +7,7 @@ against the dataclass fields before it is built.
 from __future__ import annotations
 
 import dataclasses
+import math
 import inspect
 import io
 import tokenize
@@ -20,6 +21,16 @@ from macrid.errors import ConfigError
 MODELS = ("macridvae", "multvae", "multdae")
 PRECISIONS = ("fp32", "tf32", "bf16")
 DATA_MODES = ("auto", "memory", "cache", "stream", "ray")
+
+
+def _check_ranges(section: str, obj, rules: dict[str, tuple[float, float, bool]]) -> None:
+    """rules: key -> (low, high, high inclusive); low is inclusive. NaN and infinities are out of range."""
+    for key, (lo, hi, hi_inclusive) in rules.items():
+        v = getattr(obj, key)
+        ok = math.isfinite(v) and v >= lo and (v <= hi if hi_inclusive else v < hi)
+        if not ok:
+            upper = f"{hi:g}]" if hi_inclusive else (f"{hi:g})" if math.isfinite(hi) else "inf)")
+            raise ConfigError(f"{section}.{key}={v!r} is out of range: it must lie in [{lo:g}, {upper}")
 
 
 @dataclass(frozen=True)
@@ -65,7 +76,8 @@ class ModelConfig:
             raise ConfigError(f"model.prior={self.prior!r} must be 'standard' or 'composite'")
         if self.similarity not in ("cosine", "inner"):
             raise ConfigError(f"model.similarity={self.similarity!r} must be 'cosine' or 'inner'")
-        if self.tau <= 0 or self.sigma0 <= 0:
+        _check_ranges("model", self, {"hidden": (1, math.inf, False), "proto_init_epoch": (0, math.inf, False)})
+        if not (math.isfinite(self.tau) and math.isfinite(self.sigma0)) or self.tau <= 0 or self.sigma0 <= 0:
             raise ConfigError("model.tau and model.sigma0 must be > 0")
 
 
@@ -102,7 +114,10 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.epochs < 1:
             raise ConfigError("optim.batch_size and optim.epochs must be >= 1")
-        if self.lr <= 0:
+        _check_ranges("optim", self, {"weight_decay": (0, math.inf, False), "beta": (0, math.inf, False),
+                                      "anneal_epochs": (0, math.inf, False), "proposal_alpha": (0, math.inf, False),
+                                      "ema": (0, 1, False)})
+        if not math.isfinite(self.lr) or self.lr <= 0:
             raise ConfigError(f"optim.lr={self.lr} must be > 0")
         if self.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"optim.optimizer={self.optimizer!r} must be 'adam' or 'sgd'")
@@ -129,6 +144,13 @@ class DataConfig:
     # starts (the driver pins it, and a resumed run keeps the version it started on)
     version: str = ""
 
+    def __post_init__(self) -> None:
+        from macrid.data.layout import check_name, check_version
+
+        check_name("dataset", self.dataset)
+        if self.version:
+            check_version(self.version)
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -149,6 +171,9 @@ class RunConfig:
     data: str = "auto"
     memory_budget_gb: float = 4.0  # "auto": the most a worker may hold of the training bags (11 B per interaction, measured)
     metrics_port: int = 0  # Prometheus endpoints: rank r serves on metrics_port + r; 0 = off
+    # the address the endpoints listen on: 0.0.0.0 (all interfaces, so Prometheus can scrape the worker nodes
+    # of a cluster) or 127.0.0.1 (this machine only: a laptop, a shared host)
+    metrics_host: str = "0.0.0.0"
     use_gpu: bool = False  # GPU workers (NCCL); CPU workers use gloo
     # CPUs each Ray Train worker reserves; 0 = 1 on a cluster the job joins, or the machine's CPUs / workers
     # when the job starts its own local Ray (a laptop). torch uses that many threads unless run.threads is set.
@@ -171,6 +196,20 @@ class RunConfig:
             raise ConfigError(f"run.precision={self.precision!r} must be one of {PRECISIONS}")
         if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
             raise ConfigError("run.cpus_per_worker and run.gpus_per_worker must be >= 0")
+        _check_ranges("run", self, {"eval_every": (1, math.inf, False), "eval_users": (0, math.inf, False),
+                                    "threads": (0, math.inf, False), "patience": (0, math.inf, False),
+                                    "max_failures": (0, math.inf, False), "memory_budget_gb": (0, math.inf, False),
+                                    "metrics_port": (0, 65535, True)})
+        if 0 < self.metrics_port < 1024:
+            raise ConfigError(f"run.metrics_port={self.metrics_port} is a privileged port; use 1024 to 65535, "
+                              "or 0 for no metrics")
+        if self.metrics_port + self.num_workers - 1 > 65535:
+            raise ConfigError(f"run.metrics_port={self.metrics_port}: ranks serve on metrics_port + rank, and "
+                              f"{self.num_workers} workers would pass 65535; pick a lower port")
+        if self.name:
+            from macrid.data.layout import check_name
+
+            check_name("run", self.name)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"run.device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
 

@@ -1,8 +1,23 @@
-"""Errors a user can cause. Each message names the file, column or key, and what to do."""
+"""Errors a user can cause. Each message names the file, column or key, and what to do.
+
+Messages never carry credentials: a URL's `user:password@` (an S3 endpoint, a Pushgateway) is shown as
+`user:***@` in every MacridError and wherever `redact` is applied."""
+
+import re
+
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*):[^@\s/]*@")
+
+
+def redact(text: str) -> str:
+    """`scheme://user:secret@host` -> `scheme://user:***@host`, anywhere in text."""
+    return _USERINFO.sub(r"\1:***@", text)
 
 
 class MacridError(Exception):
     """Base class for errors caused by input, configuration or environment."""
+
+    def __str__(self) -> str:
+        return redact(super().__str__())
 
 
 class DataError(MacridError):

@@ -178,9 +178,10 @@ def test_an_empty_shard_is_counted_and_changes_nothing(tmp_path):
     df.write_parquet(tmp_path / "raw" / "part-0.parquet")
     df.head(0).write_parquet(tmp_path / "raw" / "part-1.parquet")
     (tmp_path / "raw" / "part-2.csv").write_text("user_id,item_id\n")
+    (tmp_path / "raw" / "part-3.parquet").write_bytes(b"")  # a 0-byte file: an upload that wrote nothing
     protocol = Protocol(heldout=10, min_rating=None)
     meta = prepare([Source(str(tmp_path / "raw"))], str(tmp_path / "lake"), "e", protocol, partitions=2)
-    assert meta["input"]["files"] == 3 and meta["input"]["rows"] == 3000
+    assert meta["input"]["files"] == 4 and meta["input"]["rows"] == 3000
     ref = reference_tables(df.with_columns(rating=pl.lit(None, pl.Float64)), None, protocol)
     assert_same_tables(written(str(tmp_path / "lake"), "e"), ref)
 
@@ -269,3 +270,29 @@ def test_the_job_runs_on_ray_and_reports_its_counts(tmp_path):
     out = json.loads(done.stdout[done.stdout.index("{"):])
     assert out["input"] == out["input"] | {"files": 3, "rows": 6000, "partitions": 2}
     assert "Traceback" not in done.stderr
+
+
+def test_a_delta_table_is_read_at_its_current_version(tmp_path):
+    """A Delta table as input: the files of its latest version, in name order; an overwritten version's
+    files, still on disk, are not read."""
+    from deltalake import write_deltalake
+
+    rng = np.random.default_rng(6)
+
+    def frame(lo: int) -> pl.DataFrame:
+        return pl.DataFrame({"user_id": rng.integers(lo, lo + 100, 3000), "item_id": rng.integers(0, 250, 3000)})
+
+    table = str(tmp_path / "events")
+    old, new1, new2 = frame(0), frame(1000), frame(2000)
+    write_deltalake(table, old.to_arrow())
+    write_deltalake(table, new1.to_arrow(), mode="overwrite")
+    write_deltalake(table, new2.to_arrow(), mode="append")
+    files = sorted(f for f in os.listdir(table) if f.endswith(".parquet"))
+    assert len(files) == 3  # the overwritten version's file is still there
+    current = [pl.read_parquet(os.path.join(table, f)) for f in files]
+    current = [f for f in current if f["user_id"].min() >= 1000]  # which file holds which frame: by its users
+    protocol = Protocol(heldout=10, min_rating=None)
+    meta = prepare([Source(table)], str(tmp_path / "lake"), "delta", protocol, partitions=2)
+    ref = reference_tables(pl.concat(current).with_columns(rating=pl.lit(None, pl.Float64)), None, protocol)
+    assert meta["input"]["files"] == 2
+    assert_same_tables(written(str(tmp_path / "lake"), "delta"), ref)

@@ -18,7 +18,7 @@ import torch
 
 from macrid.data import lake
 from macrid.errors import DataError
-from macrid.data.prepare import KEEP_VERSIONS, dataset_uri
+from macrid.data.layout import dataset_uri, load_meta, snapshot_uri  # noqa: F401  (load_meta, snapshot_uri: re-exported)
 
 
 @dataclass(frozen=True)
@@ -71,31 +71,6 @@ class Dataset:
     train: CSR | None  # None when the training bags are streamed instead
     val: HeldOut
     test: HeldOut
-
-
-def load_meta(lake_root: str, name: str, version: str = "") -> dict:
-    """The _meta.json of a version of a dataset, or of its current version (the pointer) when version is "".
-
-    Refuses a dataset without it (incomplete or not a dataset), and a version that no longer exists."""
-    uri = dataset_uri(lake_root, name, version)
-    if not lake.exists(f"{uri}/_meta.json"):
-        if version:
-            raise DataError(
-                f"{uri}: version {version} of dataset {name!r} is gone (prepare keeps the newest "
-                f"{KEEP_VERSIONS}); start a new run on the current version")
-        raise DataError(
-            f"{uri}: no _meta.json, so this is not a complete prepared dataset; "
-            f"run `python jobs/prepare.py ... --lake {lake_root} --name {name}` first"
-        )
-    return lake.read_json(f"{uri}/_meta.json")
-
-
-def snapshot_uri(lake_root: str, name: str, version: str = "") -> str:
-    """Where the tables of a version live: its folder; for version "" the current one's (the pointer's),
-    or the dataset's root for a dataset of schema 1, which has no versions."""
-    if not version:
-        version = load_meta(lake_root, name).get("version", "")
-    return dataset_uri(lake_root, name, version)
 
 
 def load_dataset(lake_root: str, name: str, with_train: bool = True, version: str = "") -> Dataset:

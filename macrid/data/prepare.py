@@ -41,6 +41,7 @@ import polars as pl
 import pyarrow.fs as pafs
 
 from macrid.data import lake
+from macrid.data.layout import KEEP_VERSIONS, dataset_uri, is_version  # noqa: F401  (KEEP_VERSIONS re-exported)
 from macrid.data.by_user import read_by_user
 from macrid.data.raw_input import Fragment, Source
 from macrid.data.readers import RawData
@@ -52,7 +53,6 @@ from macrid.errors import DataError
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2  # 2: versioned snapshots behind the _meta.json pointer; 1: tables at the dataset's root
 TRAIN_SHARD_USERS = 100_000
-KEEP_VERSIONS = 3  # a run outlives at most KEEP_VERSIONS - 1 later prepares of its dataset
 
 
 def vocabulary_fingerprint(item_ids: pl.Series) -> str:
@@ -62,12 +62,6 @@ def vocabulary_fingerprint(item_ids: pl.Series) -> str:
         h.update(chunk.encode())
         h.update(b"\x00")
     return h.hexdigest()
-
-
-def dataset_uri(lake_root: str, name: str, version: str = "") -> str:
-    """The dataset's root (where the _meta.json pointer lives), or the folder of one version."""
-    root = lake.join(lake_root, "datasets", name)
-    return lake.join(root, "versions", version) if version else root
 
 
 def prepare(raw: RawData | list[Source], lake_root: str, name: str, protocol: Protocol, overwrite: bool = False,
@@ -265,11 +259,11 @@ def _sum(results: list[dict], keys: tuple[str, ...]) -> dict:
 
 
 def _prune_versions(root: str) -> None:
-    """Delete all but the newest KEEP_VERSIONS versions (names sort by their UTC time)."""
+    """Delete all but the newest KEEP_VERSIONS versions (names sort by their UTC time). Only folders named
+    as prepare names its versions are touched: anything else under versions/ is not ours to delete."""
     fs, path = lake.resolve(f"{root}/versions")
     with lake.explained(root):
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        versions = sorted(i.path for i in infos if i.type == pafs.FileType.Directory
-                          and not i.base_name.startswith("."))
+        versions = sorted(i.path for i in infos if i.type == pafs.FileType.Directory and is_version(i.base_name))
         for old in versions[:-KEEP_VERSIONS]:
             fs.delete_dir(old)

@@ -202,6 +202,8 @@ def _batches(frag: Fragment) -> Iterator[pl.DataFrame]:
         df = df.rename({"user_id": frag.user_col, "item_id": frag.item_col, "rating": "__rating"})
         yield df if df["__rating"].null_count() < df.height else df.drop("__rating")  # implicit formats
         return
+    if frag.size == 0:
+        return  # a 0-byte file is an empty shard (counted in the input's files, no rows)
     fs, path = lake.resolve(frag.uri)
     try:
         with lake.explained(frag.uri):
@@ -213,11 +215,13 @@ def _batches(frag: Fragment) -> Iterator[pl.DataFrame]:
                     yield _polars(frag, rb)
             else:
                 compression = "gzip" if path.lower().endswith(".gz") else None
+                with fs.open_input_stream(path, compression=compression) as f:  # the header, from a small block
+                    header = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 16)).schema.names
+                _check_columns(frag, wanted, header)
                 with fs.open_input_stream(path, compression=compression) as f:
                     reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=64 << 20),
                                             convert_options=pacsv.ConvertOptions(
-                                                column_types={c: pa.string() for c in wanted}))
-                    _check_columns(frag, wanted, reader.schema.names)
+                                                include_columns=wanted, column_types={c: pa.string() for c in wanted}))
                     for rb in reader:
                         yield _polars(frag, rb.select(wanted))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, EOFError) as e:

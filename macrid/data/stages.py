@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from macrid.data import lake
+from macrid.data import lake, layout
 from macrid.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class Scratch:
     """A job's private folder in the lake, deleted when the job ends (`<lake>/_scratch/<job>-<id>/`)."""
 
     def __init__(self, lake_root: str, job: str) -> None:
-        self.root = lake.join(lake_root, "_scratch", f"{job}-{uuid.uuid4().hex[:12]}")
+        self.root = layout.scratch_uri(lake_root, f"{job}-{uuid.uuid4().hex[:12]}")
 
     def uri(self, *parts: str) -> str:
         return lake.join(self.root, *parts)

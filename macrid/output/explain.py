@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from macrid.data import lake
+from macrid.data import lake, layout
 from macrid.data.batches import snapshot_uri
 from macrid.errors import CheckpointError, ConfigError, DataError
 from macrid.output.published import published_run
@@ -83,7 +83,7 @@ class ExportedRun(Run):
         table = delta.open_table(items_uri)
         if table is None:
             raise CheckpointError(f"{items_uri}: no export table; run jobs/export.py --lake {lake_root} --name {name} "
-                                  f"first (ls {export_uri(lake_root, '')})")
+                                  f"first (ls {layout.exports_uri(lake_root)})")
         meta = delta.last_commit(items_uri)
         if "model" not in meta:
             raise CheckpointError(f"{items_uri}: the latest commit has no model metadata (tau); it predates "

@@ -28,13 +28,14 @@ import pyarrow as pa
 import torch
 
 from macrid.output import delta
-from macrid.data import lake
+from macrid.data import lake, layout
 from macrid.data.batches import snapshot_uri
 from macrid.errors import ConfigError, DataError
 from macrid.output.export_input import Source, is_dataset, merge_heldout, prepared, raw
 from macrid.model.vae import MacridVAE
 from macrid.output.published import published_run
-from macrid.training.train import MODEL_FILE, load_model
+from macrid.training.run_folder import MODEL_FILE
+from macrid.training.train import load_model
 
 SCHEMA_VERSION = 1
 TABLES = ("user_components", "recommendations", "item_concepts", "prototypes")
@@ -61,7 +62,7 @@ class ExportSpec:
 
 
 def export_uri(lake_root: str, name: str, table: str = "") -> str:
-    return lake.join(lake_root, "exports", name, table)
+    return layout.export_uri(lake_root, name, table)
 
 
 def export(spec: ExportSpec, progress: bool = True) -> dict:
@@ -120,8 +121,8 @@ def _checked(spec: ExportSpec) -> ExportSpec:
         datetime.date.fromisoformat(date)
     except ValueError:
         raise ConfigError(f"--date {date!r} is not a date; pass YYYY-MM-DD, e.g. 2026-11-28") from None
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", spec.name):
-        raise ConfigError(f"--name {spec.name!r}: use letters, digits, '.', '_' and '-' only (it names a folder)")
+    layout.check_name("export", spec.name)
+    layout.check_name("run", spec.run)
     if spec.top_n < 0 or spec.workers < 1 or spec.batch_size < 1:
         raise ConfigError("--top-n must be >= 0, --workers and --batch-size >= 1")
     lake_root = spec.lake if lake.is_s3(spec.lake) else os.path.abspath(spec.lake)
@@ -130,7 +131,7 @@ def _checked(spec: ExportSpec) -> ExportSpec:
 
 
 def _run_uri(spec: ExportSpec) -> str:
-    return lake.join(spec.lake, "runs", spec.run)
+    return layout.run_uri(spec.lake, spec.run)
 
 
 def _source(spec: ExportSpec, fingerprint: str, vocab: pl.DataFrame, run_record: dict, stage: str) -> Source:

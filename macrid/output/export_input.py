@@ -21,10 +21,10 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from macrid.data import lake
+from macrid.data import lake, layout
 from macrid.data.batches import load_meta, snapshot_uri
 from macrid.errors import CheckpointError, DataError
-from macrid.data.prepare import dataset_uri
+from macrid.data.layout import dataset_uri
 from macrid.data.by_user import read_by_user
 from macrid.data.raw_input import Source as RawSource
 from macrid.data.stages import Scratch, Stages, read_frame
@@ -41,7 +41,7 @@ class Source:
 
 
 def is_dataset(lake_root: str, name: str) -> bool:
-    return "/" not in name and lake.exists(f"{dataset_uri(lake_root, name)}/_meta.json")
+    return layout.is_dataset(lake_root, name)
 
 
 def prepared(lake_root: str, name: str, fingerprint: str) -> Source:

@@ -18,7 +18,7 @@ import io
 import numpy as np
 import polars as pl
 
-from macrid.data import lake
+from macrid.data import lake, layout
 from macrid.data.batches import snapshot_uri
 from macrid.output.explain import Run, traversal
 from macrid.output.alignment import genre_alignment
@@ -194,7 +194,7 @@ def _page(title: str, body: str) -> str:
 
 def write(lake_root: str, run_name: str) -> str:
     """Build the report and write it to <lake>/runs/<run>/report.html; returns its URI."""
-    uri = lake.join(lake_root, "runs", run_name, "report.html")
+    uri = lake.join(layout.run_uri(lake_root, run_name), "report.html")
     lake.write_bytes(uri, build(lake_root, run_name).encode())
     return uri
 

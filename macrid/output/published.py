@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import polars as pl
 
-from macrid.data import lake
+from macrid.data import lake, layout
 from macrid.data.batches import load_meta, snapshot_uri
 from macrid.errors import CheckpointError, DataError
 from macrid.model.vae import MacridVAE
-from macrid.training.train import MODEL_FILE, RUN_FILE, load_model
+from macrid.training.run_folder import MODEL_FILE, RUN_FILE
+from macrid.training.train import load_model
 
 
 def published_run(lake_root: str, run_name: str) -> tuple[MacridVAE, dict, pl.DataFrame, dict]:
     """The run's published best model, and the vocabulary (item_idx, item_id, title) it was trained on."""
-    run = lake.join(lake_root, "runs", run_name)
+    run = layout.run_uri(lake_root, run_name)
     if not lake.exists(lake.join(run, MODEL_FILE)):
         raise CheckpointError(
             f"{run}: no {MODEL_FILE}, so the run has no published best model (it is missing, still training, or "

@@ -18,11 +18,12 @@ import os
 import time
 
 from macrid.cluster import connect
-from macrid.data import lake
+from macrid.data import lake, layout
 from macrid.config import Config
 from macrid.errors import ConfigError, DataError, MacridError
 from macrid.training.session import SCORE, STATE_FILE, RaySession
-from macrid.training.train import finish, fit, has_run, pin_run, run_uri
+from macrid.training.run_folder import has_run, pin_run, run_uri
+from macrid.training.train import finish, fit
 
 DEFAULT_CLUSTER_CPUS_PER_WORKER = 1.0
 CACHED_BYTES_PER_INTERACTION = 11  # peak RSS of a cached share over a streamed one, measured (throughput.md)
@@ -128,7 +129,7 @@ def launch(cfg: Config, callbacks: list | None = None) -> dict:
     datasets = {}
     if run.data in RAY_DATA_MODES:
         datasets["train"] = train_dataset(cfg.data.lake, cfg.data.dataset, cfg.data.version)
-    fs, runs_path = lake.resolve(lake.join(cfg.data.lake, "runs"))
+    fs, runs_path = lake.resolve(layout.runs_uri(cfg.data.lake))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),

@@ -23,7 +23,7 @@ import dataclasses
 import math
 import tempfile
 
-from macrid.data import lake
+from macrid.data import lake, layout
 from macrid.config import Config, to_toml
 from macrid.errors import ConfigError
 from macrid.training.search_space import apply
@@ -66,7 +66,7 @@ def size_local_trials(cfg: Config, concurrent: int) -> Config:
 
 
 def sweep_uri(cfg: Config, name: str) -> str:
-    return lake.join(cfg.data.lake, "runs", name)
+    return layout.run_uri(cfg.data.lake, name)
 
 
 def trial(params: dict) -> None:
@@ -75,7 +75,7 @@ def trial(params: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from macrid.training.launch import launch
-    from macrid.training.train import RAY_SNAPSHOT, run_uri
+    from macrid.training.run_folder import RAY_SNAPSHOT, run_uri
 
     base = Config.from_dict(params.pop("base"), source="sweep base")
     sweep = params.pop("sweep")

@@ -1,4 +1,6 @@
-"""Prometheus metrics for training, served over HTTP by every rank: rank r on `run.metrics_port + r`.
+"""Prometheus metrics for training, served over HTTP by every rank: rank r on `run.metrics_port + r`, at
+`run.metrics_host` (default 0.0.0.0: on a cluster, Prometheus scrapes each worker node from outside it;
+use 127.0.0.1 on a laptop or a shared machine). A taken port moves to the next free one, logged.
 
 Per-rank endpoints rather than `ray.util.metrics`: they need no Ray metrics agent (the same code
 serves in-process runs), scrape within a second of a change, and a rank that stalls shows as one
@@ -13,9 +15,14 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, start_http_server
 
+from macrid.errors import ConfigError
+
+
+PORT_TRIES = 16  # a taken port moves the endpoint up to this many ports higher (logged)
+
 
 class TrainMetrics:
-    def __init__(self, port: int, run: str, rank: int = 0):
+    def __init__(self, port: int, run: str, rank: int = 0, host: str = "0.0.0.0"):
         self.registry = CollectorRegistry()
         labels = {"run": run, "rank": str(rank)}
 
@@ -33,7 +40,7 @@ class TrainMetrics:
         self.beta = make(Gauge, "macrid_train_beta", "current KL weight")
         self.val_ndcg = make(Gauge, "macrid_train_val_ndcg_at_100", "validation NDCG@100 of the last evaluation "
                                                                    "(rank 0)")
-        self.server, self.thread = start_http_server(port, addr="0.0.0.0", registry=self.registry)
+        self.server, self.thread, self.port = _serve(port, host, self.registry, rank)
 
     def on_step(self, users: int) -> None:
         """Host-side counters only: nothing here reads a device tensor."""
@@ -54,6 +61,26 @@ class TrainMetrics:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _serve(port: int, host: str, registry: CollectorRegistry, rank: int):
+    """Serve on host:port, or the next free port when it is taken (logged, so the scrape config can follow)."""
+    import logging
+
+    for candidate in range(port, min(port + PORT_TRIES, 65536)):
+        try:
+            server, thread = start_http_server(candidate, addr=host, registry=registry)
+        except OSError as e:
+            if e.errno not in (98, 48):  # EADDRINUSE on Linux, macOS
+                raise ConfigError(f"run.metrics_host={host!r}, run.metrics_port={port}: cannot serve metrics "
+                                  f"({e}); pass an address of this machine, or 0.0.0.0") from None
+            continue
+        if candidate != port:
+            logging.getLogger(__name__).warning("rank %d: metrics port %d is taken; serving Prometheus metrics on "
+                                                "%s:%d instead", rank, port, host, candidate)
+        return server, thread, candidate
+    raise ConfigError(f"run.metrics_port={port}: ports {port} to {port + PORT_TRIES - 1} are all taken on this "
+                      "machine; pick another --metrics-port")
 
 
 EXPORT_JOB = "macrid_export"

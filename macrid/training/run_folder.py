@@ -1,0 +1,63 @@
+"""A run's folder in the lake: its fixed file names, the record of what it trains on (run.json), and
+whether it already holds a run. Paths come from the lake's layout (macrid/data/layout.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from macrid.config import Config
+from macrid.data import lake, layout
+from macrid.data.layout import load_meta
+from macrid.errors import CheckpointError, ConfigError
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+MODEL_FILE = "model.pt"  # the published best model: evaluation weights, config, vocabulary
+RUN_FILE = "run.json"  # what the run trains on: dataset, vocabulary fingerprint, runner (ray or in-process)
+
+
+def run_uri(cfg: Config) -> str:
+    return layout.run_uri(cfg.data.lake, cfg.run.name)
+
+
+def has_run(cfg: Config) -> bool:
+    """Whether the run folder already holds a run (Ray's or in-process); refused unless run.resume is set."""
+    run = run_uri(cfg)
+    if not (lake.exists(f"{run}/{RAY_SNAPSHOT}") or lake.exists(f"{run}/checkpoints/latest.pt")):
+        return False
+    if not cfg.run.resume:
+        raise ConfigError(f"{run} already holds a run; pass --resume to continue it or pick another "
+                          "--set run.name=...")
+    return True
+
+
+def pin_run(cfg: Config, runner: str) -> tuple[Config, dict]:
+    """Pin the dataset version the run reads and record what it trains on (run.json), or check a resume.
+
+    runner: "ray" or "in-process". A new run pins the current version of its dataset; a resumed run
+    keeps the version it started on, even after `prepare --overwrite` published another. Checked on
+    the driver before any worker starts, so a wrong resume fails at once with the cause instead of
+    inside every worker (where Ray would retry it). Returns the pinned config and the version's meta.
+    """
+    path = lake.join(run_uri(cfg), RUN_FILE)
+    claimed = lake.read_json(path) if lake.exists(path) else None
+    if claimed is not None and claimed["dataset"] != cfg.data.dataset:
+        raise CheckpointError(
+            f"{run_uri(cfg)}: trained on dataset {claimed['dataset']!r} (item vocabulary "
+            f"{claimed['vocabulary_fingerprint'][:12]}) but data.dataset={cfg.data.dataset!r}; resume it on the "
+            "same dataset, or start a new run with --set run.name=...")
+    version = cfg.data.version or (claimed or {}).get("version") or \
+        load_meta(cfg.data.lake, cfg.data.dataset).get("version", "")
+    meta = load_meta(cfg.data.lake, cfg.data.dataset, version)
+    fingerprint = meta["vocabulary_fingerprint"]
+    if claimed is None:
+        lake.write_json(path, {"dataset": cfg.data.dataset, "version": version, "vocabulary_fingerprint": fingerprint,
+                               "runner": runner, "model": cfg.model.name})
+    elif claimed["vocabulary_fingerprint"] != fingerprint:
+        raise CheckpointError(
+            f"{run_uri(cfg)}: trained on item vocabulary {claimed['vocabulary_fingerprint'][:12]} but version "
+            f"{version!r} of {cfg.data.dataset!r} has {fingerprint[:12]}; start a new run with --set run.name=...")
+    elif claimed["runner"] != runner:
+        how = "jobs/train.py --resume" if claimed["runner"] == "ray" else "jobs/train.py --in-process --resume"
+        raise ConfigError(f"{run_uri(cfg)} was trained {'under Ray Train' if claimed['runner'] == 'ray' else 'in-process'}"
+                          f"; its checkpoints are kept that way, so continue it with {how}")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, version=version)), meta

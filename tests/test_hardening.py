@@ -1,0 +1,173 @@
+"""Hardening (issue 24): names stay inside the lake at every entry point, on disk and on S3; credentials
+never appear in messages; bad values get an error that names them; metrics endpoints take a host and
+survive a taken port."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import urllib.request
+
+import pytest
+
+from conftest import ROOT
+
+BAD_NAMES = ["../../x", "..", "", "a/b", ".hidden", "x$y", "a..b"]
+
+
+def job(name: str):
+    """jobs/<name>.py as a module, so its main(argv) runs in this process."""
+    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def entry_points(lake: str, bad: str, raw: str) -> list[tuple[str, list[str]]]:
+    return [
+        ("prepare", ["--local", "--input", raw, "--lake", lake, "--name", bad]),
+        ("train", ["--lake", lake, "--in-process", "--set", f"run.name={bad!r}"]),
+        ("train", ["--lake", lake, "--in-process", "--set", f"data.dataset={bad!r}"]),
+        ("baselines", ["--lake", lake, "--dataset", bad]),
+        ("tune", ["--lake", lake, "--name", bad, "--samples", "1"]),
+        ("export", ["--lake", lake, "--run", "r", "--input", "d", "--name", bad]),
+        ("export", ["--lake", lake, "--run", bad, "--input", "d", "--name", "nightly"]),
+        ("explain", ["--lake", lake, "--run", bad, "report"]),
+        ("explain", ["--lake", lake, "--export", bad, "steer", "--user", "1"]),
+    ]
+
+
+def files_under(root: str) -> set[str]:
+    return {os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs}
+
+
+@pytest.fixture(scope="module")
+def raw_csv(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("raw") / "events.csv"
+    path.write_text("user_id,item_id\n" + "".join(f"{u},{i}\n" for u in range(30) for i in range(u % 5, u % 5 + 8)))
+    return str(path)
+
+
+@pytest.mark.parametrize("bad", BAD_NAMES)
+def test_bad_names_are_refused_at_every_entry_point_on_disk(tmp_path, capsys, raw_csv, bad):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not the lake's")
+    lake = tmp_path / "outside" / "a" / "lake"
+    before = files_under(str(tmp_path))
+    for name, argv in entry_points(str(lake), bad, raw_csv):
+        rc = job(name).main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2, (name, argv, err)
+        assert "is not allowed" in err and repr(bad) in err, (name, argv, err)
+        assert "Traceback" not in err
+    assert files_under(str(tmp_path)) == before, "a refused name wrote files"
+
+
+@pytest.mark.parametrize("bad", ["../x", ".."])
+def test_bad_names_are_refused_on_s3(s3_endpoint, capsys, raw_csv, bad):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+
+    def keys() -> set[str]:
+        return {o["Key"] for o in s3.list_objects_v2(Bucket="lake").get("Contents", [])}
+
+    before = keys()
+    for name, argv in entry_points("s3://lake/hardening", bad, raw_csv):
+        rc = job(name).main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2 and "is not allowed" in err, (name, argv, err)
+    assert keys() == before
+
+
+def test_prune_touches_only_version_folders(tmp_path):
+    """Old versions are deleted by their name pattern: a foreign folder under versions/ is left alone."""
+    import polars as pl
+
+    from macrid.data.prepare import KEEP_VERSIONS, prepare
+    from macrid.data.readers import RawData
+    from macrid.data.split import Protocol
+
+    df = pl.DataFrame({"user_id": [u for u in range(40) for _ in range(6)],
+                       "item_id": [(u + i) % 30 for u in range(40) for i in range(6)],
+                       "rating": [None] * 240}, schema_overrides={"rating": pl.Float64})
+    lake = str(tmp_path / "lake")
+    foreign = tmp_path / "lake" / "datasets" / "d" / "versions" / "0000-not-a-version"
+    for i in range(KEEP_VERSIONS + 2):
+        prepare(RawData(df, None, "t", "table"), lake, "d", Protocol(heldout=3), overwrite=i > 0)
+        if i == 0:
+            foreign.mkdir()
+            (foreign / "data.txt").write_text("someone else's")
+    versions = sorted(p.name for p in foreign.parent.iterdir())
+    assert "0000-not-a-version" in versions and (foreign / "data.txt").exists()
+    assert len(versions) == KEEP_VERSIONS + 1
+
+
+def test_credentials_in_endpoints_are_redacted(tmp_path, monkeypatch, capsys, raw_csv):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://keyid:SECRET-AWS-7f3a@127.0.0.1:{port}")
+    monkeypatch.setenv("MACRID_S3_RETRIES", "1")
+    rc = job("prepare").main(["--local", "--input", raw_csv, "--lake", "s3://lake/x", "--name", "d"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "keyid:***@127.0.0.1" in err and "SECRET-AWS-7f3a" not in err
+    export = job("export")
+    export._push(f"http://u:SECRET-PG-91c2@127.0.0.1:{port}", "nightly", None, 1.0)
+    err = capsys.readouterr().err
+    assert "u:***@127.0.0.1" in err and "SECRET-PG-91c2" not in err
+
+
+BAD_CONFIG = [
+    ("optim.lr=nan", "optim.lr=nan"), ("optim.lr=inf", "optim.lr=inf"), ("optim.lr=0", "optim.lr=0"),
+    ("model.tau=nan", "model.tau"), ("model.sigma0=inf", "model.sigma0"), ("model.sigma0=-1", "model.sigma0"),
+    ("optim.beta=-1", "optim.beta=-1"), ("optim.ema=2.0", "optim.ema=2.0"), ("optim.ema=-0.5", "optim.ema=-0.5"),
+    ("run.eval_every=0", "run.eval_every=0"), ("run.eval_users=-1", "run.eval_users=-1"),
+    ("run.threads=-1", "run.threads=-1"), ("run.metrics_port=-5", "run.metrics_port=-5"),
+    ("run.metrics_port=70000", "run.metrics_port=70000"), ("run.metrics_port=80", "privileged"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"), ("optim.anneal_epochs=nan", "optim.anneal_epochs"),
+    ("run.memory_budget_gb=0", "run.memory_budget_gb"), ("run.patience=-2", "run.patience"),
+    ("model.dropout=1.0", "model.dropout"), ("model.K=0", "model.K"), ("run.max_failures=-1", "run.max_failures"),
+    ('data.version="latest"', "dataset version 'latest'"), ("optim.proposal_alpha=-1", "optim.proposal_alpha"),
+]
+
+
+@pytest.mark.parametrize("override,words", BAD_CONFIG)
+def test_bad_config_values_are_named(tmp_path, capsys, override, words):
+    rc = job("train").main(["--lake", str(tmp_path / "lake"), "--in-process", "--set", override])
+    err = capsys.readouterr().err
+    assert rc == 2 and words in err and "Traceback" not in err, err
+    assert not (tmp_path / "lake").exists()
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--heldout", "nan"], "--heldout nan"), (["--heldout", "-3"], "--heldout -3"),
+    (["--min-user-items", "0"], "--min-user-items 0"), (["--min-rating", "inf"], "--min-rating inf"),
+    (["--partitions", "0"], "--partitions 0"),
+])
+def test_bad_prepare_values_are_named(tmp_path, capsys, raw_csv, argv, words):
+    rc = job("prepare").main(["--local", "--input", raw_csv, "--lake", str(tmp_path / "lake"), "--name", "d", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and words in err, err
+    assert not (tmp_path / "lake").exists()
+
+
+def test_metrics_take_a_host_and_move_off_a_taken_port():
+    from macrid.errors import ConfigError
+    from macrid.training.telemetry import TrainMetrics
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        metrics = TrainMetrics(port, "r", rank=0, host="127.0.0.1")
+        try:
+            assert metrics.port != port
+            body = urllib.request.urlopen(f"http://127.0.0.1:{metrics.port}/metrics", timeout=5).read().decode()
+            assert 'macrid_train_steps_total{rank="0",run="r"}' in body
+        finally:
+            metrics.close()
+    with pytest.raises(ConfigError, match="metrics_host='192.0.2.1'"):
+        TrainMetrics(port, "r", rank=0, host="192.0.2.1")  # TEST-NET-1: never an address of this machine
