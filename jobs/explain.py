@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from macrid.errors import ConfigError, MacridError
@@ -58,10 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from macrid.output.explain import ExportedRun, Run, steering, traversal
 
+    edits = [_edit(e) for e in getattr(args, "set", [])]  # malformed values stop here, before a run is read
+    weights = dict(_weight(w) for w in getattr(args, "weight", []))
     try:
-        if args.command == "report" and args.export:
+        _check_ranges(args)
+        if args.command == "report" and args.export is not None:
             raise ConfigError("report needs --run (it reads the run's metrics and learning curve)")
-        run = ExportedRun(args.lake, args.export, args.date) if args.export else Run(args.lake, args.run)
+        run = ExportedRun(args.lake, args.export, args.date) if args.export is not None else Run(args.lake, args.run)
         if args.command == "report":
             from macrid.output.html_report import write
 
@@ -70,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "traverse":
             out = traversal(run, args.dim, args.item, args.user, args.component, args.steps, args.gamma, args.beam)
         else:
-            out = steering(run, args.user, [_edit(e) for e in args.set], dict(_weight(w) for w in args.weight),
-                           args.top_n)
+            out = steering(run, args.user, edits, weights, args.top_n)
     except MacridError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -79,21 +82,37 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Counts are at least 1 (a zero beam or -5 items has no meaning); --gamma is a finite number."""
+    for flag in ("steps", "beam", "top_n"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} {value} must be at least 1")
+    if getattr(args, "gamma", None) is not None and not math.isfinite(args.gamma):
+        raise ConfigError(f"--gamma {args.gamma} must be a finite number")
+
+
 def _edit(text: str) -> tuple[int, int, float]:
     try:
         kj, value = text.split("=")
         k, j = kj.split(":")
-        return int(k), int(j), float(value)
+        k, j, v = int(k), int(j), float(value)
     except ValueError:
         raise SystemExit(f"error: --set {text!r}: write K:J=VALUE, e.g. --set 2:7=0.4") from None
+    if not math.isfinite(v):
+        raise SystemExit(f"error: --set {text!r}: the value must be a finite number")
+    return k, j, v
 
 
 def _weight(text: str) -> tuple[int, float]:
     try:
         k, w = text.split("=")
-        return int(k), float(w)
+        k, w = int(k), float(w)
     except ValueError:
         raise SystemExit(f"error: --weight {text!r}: write K=W, e.g. --weight 5=0") from None
+    if not math.isfinite(w) or w < 0:
+        raise SystemExit(f"error: --weight {text!r}: a concept's weight is a finite number >= 0")
+    return k, w
 
 
 def _text(out: dict) -> str:

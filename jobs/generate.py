@@ -18,7 +18,7 @@ import json
 import sys
 import time
 
-from macrid.errors import MacridError
+from macrid.errors import ConfigError, MacridError
 from macrid.data.synthetic import CHUNK_USERS, SyntheticSpec, write_shards
 
 
@@ -33,10 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk-users", type=int, default=CHUNK_USERS, help="users per shard (memory per chunk)")
     args = p.parse_args(argv)
-    spec = SyntheticSpec(n_users=args.users, n_items=args.items, K=args.K, zipf=args.zipf,
-                         mean_items=args.mean_items, seed=args.seed)
     t0 = time.perf_counter()
     try:
+        spec = SyntheticSpec(n_users=args.users, n_items=args.items, K=args.K, zipf=args.zipf,
+                             mean_items=args.mean_items, seed=args.seed)
+        if args.chunk_users < 1:
+            raise ConfigError(f"--chunk-users {args.chunk_users} must be at least 1")
         counts = write_shards(spec, args.out, args.chunk_users)
     except MacridError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -24,6 +24,7 @@ import os
 import sys
 
 from macrid.config import load_config
+from macrid.data.layout import check_name
 from macrid.errors import MacridError
 from macrid.training.search_space import load_space
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         from macrid.training.sweep import run_sweep
 
         cfg = prepare_lake(cfg)
-        name = args.name or f"tune-{cfg.data.dataset}-{cfg.model.name}"
+        name = f"tune-{cfg.data.dataset}-{cfg.model.name}" if args.name is None else check_name("sweep", args.name)
         summary = run_sweep(cfg, space, name, args.samples, args.concurrent, args.grace_epochs, args.resume)
     except MacridError as e:
         print(f"error: {e}", file=sys.stderr)

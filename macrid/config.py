@@ -200,6 +200,8 @@ class RunConfig:
                                     "threads": (0, math.inf, False), "patience": (0, math.inf, False),
                                     "max_failures": (0, math.inf, False), "memory_budget_gb": (0, math.inf, False),
                                     "metrics_port": (0, 65535, True)})
+        if self.memory_budget_gb <= 0:
+            raise ConfigError(f"run.memory_budget_gb={self.memory_budget_gb} must be > 0 (GB a worker may hold)")
         if 0 < self.metrics_port < 1024:
             raise ConfigError(f"run.metrics_port={self.metrics_port} is a privileged port; use 1024 to 65535, "
                               "or 0 for no metrics")

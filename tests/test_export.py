@@ -338,3 +338,20 @@ def test_explain_reads_the_export_tables_and_agrees_with_the_checkpoint(local_ru
         ExportedRun(local_run, "explained", "2020-01-01")
     with pytest.raises(CheckpointError, match="jobs/export.py"):
         ExportedRun(local_run, "no-such-export")
+
+
+def test_top_n_at_the_catalogue_size_never_recommends_a_users_own_items(local_run):
+    """--top-n M: each user gets the M - |u| items it does not have, ranks 1.. without a gap, none of its own."""
+    items = pl.from_arrow(pq.read_table(f"{_snapshot(local_run)}/items")).sort("item_idx")
+    M = items.height
+    export(ExportSpec(lake=local_run, run="r", input="ml-100k", name="all-items", date="2026-11-28", top_n=M),
+           progress=False)
+    recs = read(local_run, "all-items", "recommendations")
+    bags = all_bags(local_run)
+    index = dict(zip(items["item_id"].to_list(), items["item_idx"].to_list()))
+    for user, rows in list(recs.group_by("user_id"))[:50]:
+        own = set(bags[user[0]].tolist())
+        got = [index[i] for i in rows.sort("rank")["item_id"].to_list()]
+        assert len(got) == M - len(own) and not own & set(got)
+        assert rows["rank"].sort().to_list() == list(range(1, M - len(own) + 1))
+        assert np.isfinite(rows["score"].to_numpy()).all()

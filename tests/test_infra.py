@@ -12,6 +12,7 @@ import json
 import shlex
 import subprocess
 
+import pytest
 import yaml
 
 from conftest import ROOT, system_binary
@@ -133,3 +134,47 @@ def test_iam_policy_grants_the_lake_operations_and_nothing_wider():
         assert all(r.startswith("arn:aws:s3:::<bucket>") for r in resources)
         if "s3:PutObject" in s["Action"] or "s3:DeleteObject" in s["Action"]:
             assert resources == ["arn:aws:s3:::<bucket>/macrid/*"]  # writes only under the lake
+
+
+def test_the_rayjob_template_keeps_the_operators_rules():
+    """KubeRay (>= 1.4) refuses ttlSecondsAfterFinished unless shutdownAfterJobFinishes is true, and a RayJob
+    on an existing cluster (clusterSelector) cannot shut it down: the template must set neither combination."""
+    import yaml
+
+    manifests = dict(((d["kind"], d["metadata"]["name"]), d) for _, d in all_manifests())
+    job = yaml.safe_load(manifests[("ConfigMap", "macrid-export-rayjob")]["data"]["rayjob.yaml"])
+    spec = job["spec"]
+    if "ttlSecondsAfterFinished" in spec:
+        assert spec.get("shutdownAfterJobFinishes") is True
+    if spec.get("clusterSelector"):
+        assert not spec.get("shutdownAfterJobFinishes")
+
+
+@pytest.mark.parametrize("phase,status,rc", [("Complete", "SUCCEEDED", 0), ("Complete", "FAILED", 1),
+                                            ("Failed", "FAILED", 1), ("ValidationFailed", "", 1)])
+def test_the_submit_script_stops_waiting_on_every_end_state(tmp_path, phase, status, rc):
+    """The CronJob's script with a kubectl on PATH that answers with a fixed RayJob state: it ends at once
+    with the right exit status instead of waiting out its deadline."""
+    import subprocess
+
+    manifests = dict(((d["kind"], d["metadata"]["name"]), d) for _, d in all_manifests())
+    pod = manifests[("CronJob", "macrid-nightly-export")]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    script = pod["containers"][0]["args"][0]
+    template = manifests[("ConfigMap", "macrid-export-rayjob")]["data"]["rayjob.yaml"]
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "rayjob.yaml").write_text(template)
+    script = script.replace("/templates/", f"{tmp_path}/templates/")
+    fake = tmp_path / "bin" / "kubectl"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho \"$@\" >> \"$KUBECTL_LOG\"\n"
+                    "case \"$*\" in *jobDeploymentStatus*) printf %s \"$PHASE\";; *jobStatus*) printf %s \"$STATUS\";;"
+                    " *apply*) cat > /dev/null;; esac\n")
+    fake.chmod(0o755)
+    log = tmp_path / "kubectl.log"
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "PHASE": phase, "STATUS": status, "KUBECTL_LOG": str(log),
+           "EXPORT_DATE": "2026-11-28", "WAIT_SECONDS": "20", "POLL_SECONDS": "1"}
+    done = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == rc, done.stdout + done.stderr
+    calls = log.read_text()
+    assert "delete rayjob/macrid-export-2026-11-20 --ignore-not-found" in calls
+    assert f"export 2026-11-28: {phase}" in done.stdout

@@ -44,6 +44,20 @@ class SyntheticSpec:
     max_user_categories: int = 3
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        from macrid.errors import ConfigError
+
+        for key in ("n_users", "n_items", "K", "factors", "min_items", "max_items", "max_user_categories"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"synthetic {key}={getattr(self, key)} must be at least 1")
+        for key in ("zipf", "taste", "mean_items"):
+            if not np.isfinite(getattr(self, key)) or getattr(self, key) < 0:
+                raise ConfigError(f"synthetic {key}={getattr(self, key)} must be a finite number >= 0")
+        if self.min_items > self.max_items:
+            raise ConfigError(f"synthetic min_items={self.min_items} is above max_items={self.max_items}")
+        if self.K > self.n_items:
+            raise ConfigError(f"synthetic K={self.K} categories need at least as many items (n_items={self.n_items})")
+
 
 OVERSAMPLE = 3  # popularity draws per kept item, before the taste selection
 CHUNK_USERS = 50_000  # users generated at once: ~40 x 3 x 50k draws, a few hundred MB at most

@@ -61,6 +61,9 @@ class ExportSpec:
     fail_after_batches: int = 0  # fault injection (tests): each actor raises after this many batches
 
 
+MAX_TOP_N = 32_767  # the rank column is int16 (schema version 1 of the tables)
+
+
 def export_uri(lake_root: str, name: str, table: str = "") -> str:
     return layout.export_uri(lake_root, name, table)
 
@@ -125,6 +128,9 @@ def _checked(spec: ExportSpec) -> ExportSpec:
     layout.check_name("run", spec.run)
     if spec.top_n < 0 or spec.workers < 1 or spec.batch_size < 1:
         raise ConfigError("--top-n must be >= 0, --workers and --batch-size >= 1")
+    if spec.top_n > MAX_TOP_N:
+        raise ConfigError(f"--top-n {spec.top_n} is more than the recommendations table's int16 rank holds "
+                          f"({MAX_TOP_N}); pass at most {MAX_TOP_N}")
     lake_root = spec.lake if lake.is_s3(spec.lake) else os.path.abspath(spec.lake)
     lake.check_root(lake_root)
     return ExportSpec(**(asdict(spec) | {"date": date, "lake": lake_root}))
@@ -261,12 +267,13 @@ def components_table(user_ids: pa.Array, mu: torch.Tensor, share: torch.Tensor) 
 def recommendations_table(user_ids: pa.Array, item_ids: pa.Array, out) -> pa.Table:
     """One row per (user, rank): user_id, rank (1 = best), item_id, score (log A_ui), concept."""
     B, N = out.top_items.shape
+    keep = out.top_valid.cpu().numpy().reshape(-1)  # (B*N,) a user's own items are never recommended
     return pa.table({
-        "user_id": pa.array(user_ids).take(pa.array(np.repeat(np.arange(B), N))),
-        "rank": pa.array(np.tile(np.arange(1, N + 1, dtype=np.int16), B)),
-        "item_id": item_ids.take(pa.array(out.top_items.cpu().numpy().reshape(-1))),
-        "score": pa.array(out.top_scores.float().cpu().numpy().reshape(-1)),
-        "concept": pa.array(out.top_concepts.cpu().numpy().reshape(-1).astype(np.int16)),
+        "user_id": pa.array(user_ids).take(pa.array(np.repeat(np.arange(B), N)[keep])),
+        "rank": pa.array(np.tile(np.arange(1, N + 1, dtype=np.int16), B)[keep]),
+        "item_id": item_ids.take(pa.array(out.top_items.cpu().numpy().reshape(-1)[keep])),
+        "score": pa.array(out.top_scores.float().cpu().numpy().reshape(-1)[keep]),
+        "concept": pa.array(out.top_concepts.cpu().numpy().reshape(-1).astype(np.int16)[keep]),
     })
 
 

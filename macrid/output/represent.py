@@ -29,6 +29,9 @@ class Users:
     top_items: torch.Tensor | None = None  # (B, N) item indices, best first, the user's own items excluded
     top_scores: torch.Tensor | None = None  # (B, N) log A_ui
     top_concepts: torch.Tensor | None = None  # (B, N) the concept each recommendation comes from
+    # (B, N) False where the user has fewer than N items left to recommend (N + |u| > M): those slots hold
+    # the user's own items, scored -inf in the ranking, and are not recommendations
+    top_valid: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -50,7 +53,10 @@ def users(model: MacridVAE, indices: torch.Tensor, offsets: torch.Tensor, top_n:
     scores = terms.sum(-1).log()  # (B, N)
     if model.item_bias is not None:
         scores = scores + model.item_bias[top]
-    return Users(mu, share, top, scores, terms.argmax(-1))
+    rows = bag_rows(offsets, len(indices))  # (N_nz,)
+    own = torch.isin(torch.arange(B, device=device)[:, None] * n_items + top,  # (B, N) key of each slot
+                     rows * n_items + indices)  # the users' own (user, item) keys
+    return Users(mu, share, top, scores, terms.argmax(-1), ~own)
 
 
 @torch.no_grad()

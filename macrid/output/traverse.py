@@ -134,5 +134,7 @@ def steer(h: torch.Tensor, c: torch.Tensor, tau: float, mu: torch.Tensor, own_it
     if bias is not None:
         scores = scores + bias.to(h.device)
     scores[own_items.to(h.device)] = -torch.inf
-    top = torch.topk(scores, min(top_n, len(scores))).indices  # (N,)
+    # at most the items the user does not have: past them topk would return its own (-inf) items
+    available = len(scores) - int(torch.unique(own_items).numel())
+    top = torch.topk(scores, max(0, min(top_n, available))).indices  # (N,)
     return top, scores[top], terms[top].argmax(1)
