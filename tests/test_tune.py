@@ -54,7 +54,7 @@ def test_a_bad_search_space_is_refused_naming_the_key(tmp_path, text, words):
 
 
 def test_the_best_config_file_reads_back_as_the_same_config(tmp_path):
-    cfg = load_config(ROOT / "configs" / "ml-1m.toml", ["optim.anneal='authors'", "run.name='x \"quoted\"'"])
+    cfg = load_config(ROOT / "configs" / "ml-1m.toml", ["optim.anneal='authors'", "data.lake='x \"quoted\" \\\\ path'"])
     (tmp_path / "best.toml").write_text(to_toml(cfg, "a header\nsecond line"))
     assert load_config(tmp_path / "best.toml") == cfg
 
