@@ -209,3 +209,24 @@ def test_export_top_n_past_the_rank_type_is_refused(tmp_path, capsys):
                              "--top-n", "40000"])
     err = capsys.readouterr().err
     assert rc == 2 and "--top-n 40000" in err and "int16" in err
+
+
+def test_a_checkpoint_declaring_a_huge_catalogue_is_refused_before_allocating(tmp_path):
+    """n_items = 10^11 in model.pt (3.2 TB of item table) is refused: no tensor of the file has that size."""
+    import torch
+
+    from macrid.config import Config
+    from macrid.errors import CheckpointError
+    from macrid.model.vae import build_model
+    from macrid.training import checkpoint
+    from macrid.training.train import load_model
+
+    cfg = Config()
+    model = build_model(cfg.model, 50)
+    run = tmp_path / "run"
+    payload = {"model": model, "step": 0, "epoch": 0, "config": cfg.to_dict(), "n_items": 10**11, "fingerprint": "f"}
+    checkpoint.save(str(run / "model.pt"), **payload)
+    with pytest.raises(CheckpointError, match=r"n_items=100000000000"):
+        load_model(str(run))
+    checkpoint.save(str(run / "model.pt"), **(payload | {"n_items": 50}))
+    assert load_model(str(run))[0].h.shape == (50, cfg.model.D)  # the honest file loads

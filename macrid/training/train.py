@@ -308,8 +308,20 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):
 
 def load_model(run: str, fingerprint: str | None = None) -> tuple[torch.nn.Module, dict]:
     """Rebuild a trained model from its run folder alone (constructor args live in model.pt)."""
-    saved = checkpoint.load(lake.join(run, MODEL_FILE), fingerprint)
-    cfg = Config.from_dict(saved["config"], source=f"{run}/{MODEL_FILE}")
-    model = build_model(cfg.model, saved["n_items"])
-    model.load_state_dict(saved["model"])
+    uri = lake.join(run, MODEL_FILE)
+    saved = checkpoint.load(uri, fingerprint)
+    cfg = Config.from_dict(saved["config"], source=uri)
+    n_items = saved.get("n_items")
+    # the declared catalogue size must be one the file's own tensors have: a tampered n_items (say 10^11)
+    # would otherwise allocate terabytes in build_model before load_state_dict could notice
+    dims = {d for v in saved.get("model", {}).values() if isinstance(v, torch.Tensor) for d in v.shape}
+    if not isinstance(n_items, int) or n_items < 1 or n_items not in dims:
+        raise CheckpointError(f"{uri}: declares n_items={n_items!r}, which none of its weight tensors has; the "
+                              "file is damaged or was not written by this project. Re-publish the run")
+    model = build_model(cfg.model, n_items)
+    try:
+        model.load_state_dict(saved["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{uri}: its weights do not fit its own config ({str(e).splitlines()[0][:200]}); "
+                              "the file is damaged or was not written by this project") from None
     return model.eval(), saved
