@@ -151,8 +151,8 @@ def _source(spec: ExportSpec, fingerprint: str, vocab: pl.DataFrame, run_record:
     from macrid.cluster import connect
 
     connect()
-    return raw(spec.input, vocab.select("item_idx", "item_id"), run_record["min_rating"], stage, spec.format,
-               spec.user_col, spec.item_col, spec.rating_col)
+    return raw(spec.input, vocab.select("item_idx", "item_id"), run_record["min_rating"], stage, spec.lake,
+               spec.format, spec.user_col, spec.item_col, spec.rating_col)
 
 
 def _users(spec: ExportSpec, source: Source, run_record: dict, tag: str, progress: bool) -> dict[str, list[dict]]:

@@ -63,8 +63,8 @@ def prepared(lake_root: str, name: str, fingerprint: str) -> Source:
                    "interactions_dropped": 0, "items_unknown": 0}, user_type)
 
 
-def raw(uri: str, vocabulary: pl.DataFrame, min_rating: float | None, stage: str, fmt: str = "auto",
-        user_col: str = "user_id", item_col: str = "item_id", rating_col: str | None = None,
+def raw(uri: str, vocabulary: pl.DataFrame, min_rating: float | None, stage: str, lake_root: str,
+        fmt: str = "auto", user_col: str = "user_id", item_col: str = "item_id", rating_col: str | None = None,
         runner: str = "ray") -> Source:
     """Raw interactions -> staged user rows in the run's item indices. vocabulary: item_idx, item_id.
 
@@ -73,7 +73,7 @@ def raw(uri: str, vocabulary: pl.DataFrame, min_rating: float | None, stage: str
     holds the vocabulary and the distinct unknown item IDs, never the interactions."""
     stages = Stages(runner, "export-input")
     stages.require_shared([uri, stage])
-    scratch = Scratch(stage.rsplit("/_staging/", 1)[0] if "/_staging/" in stage else stage, "export-input")
+    scratch = Scratch(lake_root, "export-input")  # <lake>/_scratch/export-input-<id>/
     try:
         _, P, read = read_by_user([RawSource(uri, fmt, user_col, item_col, rating_col)], min_rating, None,
                                   stages, scratch)
