@@ -121,11 +121,17 @@ def test_s3_input_is_read_in_place(s3_endpoint, tmp_path, monkeypatch):
     import pyarrow.fs as pafs
 
     monkeypatch.setattr(pafs, "copy_files", no_download)
+    from macrid.data.readers import read_items
+
+    titles = pl.DataFrame({"sku": np.arange(500), "title": [f"item {i}" for i in range(500)],
+                           "genres": [[f"g{i % 3}"] for i in range(500)]})
+    lake.write_parquet("s3://lake/raw-in-place/items/part-0.parquet", titles.to_arrow())
+    items = read_items("s3://lake/raw-in-place/items", item_col="sku")  # the item table, also read in place
     protocol = Protocol(heldout=20)
     meta = prepare([Source("s3://lake/raw-in-place/events", user_col="uid", item_col="sku", rating_col="stars")],
-                   "s3://lake/in-place", "events", protocol, partitions=3)
-    ref = reference_tables(pl.concat(frames).rename({"uid": "user_id", "sku": "item_id", "stars": "rating"}), None,
-                           protocol)
+                   "s3://lake/in-place", "events", protocol, partitions=3, items=items)
+    ref = reference_tables(pl.concat(frames).rename({"uid": "user_id", "sku": "item_id", "stars": "rating"}),
+                           titles.rename({"sku": "item_id"}), protocol)
     assert_same_tables(written("s3://lake/in-place", "events"), ref)
     assert meta["input"]["files"] == 3
     assert_nothing_published("s3://lake/in-place", "never")  # and the scratch folder is gone

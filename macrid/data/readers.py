@@ -116,15 +116,10 @@ def read_item_metadata(path: str | Path, fmt: str) -> pl.DataFrame | None:
 
 
 def read_items(path: str | Path, item_col: str = "item_id") -> pl.DataFrame:
-    """An item table (Parquet/CSV file or folder): item_id plus optional title and genres (list of strings)."""
-    if str(path).startswith("s3://"):
-        with _local_copy(str(path)) as local:
-            return read_items(local, item_col)
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path} does not exist; check the --items path")
+    """An item table (Parquet/CSV file or folder, local or s3://, read where it is): item_id plus optional
+    title and genres (list of strings). O(items): the driver reads it whole."""
     frames = []
-    for f, df in _table_files(path):
+    for f, df in _table_files(str(path)):
         if item_col not in df.columns:
             raise DataError(f"{f}: missing column {item_col!r}; it has {df.columns}. Name it with --item-col")
         if df[item_col].null_count():
@@ -157,17 +152,26 @@ def _local_copy(uri: str) -> Iterator[str]:
             raise DataError(str(e).replace(local, uri)) from None
 
 
-def _table_files(path: Path) -> Iterator[tuple[Path, pl.DataFrame]]:
-    """Each Parquet/CSV file of `path` (a file or a folder of them), read, or a DataError naming the file."""
-    files = sorted(p for p in path.iterdir() if p.suffix in (".parquet", ".csv")) if path.is_dir() else [path]
-    if not files:
-        raise DataError(f"{path}: folder holds no .parquet or .csv files")
-    for f in files:
+def _table_files(uri: str) -> Iterator[tuple[str, pl.DataFrame]]:
+    """Each Parquet/CSV file of `uri` (a file or a folder of them, local or s3://), read in place, or a
+    DataError naming the file."""
+    from macrid.data import lake
+    from macrid.data.raw_input import Source, fragments
+
+    try:
+        files = fragments([Source(uri, "table")])
+    except DataError as e:
+        raise DataError(str(e).replace("--input", "--items")) from None
+    for frag in files:
+        fs, p = lake.resolve(frag.uri)
         try:
-            df = pl.read_parquet(f) if f.suffix == ".parquet" else pl.read_csv(f, infer_schema_length=10000)
+            with lake.explained(frag.uri), fs.open_input_file(p) as f:
+                data = f.read()
+            df = pl.read_parquet(io.BytesIO(data)) if frag.kind == "parquet" else \
+                pl.read_csv(io.BytesIO(data), infer_schema_length=10000)
         except (pl.exceptions.PolarsError, OSError, ValueError) as e:  # corrupt or unparsable file
-            raise DataError(f"{f}: cannot be read as {f.suffix[1:]} ({type(e).__name__}: {e})") from None
-        yield f, df
+            raise DataError(f"{frag.uri}: cannot be read as {frag.kind} ({type(e).__name__}: {e})") from None
+        yield frag.uri, df
 
 
 def _read_table(uri: str, user_col: str, item_col: str, rating_col: str | None) -> RawData:
