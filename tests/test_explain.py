@@ -59,6 +59,8 @@ def test_steering_a_concept_away_removes_it_from_the_list(run_lake, capsys):
     (["steer", "--user", "123456"], ["123456", "not in dataset"]),
     (["traverse", "--item", "50", "--dim", "16"], ["--dim 16", "D = 16"]),
     (["steer", "--user", "1", "--set", "9:0=1"], ["component 9", "K = 4"]),
+    (["traverse", "--item", "1.5", "--dim", "0"], ["'1.5'", "not an item ID", "Int64"]),
+    (["traverse", "--item", "abc", "--dim", "0"], ["'abc'", "not an item ID"]),
 ])
 def test_bad_input_is_named(run_lake, capsys, argv, words):
     code, _, err = explain(capsys, "--lake", run_lake, "--run", "r", *argv)

@@ -43,6 +43,10 @@ def test_the_dataset_search_spaces_load_against_their_configs(name):
     ("[optim]\nlr = {normal = [0, 1]}\n", ["optim.lr", "one distribution"]),
     ("[optim]\nlr = {loguniform = [0.0, 1e-3]}\n", ["optim.lr", "low > 0"]),
     ("[optim]\nlr = {uniform = [1e-2, 1e-3]}\n", ["optim.lr", "low < high"]),
+    ('[model]\nK = {choice = ["seven"]}\n', ["model.K", "'seven' is not valid", "should be int"]),
+    ("[optim]\nema = {uniform = [0.5, 2.0]}\n", ["optim.ema", "2.0 is not valid", "out of range"]),
+    ("[model]\nK = {uniform = [2, 9]}\n", ["model.K", "integer key", "choice"]),
+    ("[model]\nname = {choice = [\"macridvae\", \"vae\"]}\n", ["model.name", "'vae' is not valid"]),
 ])
 def test_a_bad_search_space_is_refused_naming_the_key(tmp_path, text, words):
     path = tmp_path / "space.toml"

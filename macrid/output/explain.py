@@ -37,7 +37,11 @@ class Run:
 
     def item_index(self, item_id: str) -> int:
         ids = self.vocab["item_id"]
-        found = self.vocab.filter(ids == pl.Series([item_id]).cast(ids.dtype, strict=False)[0])
+        key = pl.Series([item_id]).cast(ids.dtype, strict=False)[0]
+        if key is None:  # e.g. "1.5" or "abc" against integer IDs
+            raise DataError(f"item {item_id!r} is not an item ID of run {self.run!r}: its IDs are {ids.dtype} "
+                            f"(e.g. {ids[0]!r})")
+        found = self.vocab.filter(ids == key)
         if found.height == 0:
             raise DataError(f"item {item_id!r} is not in run {self.run!r}'s vocabulary ({len(self.vocab):,} items, "
                             f"e.g. {ids[0]!r}); pass an item ID of the dataset it was trained on")

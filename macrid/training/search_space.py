@@ -45,6 +45,16 @@ def load_space(path: str | Path, base: Config) -> dict[str, tuple[str, Any]]:
                                      or (kind == "loguniform" and args[0] <= 0)):
                 raise ConfigError(f"{path}: {name}: {kind} takes [low, high] with low < high"
                                   + (" and low > 0" if kind == "loguniform" else ""))
+            if kind != "choice" and isinstance(known[section][key], (int, bool)) and \
+                    not isinstance(known[section][key], float):
+                raise ConfigError(f"{path}: {name} is an integer key, but {kind} draws real numbers; list its "
+                                  f"values with {{choice = [...]}}")
+            # every value a trial could get must make a valid config: the type and the range of the key
+            for value in (args if kind == "choice" else args):
+                try:
+                    apply(base, {name: value})
+                except ConfigError as e:
+                    raise ConfigError(f"{path}: {name}: the value {value!r} is not valid for this key ({e})") from None
             space[name] = (kind, args)
     if not space:
         raise ConfigError(f"{path}: names no key to search")
