@@ -68,3 +68,18 @@ def test_datasets_of_schema_1_are_still_read(tmp_path):
     m = run_in_process(load_config(None, [f"data.lake={lake!r}", "data.dataset='old'", "run.name='o'",
                                           "optim.epochs=1", "model.K=3", "model.D=8", "run.progress=false"]))
     assert m["history"][0]["users"] == meta["train"]["users"] and m["test"]["ndcg@100"][0] > 0
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_its_name(tmp_path):
+    """Its run.json alone (here naming another dataset and runner) is replaced by the next run of that name."""
+    lake = str(tmp_path)
+    prepare(spec(1, users=300), lake, "d", Protocol())
+    os.makedirs(f"{lake}/runs/again")
+    with open(f"{lake}/runs/again/run.json", "w") as f:
+        json.dump({"dataset": "gone", "version": "", "vocabulary_fingerprint": "0" * 64, "runner": "ray",
+                   "model": "macridvae"}, f)
+    cfg = load_config(None, [f"data.lake={lake!r}", "data.dataset='d'", "run.name='again'", "optim.epochs=1",
+                             "model.K=3", "model.D=8", "run.progress=false", "optim.batch_size=50"])
+    assert run_in_process(cfg)["epochs_run"] == 1
+    record = json.load(open(f"{lake}/runs/again/run.json"))
+    assert record["dataset"] == "d" and record["runner"] == "in-process"

@@ -19,10 +19,16 @@ def run_uri(cfg: Config) -> str:
     return layout.run_uri(cfg.data.lake, cfg.run.name)
 
 
+def holds_checkpoint(cfg: Config) -> bool:
+    """Whether the run folder holds a checkpoint to continue from (Ray Train's record, or in-process)."""
+    run = run_uri(cfg)
+    return lake.exists(f"{run}/{RAY_SNAPSHOT}") or lake.exists(f"{run}/checkpoints/latest.pt")
+
+
 def has_run(cfg: Config) -> bool:
     """Whether the run folder already holds a run (Ray's or in-process); refused unless run.resume is set."""
     run = run_uri(cfg)
-    if not (lake.exists(f"{run}/{RAY_SNAPSHOT}") or lake.exists(f"{run}/checkpoints/latest.pt")):
+    if not holds_checkpoint(cfg):
         return False
     if not cfg.run.resume:
         raise ConfigError(f"{run} already holds a run; pass --resume to continue it or pick another "
@@ -40,6 +46,8 @@ def pin_run(cfg: Config, runner: str) -> tuple[Config, dict]:
     """
     path = lake.join(run_uri(cfg), RUN_FILE)
     claimed = lake.read_json(path) if lake.exists(path) else None
+    if claimed is not None and not holds_checkpoint(cfg):
+        claimed = None  # a run that failed before its first checkpoint left only its record: start afresh
     if claimed is not None and claimed["dataset"] != cfg.data.dataset:
         raise CheckpointError(
             f"{run_uri(cfg)}: trained on dataset {claimed['dataset']!r} (item vocabulary "
