@@ -213,8 +213,6 @@ def test_export_top_n_past_the_rank_type_is_refused(tmp_path, capsys):
 
 def test_a_checkpoint_declaring_a_huge_catalogue_is_refused_before_allocating(tmp_path):
     """n_items = 10^11 in model.pt (3.2 TB of item table) is refused: no tensor of the file has that size."""
-    import torch
-
     from macrid.config import Config
     from macrid.errors import CheckpointError
     from macrid.model.vae import build_model

@@ -27,11 +27,7 @@ TABLES = ("items", "users", "train", "val", "test")
 
 def written(lake_root: str, name: str) -> dict[str, pl.DataFrame]:
     snap = snapshot_uri(lake_root, name)
-    fs, _ = lake.resolve(snap)
-    out = {}
-    for t in TABLES:
-        out[t] = pl.from_arrow(lake.read_table(f"{snap}/{t}"))
-    return out
+    return {t: pl.from_arrow(lake.read_table(f"{snap}/{t}")) for t in TABLES}
 
 
 def assert_same_tables(got: dict, ref: dict) -> None:
@@ -117,7 +113,7 @@ def test_s3_input_is_read_in_place(s3_endpoint, tmp_path, monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("the input was copied to local disk")
 
-    monkeypatch.setattr(lake, "download", no_download)
+    assert not hasattr(lake, "download")  # the lake module has no way left to copy input down
     import pyarrow.fs as pafs
 
     monkeypatch.setattr(pafs, "copy_files", no_download)
@@ -302,3 +298,14 @@ def test_a_delta_table_is_read_at_its_current_version(tmp_path):
     ref = reference_tables(pl.concat(current).with_columns(rating=pl.lit(None, pl.Float64)), None, protocol)
     assert meta["input"]["files"] == 2
     assert_same_tables(written(str(tmp_path / "lake"), "delta"), ref)
+
+
+def test_a_single_file_format_on_s3_is_refused_with_what_to_do(s3_endpoint, tmp_path):
+    """MovieLens/Netflix/adjacency files are parsed whole from local disk; on S3 they are refused before any
+    task runs, rather than copied down."""
+    lake.write_bytes("s3://lake/raw-ml/u.data", b"1\t2\t5\t0\n")
+    for fmt in ("ml-100k", "netflix"):
+        with pytest.raises(DataError, match=rf"s3://lake/raw-ml: the {fmt} format is read from local disk only.*"
+                                            "Parquet or CSV"):
+            prepare([Source("s3://lake/raw-ml", fmt)], str(tmp_path / "lake"), "ml", Protocol())
+    assert_nothing_published(str(tmp_path / "lake"), "ml")

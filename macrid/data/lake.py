@@ -135,20 +135,6 @@ def write_bytes(uri: str, data: bytes) -> None:
         fs.move(tmp, path)
 
 
-def download(uri: str, local_dir: str) -> str:
-    """Copy a file or folder from the lake to a local folder; returns the local path of the copy."""
-    fs, path = resolve(uri)
-    with explained(uri):
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise DataError(f"{uri} does not exist; check the --input URI")
-        target = os.path.join(local_dir, path.rstrip("/").rsplit("/", 1)[-1])
-        if info.type == pafs.FileType.Directory:
-            os.makedirs(target, exist_ok=True)
-        pafs.copy_files(path, target, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return target
-
-
 def read_json(uri: str) -> dict[str, Any]:
     return json.loads(read_bytes(uri).decode())
 

@@ -82,8 +82,14 @@ def fragments(sources: list[Source]) -> list[Fragment]:
 
 def _files(src: Source) -> list[tuple[str, str, int]]:
     fmt = src.format
-    if fmt in SMALL_FORMATS or (fmt == "auto" and not lake.is_s3(src.uri) and _small_format(src.uri)):
-        return [(src.uri, fmt if fmt != "auto" else _small_format(src.uri), _size(src.uri))]
+    if fmt in SMALL_FORMATS and lake.is_s3(src.uri):
+        raise DataError(f"{src.uri}: the {fmt} format is read from local disk only (its files are small and "
+                        "parsed whole); copy them down first, or store the interactions as Parquet or CSV, "
+                        "which prepare reads in place from S3")
+    if fmt == "auto" and not lake.is_s3(src.uri):
+        fmt = _small_format(src.uri) or "auto"
+    if fmt in SMALL_FORMATS:
+        return [(src.uri, fmt, _size(src.uri))]
     fs, path = lake.resolve(src.uri)
     with lake.explained(src.uri):
         info = fs.get_file_info(path)
@@ -121,9 +127,6 @@ def _small_format(uri: str) -> str | None:
 
 
 def _size(uri: str) -> int:
-    if lake.is_s3(uri):
-        fs, path = lake.resolve(uri)
-        return max(fs.get_file_info(path).size or 0, 1)
     if os.path.isdir(uri):
         return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(uri) for f in fs)
     return os.path.getsize(uri)

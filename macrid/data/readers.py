@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import gzip
 import io
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +75,9 @@ def read_raw(
     if str(path).startswith("s3://") and fmt in ("auto", "table"):
         return _read_table(str(path), user_col, item_col, rating_col)
     if str(path).startswith("s3://"):
-        return _read_remote(str(path), fmt, user_col, item_col, rating_col)
+        raise DataError(f"{path}: the {fmt} format is read from local disk only (its files are small and "
+                        "parsed whole); copy them down first, or store the interactions as Parquet or CSV, "
+                        "which prepare reads in place from S3")
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path} does not exist; check the --input path")
@@ -130,26 +130,6 @@ def read_items(path: str | Path, item_col: str = "item_id") -> pl.DataFrame:
                 df = df.with_columns(pl.lit(None, dtype).alias(col))
         frames.append(df.select("item_id", "title", "genres"))
     return pl.concat(frames)
-
-
-def _read_remote(uri: str, fmt: str, user_col: str, item_col: str, rating_col: str | None) -> RawData:
-    """Raw files on object storage: read from a scratch copy, with the URI named in errors."""
-    with _local_copy(uri) as local:
-        raw = read_raw(local, fmt, user_col, item_col, rating_col)
-    return RawData(raw.interactions, raw.items, uri, raw.format)
-
-
-@contextmanager
-def _local_copy(uri: str) -> Iterator[str]:
-    """Stream object-storage input to a scratch folder; DataErrors name the URI, not the scratch path."""
-    from macrid.data import lake
-
-    with tempfile.TemporaryDirectory(prefix="macrid-raw-") as tmp:
-        local = lake.download(uri, tmp)
-        try:
-            yield local
-        except DataError as e:
-            raise DataError(str(e).replace(local, uri)) from None
 
 
 def _table_files(uri: str) -> Iterator[tuple[str, pl.DataFrame]]:
