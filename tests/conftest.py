@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ DATA = Path(os.environ.get("MACRID_DATA", ROOT.parent / "shared" / "data"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# sweeps sign Tune's state with a key kept outside the lake; the tests' key never lands in the user's home
+os.environ.setdefault("MACRID_STATE_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="macrid-key-"), "state.key"))
 
 
 def real_data(name: str) -> Path:

@@ -180,6 +180,50 @@ def test_an_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(s3
     table = pl.read_parquet(boto3.client("s3").get_object(Bucket="lake", Key="sweep/runs/cut/trials.parquet")["Body"])
     assert table.height == 3
     assert "best.toml" in " ".join(keys("sweep/runs/cut/"))
+    # every file Tune keeps at the top of its experiment folder was signed by the driver as it was written
+    listed = keys("sweep/runs/cut/ray/")
+    state = [k for k in listed if k.count("/") == 4 and not k.endswith((".sig", "/"))]
+    assert {"tuner.pkl"} <= {k.rsplit("/", 1)[1] for k in state}
+    assert [k for k in state if k + ".sig" not in listed] == []
+    _tampered_state_is_refused(s3, args, tmp_path)
+
+
+class _Payload:
+    """Unpickled, writes a file: what an attacker with write access to the bucket would plant."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return exec, (f"open({self.path!r}, 'w').write('ran')",)
+
+
+def _tampered_state_is_refused(s3, args, tmp_path):
+    """A planted tuner.pkl or experiment state, or a removed signature, stops --resume before anything runs."""
+    import pickle
+
+    planted = tmp_path / "payload-ran"
+    prefix = "sweep/runs/cut/ray/"
+    state = next(o["Key"] for o in s3.list_objects_v2(Bucket="lake", Prefix=prefix)["Contents"]
+                 if o["Key"].rsplit("/", 1)[1].startswith("experiment_state") and o["Key"].endswith(".json"))
+    original = {k: s3.get_object(Bucket="lake", Key=k)["Body"].read()
+                for k in (prefix + "tuner.pkl", prefix + "tuner.pkl.sig", state)}
+    evil_state = json.dumps({"trial_data": [[json.dumps({"_type": "CLOUDPICKLE_FALLBACK", "value": pickle.dumps(
+        _Payload(planted)).hex()}), "{}"]], "runner_data": {}}).encode()
+    for key, body, words in ((prefix + "tuner.pkl", pickle.dumps(_Payload(planted)), "does not match its content"),
+                             (state, evil_state, "does not match its content"),
+                             (prefix + "tuner.pkl.sig", None, "tuner.pkl.sig is missing")):
+        if body is None:
+            s3.delete_object(Bucket="lake", Key=key)
+        else:
+            s3.put_object(Bucket="lake", Key=key, Body=body)
+        out = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, RAY_ADDRESS=""))
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "refusing to resume" in out.stderr and words in out.stderr and "MACRID_STATE_KEY" in out.stderr
+        assert "Traceback" not in out.stderr and not planted.exists()
+        for k, v in original.items():
+            s3.put_object(Bucket="lake", Key=k, Body=v)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@
 
 <lake>/runs/<sweep>/ray/ is Ray Tune's experiment folder; `resume` restores it (Tuner.restore): trials
 that finished are kept, unfinished ones restart, and a restarted trial continues its run folder from
-its last Ray Train checkpoint instead of refusing it. Selection uses validation only.
+its last Ray Train checkpoint instead of refusing it. Selection uses validation only. Tune's state files
+are signed as they are written and checked before anything is unpickled (signed_state.py).
 
 On the local Ray a sweep starts itself, `concurrent` trials share the machine: unless run.cpus_per_worker
 is set, each trial's workers get 1/concurrent of its CPUs (`local_trial_cpus`). Sized as for a lone run,
@@ -27,6 +28,7 @@ from macrid.data import lake, layout
 from macrid.config import Config, to_toml
 from macrid.errors import ConfigError
 from macrid.training.search_space import apply
+from macrid.training.signed_state import signing_filesystem, state_key, verify_experiment
 
 METRIC = "val_ndcg@100"
 INITIAL_POINTS = 5  # random trials before TPE models the results (hyperopt's default of 20 is most of a sweep)
@@ -104,17 +106,21 @@ def run_sweep(cfg: Config, space: dict, name: str, samples: int, concurrent: int
         raise ConfigError(f"{root} already holds a sweep; pass --resume to continue it or pick another --name")
     if resume and not exists:
         raise ConfigError(f"{root}: no sweep to resume (no ray/tuner.pkl); start it without --resume")
+    key = state_key()
+    if resume:  # before Ray starts: nothing of the lake's is unpickled unless this project's driver signed it
+        verify_experiment(fs, path, key)
+    signed = signing_filesystem(fs, path, key)
     trial_base = size_local_trials(cfg, concurrent) if connect() else cfg  # best.toml keeps cfg's own sizing
     trainable = tune.with_resources(trial, {"cpu": TRIAL_CPUS})
     if resume:
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, restart_errored=True,
-                                   storage_filesystem=fs)
+                                   storage_filesystem=signed)
     else:
         hp_space = {k: hp.choice(k, a) if kind == "choice" else getattr(hp, kind)(
             k, *([math.log(a[0]), math.log(a[1])] if kind == "loguniform" else a)) for k, (kind, a) in space.items()}
         search = HyperOptSearch(hp_space, metric=METRIC, mode="max", random_state_seed=cfg.run.seed,
                                 n_initial_points=min(INITIAL_POINTS, samples))
-        storage_fs, storage_path = lake.resolve(root)
+        storage_path = path.rsplit("/", 1)[0]
         tuner = tune.Tuner(
             trainable,
             param_space={"base": trial_base.to_dict(), "sweep": name},
@@ -125,7 +131,7 @@ def run_sweep(cfg: Config, space: dict, name: str, samples: int, concurrent: int
                 # run finishes (model.pt, metrics.json) before Tune marks it done
                 scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs + 1,
                                         grace_period=min(grace_epochs, cfg.optim.epochs))),
-            run_config=tune.RunConfig(name="ray", storage_path=storage_path, storage_filesystem=storage_fs),
+            run_config=tune.RunConfig(name="ray", storage_path=storage_path, storage_filesystem=signed),
         )
     results = tuner.fit()
     return _outputs(cfg, name, results, samples)
