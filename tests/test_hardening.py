@@ -5,6 +5,7 @@ survive a taken port."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
 import urllib.request
@@ -228,3 +229,40 @@ def test_a_checkpoint_declaring_a_huge_catalogue_is_refused_before_allocating(tm
         load_model(str(run))
     checkpoint.save(str(run / "model.pt"), **(payload | {"n_items": 50}))
     assert load_model(str(run))[0].h.shape == (50, cfg.model.D)  # the honest file loads
+
+
+def test_sweep_state_signatures_bind_name_content_and_key(tmp_path, monkeypatch):
+    """Signed through the filesystem Tune is given; any change of byte, name or key is refused; pickled, the
+    filesystem carries no key; the key file is made once, readable by its owner only."""
+    import hashlib
+    import hmac
+    import pickle
+
+    import pyarrow.fs as pafs
+
+    from macrid.errors import ConfigError
+    from macrid.training.signed_state import signing_filesystem, state_key, verify_experiment
+
+    monkeypatch.delenv("MACRID_STATE_KEY", raising=False)
+    monkeypatch.setenv("MACRID_STATE_KEY_FILE", str(tmp_path / "keys" / "state.key"))
+    key = state_key()
+    assert key == state_key() and oct(os.stat(tmp_path / "keys" / "state.key").st_mode & 0o777) == "0o600"
+    exp = str(tmp_path / "ray")
+    fs = signing_filesystem(pafs.LocalFileSystem(), exp, key)
+    fs.create_dir(exp)
+    with fs.open_output_stream(f"{exp}/tuner.pkl") as f:
+        f.write(b"state")
+    record = json.loads(open(f"{exp}/tuner.pkl.sig").read())
+    # restated: HMAC-SHA256(key, name NUL sha256(content))
+    assert record["hmac"] == hmac.new(key, b"tuner.pkl\0" + hashlib.sha256(b"state").digest(), "sha256").hexdigest()
+    assert verify_experiment(pafs.LocalFileSystem(), exp, key) == ["tuner.pkl"]
+    assert b"state" == fs.open_input_file(f"{exp}/tuner.pkl").read()
+    assert key not in pickle.dumps(fs) and pickle.loads(pickle.dumps(fs)).handler.key is None
+    with pytest.raises(ConfigError, match="does not match"):
+        verify_experiment(pafs.LocalFileSystem(), exp, b"another key")
+    os.rename(f"{exp}/tuner.pkl.sig", f"{exp}/trainable.pkl.sig")  # a signature moved to another name
+    open(f"{exp}/trainable.pkl", "wb").write(b"state")
+    with pytest.raises(ConfigError, match="trainable.pkl.*does not match"):
+        verify_experiment(pafs.LocalFileSystem(), exp, key)
+    with pytest.raises(ConfigError, match="tuner.pkl.sig is missing"):
+        fs.open_input_file(f"{exp}/tuner.pkl")
