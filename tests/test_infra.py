@@ -1,10 +1,13 @@
 """infra/: the Kubernetes manifests, the IAM policy and the Prometheus alerts, checked offline.
 
 The alert rules go through Prometheus's own checker and unit tests (promtool, from Debian's
-prometheus package). No Kubernetes or KubeRay schema is available offline, so the manifests are
-checked for what would break a deployment of this project: every job command parses with the job's
-real argument parser, the config it names exists and loads, names and namespaces agree across
-files, and the IAM policy grants the lake operations the code performs and nothing wider.
+prometheus package). Every manifest is validated against its schema: RayCluster and RayJob against
+upstream KubeRay's CRDs (v1.7.0, vendored under tests/schemas/), the core objects with
+kubernetes-validate (Kubernetes 1.31, strict). Beyond schemas, the manifests are checked for what
+would break a deployment of this project: every job command parses with the job's real argument
+parser, the config it names exists and loads, the operator's rules the RayJob relies on, names and
+namespaces agree across files, and the IAM policy grants the lake operations the code performs and
+nothing wider.
 """
 
 import importlib.util
@@ -178,3 +181,110 @@ def test_the_submit_script_stops_waiting_on_every_end_state(tmp_path, phase, sta
     calls = log.read_text()
     assert "delete rayjob/macrid-export-2026-11-20 --ignore-not-found" in calls
     assert f"export 2026-11-28: {phase}" in done.stdout
+
+
+# --- schemas: upstream KubeRay's CRDs (vendored) and Kubernetes' own (kubernetes-validate, from PyPI) ---
+# tests/schemas/kuberay-v1.7.0-*.json.gz: the v1 openAPIV3Schema (status removed) of
+# ray-operator/config/crd/bases/ray.io_{rayclusters,rayjobs}.yaml at KubeRay tag v1.7.0,
+# commit 59d663aeec13760646da3db9c1cf8cfe883e30b7 (github.com/ray-project/kuberay).
+KUBERAY_SCHEMAS = {"RayCluster": "rayclusters", "RayJob": "rayjobs"}
+KUBERNETES_VERSION = "1.31.0"  # the oldest cluster the README supports
+
+
+def strict(schema):
+    """The CRD schema with unknown fields refused, as kubectl's default field validation (Strict) does: every
+    object with declared properties and no x-kubernetes-preserve-unknown-fields gets additionalProperties false."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields") \
+                and "additionalProperties" not in schema:
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [strict(v) for v in schema]
+    return schema
+
+
+def crd_validator(kind):
+    import gzip
+
+    import jsonschema
+
+    doc = json.loads(gzip.decompress((ROOT / "tests" / "schemas" / f"kuberay-v1.7.0-{KUBERAY_SCHEMAS[kind]}.json.gz")
+                                     .read_bytes()))
+    assert doc["kind"] == kind and doc["group"] == "ray.io"
+    schema = strict(doc["schema"])
+    schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta is checked by Kubernetes, not the CRD
+    return jsonschema.Draft7Validator(schema)
+
+
+def every_object():
+    """Every manifest, and the RayJob the CronJob applies (its ConfigMap's template, DATE filled in)."""
+    objs = [(name, d) for name, d in all_manifests()]
+    for name, d in all_manifests():
+        if d["kind"] == "ConfigMap":
+            objs += [(f"{name}:{key}", yaml.safe_load(v.replace("DATE", "2026-12-01"))) for key, v in d["data"].items()]
+    return objs
+
+
+def schema_errors(obj):
+    if obj["kind"] in KUBERAY_SCHEMAS:
+        return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in crd_validator(obj["kind"]).iter_errors(obj)]
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        return [f"{'.'.join(map(str, e.path))}: {e.message}"]
+    return []
+
+
+def test_every_manifest_passes_its_schema():
+    objs = every_object()
+    assert {d["kind"] for _, d in objs} >= {"RayCluster", "RayJob", "CronJob", "ConfigMap", "Role", "ServiceAccount"}
+    assert sum(d["kind"] == "RayJob" for _, d in objs) >= 2  # the training job and the export template
+    for name, obj in objs:
+        assert schema_errors(obj) == [], name
+
+
+@pytest.mark.parametrize("kind,where,bad,words", [
+    ("RayJob", ("spec",), {"shutdownAfterJobFinish": True}, "shutdownAfterJobFinish"),  # a misspelt field
+    ("RayJob", ("spec",), {"backoffLimit": "one"}, "'one' is not of type 'integer'"),
+    ("RayCluster", ("spec",), {"rayVersion": 2.6}, "is not of type 'string'"),
+    ("CronJob", ("spec",), {"schedule": 230}, "230"),
+    ("CronJob", ("spec", "jobTemplate", "spec"), {"backofLimit": 1}, "backofLimit"),
+])
+def test_the_schema_check_sees_a_planted_mistake(kind, where, bad, words):
+    import copy
+
+    obj = copy.deepcopy(next(d for _, d in every_object() if d["kind"] == kind))
+    node = obj
+    for key in where:
+        node = node[key]
+    node.update(bad)
+    assert any(words in e for e in schema_errors(obj)), schema_errors(obj)
+
+
+def pinned_torch(text):
+    import re
+
+    versions = re.findall(r'torch==(\d+)\.(\d+)', text)
+    assert versions, "no torch pin found"
+    return [tuple(map(int, v)) for v in versions]
+
+
+def test_the_images_pin_a_torch_the_code_needs():
+    """infra/Dockerfile and ray_cluster.yaml install a torch with torch.mm(out_dtype) (the mixture's fp32 GEMM)
+    and at or above pyproject's floor; the CronJob runs the project's image, which carries kubectl."""
+    import re
+
+    from macrid.model.mixture import OUT_DTYPE_TORCH
+
+    floor = tuple(map(int, re.search(r'"torch>=(\d+)\.(\d+)', (ROOT / "pyproject.toml").read_text()).groups()))
+    for path in (INFRA / "Dockerfile", ROOT / "ray_cluster.yaml"):
+        for pin in pinned_torch(path.read_text()):
+            assert pin >= OUT_DTYPE_TORCH and pin >= floor, (path, pin)
+    images = {c["image"] for _, d in all_manifests() if d["kind"] == "CronJob"
+              for c in d["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]}
+    ray_images = {c["image"] for _, d in all_manifests() if d["kind"] == "RayCluster"
+                  for c in d["spec"]["headGroupSpec"]["template"]["spec"]["containers"]}
+    assert images == ray_images and "kubectl" in (INFRA / "Dockerfile").read_text()

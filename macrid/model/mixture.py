@@ -9,7 +9,8 @@ memory plus three GEMMs, which is what makes an epoch close to FLOP-bound on CPU
 Inputs must already be L2-normalised, so S is the cosine.
 
 Precision: under bf16 autocast the three GEMMs take bf16 operands (tensor cores) and produce
-fp32 (on CUDA directly through `out_dtype`; on CPU, which exists to test this path, by a cast), so
+fp32 (on CUDA directly through `out_dtype`, torch >= 2.8; on CPU, which exists to test this path, by a
+cast), so
 exp(S/tau), the mixture A and everything after it stay fp32. What bf16 costs is the rounding of
 the operands (~2^-9 relative): measured at 1/tau = 10 (`python benchmarks/bf16_error.py`), A is off
 by 0.14% at the median and 2.0% at most, and the log-sum-exp over items by at most 0.0004 nats.
@@ -21,16 +22,33 @@ from __future__ import annotations
 import torch
 
 
+OUT_DTYPE_TORCH = (2, 8)  # the first torch whose torch.mm takes out_dtype; infra/ pins at least this
+
+
+def has_out_dtype() -> bool:
+    return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= OUT_DTYPE_TORCH
+
+
+def gemm_path(device: torch.device | str) -> str:
+    """Which way `_gemm` makes its fp32 result from bf16 operands on `device` (benchmarks/gpu.py prints it)."""
+    if torch.device(device).type != "cuda":
+        return "cast: bf16 product widened to fp32 (CPU, a test path)"
+    if has_out_dtype():
+        return "out_dtype: torch.mm writes fp32 directly"
+    return ("fallback (torch < 2.8): a bf16 B*K x M product widened to fp32, one extra pass over it, 1.5x its "
+            "buffer, and S/tau rounded to bf16 before exp")
+
+
 def _gemm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """a @ b with operands in `dtype`: as they are when they already have it, else cast, with an fp32 result."""
+    """a @ b with operands in `dtype`: as they are when they already have it, else cast, with an fp32 result.
+
+    On CUDA below torch 2.8 (no out_dtype) the product is made in bf16 and widened: see `gemm_path` for
+    what that costs."""
     if dtype == a.dtype:
         return a @ b
     a, b = a.to(dtype), b.to(dtype)
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except TypeError:  # torch < 2.8 has no out_dtype: a bf16 result, widened (more rounding, same maths)
-            pass
+    if a.is_cuda and has_out_dtype():
+        return torch.mm(a, b, out_dtype=torch.float32)
     return (a @ b).float()
 
 
