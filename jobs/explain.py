@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from macrid.output.explain import ExportedRun, Run, steering, traversal
 
-    edits = [_edit(e) for e in getattr(args, "set", [])]  # malformed values stop here, before a run is read
-    weights = dict(_weight(w) for w in getattr(args, "weight", []))
     try:
+        edits = [_edit(e) for e in getattr(args, "set", [])]  # malformed values stop here, before a run is read
+        weights = dict(_weight(w) for w in getattr(args, "weight", []))
         _check_ranges(args)
         if args.command == "report" and args.export is not None:
             raise ConfigError("report needs --run (it reads the run's metrics and learning curve)")
@@ -98,9 +98,9 @@ def _edit(text: str) -> tuple[int, int, float]:
         k, j = kj.split(":")
         k, j, v = int(k), int(j), float(value)
     except ValueError:
-        raise SystemExit(f"error: --set {text!r}: write K:J=VALUE, e.g. --set 2:7=0.4") from None
+        raise ConfigError(f"--set {text!r}: write K:J=VALUE, e.g. --set 2:7=0.4") from None
     if not math.isfinite(v):
-        raise SystemExit(f"error: --set {text!r}: the value must be a finite number")
+        raise ConfigError(f"--set {text!r}: the value must be a finite number")
     return k, j, v
 
 
@@ -109,9 +109,9 @@ def _weight(text: str) -> tuple[int, float]:
         k, w = text.split("=")
         k, w = int(k), float(w)
     except ValueError:
-        raise SystemExit(f"error: --weight {text!r}: write K=W, e.g. --weight 5=0") from None
+        raise ConfigError(f"--weight {text!r}: write K=W, e.g. --weight 5=0") from None
     if not math.isfinite(w) or w < 0:
-        raise SystemExit(f"error: --weight {text!r}: a concept's weight is a finite number >= 0")
+        raise ConfigError(f"--weight {text!r}: a concept's weight is a finite number >= 0")
     return k, w
 
 

@@ -49,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
                                                       "dataset's min_rating are dropped, as in training)")
     p.add_argument("--pushgateway", default=os.environ.get("PUSHGATEWAY_URL", ""),
                    help="Prometheus Pushgateway address, e.g. http://pushgateway:9091 (default: $PUSHGATEWAY_URL)")
+    p.add_argument("--local", action="store_true",
+                   help="compute in this process without Ray (same files and tables): for small exports, where "
+                        "starting Ray and its actors takes longer than the work")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = ExportSpec(lake=args.lake, run=args.run, input=args.input, name=args.name, date=args.date,
                       top_n=args.top_n, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                       gpus_per_worker=args.gpus_per_worker, batch_size=args.batch_size, format=args.format,
-                      user_col=args.user_col, item_col=args.item_col, rating_col=args.rating_col)
+                      user_col=args.user_col, item_col=args.item_col, rating_col=args.rating_col,
+                      local=args.local)
     t0, summary, status = time.time(), None, 1
     try:
         summary = export(spec, progress=not args.quiet)
@@ -87,5 +91,18 @@ def _push(gateway: str, name: str, summary: dict | None, seconds: float) -> None
                      "not monitored for this run"), file=sys.stderr)
 
 
+def exit_with(status: int) -> None:
+    """Exit with the export's own status. The interpreter's teardown is skipped: there pyarrow and deltalake can
+    abort the process after a successful commit (apache/arrow#34314, delta-io/delta-rs#2184), which the CronJob
+    would report as a failed export. Ray is shut down first, output flushed."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -170,6 +170,15 @@ def test_same_date_twice_gives_identical_content(local_run):
     assert ray.data.read_delta(uri).count() == first["user_components"].height
 
 
+def test_the_local_export_writes_the_same_tables_as_ray_data(local_run):
+    spec = ExportSpec(lake=local_run, run="r", input="ml-100k", name="on-ray", date="2026-11-28", top_n=5,
+                      batch_size=300)
+    export(spec, progress=False)
+    export(ExportSpec(**(spec.__dict__ | {"name": "here", "local": True})), progress=False)
+    for table in ("user_components", "recommendations", "item_concepts", "prototypes"):
+        assert read(local_run, "here", table).equals(read(local_run, "on-ray", table)), table
+
+
 def test_crash_halfway_leaves_the_previous_version_whole(local_run):
     spec = ExportSpec(lake=local_run, run="r", input="ml-100k", name="crash", date="2026-11-28", top_n=5,
                       batch_size=200)
@@ -355,3 +364,88 @@ def test_top_n_at_the_catalogue_size_never_recommends_a_users_own_items(local_ru
         assert len(got) == M - len(own) and not own & set(got)
         assert rows["rank"].sort().to_list() == list(range(1, M - len(own) + 1))
         assert np.isfinite(rows["score"].to_numpy()).all()
+
+
+def test_a_schema_1_table_is_widened_once_and_keeps_its_rows(local_run):
+    """A recommendations table written with rank int16 (schema 1) gets rank int32 in one extra commit; the old
+    date's rows are unchanged, the new date is added, and the old version still reads as it was."""
+    import pyarrow as pa
+
+    uri = export_uri(local_run, "widen", "recommendations")
+    old_schema = pa.schema([("user_id", pa.int64()), ("rank", pa.int16()), ("item_id", pa.int64()),
+                            ("score", pa.float32()), ("concept", pa.int16())])
+    old = pa.table({"user_id": [7, 7, 8], "rank": pa.array([1, 2, 1], pa.int16()), "item_id": [3, 4, 5],
+                    "score": pa.array([-1.0, -2.0, -1.5], pa.float32()), "concept": pa.array([0, 1, 1], pa.int16())},
+                   schema=old_schema)
+    f = delta.write_file(uri, "2026-11-01", old, "20261101T000000-aaaaaa")
+    delta.commit(uri, old_schema, [f], "2026-11-01", {"schema_version": 1, "export_id": "20261101T000000-aaaaaa"})
+    export(ExportSpec(lake=local_run, run="r", input="ml-100k", name="widen", date="2026-11-28", top_n=3,
+                      batch_size=500), progress=False)
+    table = delta.open_table(uri)
+    assert table.version() == 2  # created, widened, the new date
+    assert table.schema().to_arrow().field("rank").type == pa.int32()
+    now = read(local_run, "widen", "recommendations")
+    assert now.filter(pl.col("dt") == "2026-11-01").drop("dt").sort("user_id", "rank").to_dicts() == \
+        pl.from_arrow(old).with_columns(pl.col("rank").cast(pl.Int32)).sort("user_id", "rank").to_dicts()
+    users = read(local_run, "widen", "user_components")["user_id"].n_unique()
+    assert now.filter(pl.col("dt") == "2026-11-28").height == 3 * users
+    assert delta.open_table(uri, 0).schema().to_arrow().field("rank").type == pa.int16()
+    assert "widened" in json.loads(table.history()[1]["macrid"])["migration"]
+
+
+KILLED_EXPORT = """
+import sys, time
+from macrid.output import delta
+from macrid.output.export import ExportSpec, export
+
+def stop_here(*args, **kwargs):  # every data file is written; the commit never comes
+    print("WRITTEN", flush=True)
+    time.sleep(600)
+
+delta.commit = stop_here
+export(ExportSpec(lake=sys.argv[1], run="r", input="ml-100k", name="killed", date="2026-11-28", top_n=3,
+                  batch_size=200, local=True), progress=False)
+"""
+
+
+def test_a_killed_export_leaves_nothing_visible_and_the_next_export_removes_its_files(local_run):
+    """SIGKILL at the worst moment (all files written, nothing committed): readers see the previous version;
+    the next export of that date deletes the dead export's files and keeps those of committed versions."""
+    import signal
+
+    spec = ExportSpec(lake=local_run, run="r", input="ml-100k", name="killed", date="2026-11-28", top_n=3,
+                      batch_size=200)
+    export(spec, progress=False)
+    uri = export_uri(local_run, "killed", "user_components")
+    before = read(local_run, "killed", "user_components")
+    committed_files = set(os.listdir(f"{uri}/dt=2026-11-28"))
+    victim = subprocess.Popen([sys.executable, "-c", KILLED_EXPORT, local_run], stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert victim.stdout.readline().strip() == "WRITTEN"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    orphans = set(os.listdir(f"{uri}/dt=2026-11-28")) - committed_files
+    assert orphans, "the killed export wrote no file"
+    assert read(local_run, "killed", "user_components").equals(before)  # nothing of it is visible
+    summary = export(spec, progress=False)
+    left = set(os.listdir(f"{uri}/dt=2026-11-28"))
+    assert not (left & orphans)  # the dead export's files are gone
+    assert committed_files <= left  # version 0's files stay: time travel still reads it
+    assert read(local_run, "killed", "user_components", version=0).equals(before)
+    assert summary["leftovers_removed"]["user_components"] == len(orphans)
+
+
+@pytest.mark.slow
+def test_twenty_consecutive_export_jobs_all_exit_0(local_run):
+    """The job's status is the export's: no abort in the interpreter's teardown after a successful commit.
+    --local keeps each job to its own work (Ray's start-up would be 20 s of the 25 s a job takes here); the
+    teardown, deltalake and pyarrow are the same."""
+    codes = []
+    for i in range(20):
+        done = subprocess.run([sys.executable, str(ROOT / "jobs" / "export.py"), "--lake", local_run, "--run", "r",
+                               "--input", "ml-100k", "--name", "exit", "--date", f"2026-11-{i + 1:02d}", "--quiet",
+                               "--top-n", "5", "--local"], capture_output=True, text=True, timeout=300)
+        codes.append(done.returncode)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert codes == [0] * 20
+    assert delta.open_table(export_uri(local_run, "exit", "user_components")).version() == 19

@@ -136,25 +136,71 @@ BAD_CONFIG = [
     ('data.version="latest"', "dataset version 'latest'"), ("optim.proposal_alpha=-1", "optim.proposal_alpha"),
 ]
 
+SPACE = "[model]\nK = {choice = [\"seven\"]}\n"  # a search-space value of the wrong type
 
-@pytest.mark.parametrize("override,words", BAD_CONFIG)
-def test_bad_config_values_are_named(tmp_path, capsys, override, words):
-    rc = job("train").main(["--lake", str(tmp_path / "lake"), "--in-process", "--set", override])
+# (job, arguments, words the error must hold). {lake}: a lake folder that must stay unwritten; {raw}: a good raw
+# CSV; {space}: a search space with a wrong-typed value. Every case exits 2, says what is wrong, and writes nothing.
+BAD_INPUTS = [
+    *[("train", ["--lake", "{lake}", "--in-process", "--set", o], w) for o, w in BAD_CONFIG],
+    ("train", ["--lake", "{lake}", "--in-process", "--set", "optim.nonsense=1"], "optim.nonsense"),
+    ("train", ["--lake", "{lake}", "--in-process", "--set", "optim.lr"], "optim.lr"),
+    ("train", ["--lake", "{lake}", "--in-process", "--set", "optim.epochs='ten'"], "optim.epochs"),
+    ("prepare", ["--local", "--input", "{raw}", "--lake", "{lake}", "--name", "d", "--heldout", "nan"], "--heldout nan"),
+    ("prepare", ["--local", "--input", "{raw}", "--lake", "{lake}", "--name", "d", "--heldout", "-3"], "--heldout -3"),
+    ("prepare", ["--local", "--input", "{raw}", "--lake", "{lake}", "--name", "d", "--min-user-items", "0"],
+     "--min-user-items 0"),
+    ("prepare", ["--local", "--input", "{raw}", "--lake", "{lake}", "--name", "d", "--min-rating", "inf"],
+     "--min-rating inf"),
+    ("prepare", ["--local", "--input", "{raw}", "--lake", "{lake}", "--name", "d", "--partitions", "0"],
+     "--partitions 0"),
+    ("prepare", ["--local", "--input", "{raw}.missing", "--lake", "{lake}", "--name", "d"], ".missing"),
+    ("generate", ["--out", "{lake}", "--users", "0"], "n_users=0"),
+    ("generate", ["--out", "{lake}", "--users", "100", "--items", "50", "--K", "0"], "K=0"),
+    ("generate", ["--out", "{lake}", "--users", "100", "--items", "50", "--chunk-users", "0"], "--chunk-users 0"),
+    ("generate", ["--out", "{lake}", "--users", "100", "--items", "3", "--K", "5"], "K=5 categories"),
+    ("generate", ["--out", "{lake}", "--users", "100", "--items", "50", "--mean-items", "nan"], "mean_items=nan"),
+    ("explain", ["--lake", "{lake}", "--run", "r", "steer", "--user", "1", "--top-n", "-5"], "--top-n -5"),
+    ("explain", ["--lake", "{lake}", "--run", "r", "steer", "--user", "1", "--top-n", "0"], "--top-n 0"),
+    ("explain", ["--lake", "{lake}", "--run", "r", "traverse", "--item", "1", "--dim", "0", "--beam", "0"], "--beam 0"),
+    ("explain", ["--lake", "{lake}", "--run", "r", "traverse", "--item", "1", "--dim", "0", "--steps", "0"],
+     "--steps 0"),
+    ("explain", ["--lake", "{lake}", "--run", "r", "traverse", "--item", "1", "--dim", "0", "--gamma", "nan"],
+     "--gamma nan"),
+    *[("explain", ["--lake", "{lake}", "--run", "r", "steer", "--user", "1", "--weight", w],
+       "a concept's weight is a finite number") for w in ("0=nan", "0=-1", "0=inf")],
+    ("explain", ["--lake", "{lake}", "--run", "r", "report"], "no model.pt"),
+    ("export", ["--lake", "{lake}", "--run", "r", "--input", "d", "--name", "n", "--top-n", "-1"], "--top-n"),
+    ("export", ["--lake", "{lake}", "--run", "r", "--input", "d", "--name", "n", "--top-n", str(2**31)],
+     f"--top-n {2**31}"),
+    ("export", ["--lake", "{lake}", "--run", "r", "--input", "d", "--name", "n", "--date", "2026-13-01"],
+     "--date '2026-13-01'"),
+    ("export", ["--lake", "{lake}", "--run", "r", "--input", "d", "--name", "n", "--workers", "0"], "--workers"),
+    ("export", ["--lake", "{lake}", "--run", "r", "--input", "d", "--name", "n"], "r"),
+    ("tune", ["--config", str(ROOT / "configs" / "synthetic.toml"), "--lake", "{lake}", "--space", "{space}",
+              "--samples", "1"], "seven"),
+    ("tune", ["--config", str(ROOT / "configs" / "synthetic.toml"), "--lake", "{lake}", "--name", "s", "--resume",
+              "--samples", "1"], "no sweep to resume"),
+    ("tune", ["--config", "{lake}/missing.toml", "--samples", "1"], "missing.toml"),
+]
+
+
+@pytest.mark.parametrize("name,argv,words", BAD_INPUTS,
+                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(BAD_INPUTS)])
+def test_every_bad_input_is_named_and_writes_nothing(tmp_path, capsys, raw_csv, name, argv, words):
+    (tmp_path / "space.toml").write_text(SPACE)
+    fill = {"{lake}": str(tmp_path / "lake"), "{raw}": raw_csv, "{space}": str(tmp_path / "space.toml")}
+    argv = [next((a.replace(k, v) for k, v in fill.items() if k in a), a) for a in argv]
+    before = files_under(str(tmp_path))
+    rc = job(name).main(argv)
     err = capsys.readouterr().err
-    assert rc == 2 and words in err and "Traceback" not in err, err
-    assert not (tmp_path / "lake").exists()
+    assert rc == 2, (rc, err)
+    assert words in err and "Traceback" not in err, err
+    assert files_under(str(tmp_path)) == before and not (tmp_path / "lake").exists(), "a refused input wrote files"
 
 
-@pytest.mark.parametrize("argv,words", [
-    (["--heldout", "nan"], "--heldout nan"), (["--heldout", "-3"], "--heldout -3"),
-    (["--min-user-items", "0"], "--min-user-items 0"), (["--min-rating", "inf"], "--min-rating inf"),
-    (["--partitions", "0"], "--partitions 0"),
-])
-def test_bad_prepare_values_are_named(tmp_path, capsys, raw_csv, argv, words):
-    rc = job("prepare").main(["--local", "--input", raw_csv, "--lake", str(tmp_path / "lake"), "--name", "d", *argv])
-    err = capsys.readouterr().err
-    assert rc == 2 and words in err, err
-    assert not (tmp_path / "lake").exists()
+def test_the_bad_input_table_holds_at_least_50_cases():
+    assert len(BAD_INPUTS) >= 50 and {n for n, _, _ in BAD_INPUTS} >= {"prepare", "train", "tune", "export",
+                                                                        "explain", "generate"}
 
 
 def test_metrics_take_a_host_and_move_off_a_taken_port():
@@ -174,42 +220,6 @@ def test_metrics_take_a_host_and_move_off_a_taken_port():
             metrics.close()
     with pytest.raises(ConfigError, match="metrics_host='192.0.2.1'"):
         TrainMetrics(port, "r", rank=0, host="192.0.2.1")  # TEST-NET-1: never an address of this machine
-
-
-@pytest.mark.parametrize("argv,words", [
-    (["--users", "0"], "n_users=0"), (["--K", "0"], "K=0"), (["--chunk-users", "0"], "--chunk-users 0"),
-    (["--items", "3", "--K", "5"], "K=5 categories"), (["--mean-items", "nan"], "mean_items=nan"),
-])
-def test_bad_generate_values_are_named(tmp_path, capsys, argv, words):
-    rc = job("generate").main(["--out", str(tmp_path / "raw"), "--users", "100", "--items", "50", *argv])
-    err = capsys.readouterr().err
-    assert rc == 2 and words in err, err
-    assert not (tmp_path / "raw").exists()
-
-
-@pytest.mark.parametrize("argv,words", [
-    (["steer", "--user", "1", "--top-n", "-5"], "--top-n -5"), (["steer", "--user", "1", "--top-n", "0"], "--top-n 0"),
-    (["traverse", "--item", "1", "--dim", "0", "--beam", "0"], "--beam 0"),
-    (["traverse", "--item", "1", "--dim", "0", "--steps", "0"], "--steps 0"),
-    (["traverse", "--item", "1", "--dim", "0", "--gamma", "nan"], "--gamma nan"),
-])
-def test_bad_explain_values_are_named_before_any_run_is_read(tmp_path, capsys, argv, words):
-    rc = job("explain").main(["--lake", str(tmp_path / "no-lake"), "--run", "r", *argv])
-    err = capsys.readouterr().err
-    assert rc == 2 and words in err, err
-
-
-@pytest.mark.parametrize("value", ["0=nan", "0=-1", "0=inf"])
-def test_bad_concept_weights_are_refused(tmp_path, value):
-    with pytest.raises(SystemExit, match="a concept's weight is a finite number"):
-        job("explain").main(["--lake", str(tmp_path), "--run", "r", "steer", "--user", "1", "--weight", value])
-
-
-def test_export_top_n_past_the_rank_type_is_refused(tmp_path, capsys):
-    rc = job("export").main(["--lake", str(tmp_path), "--run", "r", "--input", "d", "--name", "n",
-                             "--top-n", "40000"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "--top-n 40000" in err and "int16" in err
 
 
 def test_a_checkpoint_declaring_a_huge_catalogue_is_refused_before_allocating(tmp_path):

@@ -6,7 +6,10 @@ says, not what its folder holds. The driver then commits all files of a table as
 that replaces the date's partition (`mode="overwrite"` with a `dt` partition filter). So:
 
 - a crash before the commit leaves the previous version as it was, and the files it wrote are
-  orphans that no reader sees (`delete_files` removes them; `DeltaTable.vacuum` removes any left);
+  orphans that no reader sees: a failed export deletes its own (`delete_uncommitted`), and the next
+  successful export of the date removes those of a killed one (`remove_leftovers`, by export ID);
+- a table written under an older schema whose columns only need widening (rank int16 -> int32) is
+  rewritten once, in one commit, before the new partition (`widen`); earlier versions stay readable;
 - a re-run for the same date replaces that date's partition and nothing else;
 - every commit carries our metadata (checkpoint, input snapshot, counts, timings, schema version),
   readable with `DeltaTable(uri).history()`.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 
@@ -99,6 +103,9 @@ def commit(uri: str, schema: pa.Schema, files: list[dict], date: str, metadata: 
             create_table_with_add_actions(table_uri(uri), Schema.from_arrow(full), actions, mode="error", partition_by=[PARTITION],
                                           storage_options=storage_options(uri), commit_properties=props)
         else:
+            if widens(pa.schema(table.schema().to_arrow()), pa.schema(_delta_arrow(full))):
+                widen(uri, full, metadata)
+                table = open_table(uri)
             if table.schema().to_arrow() != _delta_arrow(full):
                 raise DataError(
                     f"{uri}: the table's columns ({table.schema().to_arrow()}) differ from this export's; export "
@@ -145,3 +152,71 @@ def delete_uncommitted(uri: str, date: str, tag: str) -> None:
         return
     delete_files(uri, [{"path": f"{PARTITION}={date}/{i.base_name}"} for i in infos
                        if i.base_name.startswith(f"part-{tag}-")])
+
+
+def widens(current: pa.Schema, target: pa.Schema) -> bool:
+    """True when `target` has `current`'s columns, in order, and differs only by wider integer types."""
+    if current.names != target.names or current == target:
+        return False
+    for a, b in zip(current, target, strict=True):
+        if a.type == b.type:
+            continue
+        if not (pa.types.is_signed_integer(a.type) and pa.types.is_signed_integer(b.type)
+                and b.type.bit_width > a.type.bit_width):
+            return False
+    return True
+
+
+def widen(uri: str, full: pa.Schema, metadata: dict) -> int:
+    """Rewrite the whole table with `full`'s (wider) column types, in one overwrite commit; streamed batch by
+    batch. Readers see the old version or the new one; time travel to the old versions keeps working."""
+    from deltalake import CommitProperties, write_deltalake
+
+    table = open_table(uri)
+    old = pa.schema(table.schema().to_arrow())
+    target = pa.schema(_delta_arrow(full))
+    batches = (b.cast(target) for b in table.to_pyarrow_dataset().to_batches(columns=target.names))
+    reader = pa.RecordBatchReader.from_batches(target, batches)
+    note = {"migration": f"columns widened: {[f'{a.name} {a.type}->{b.type}' for a, b in zip(old, target) if a.type != b.type]}",
+            "schema_version": metadata.get("schema_version"), "export_id": metadata.get("export_id")}
+    with lake.explained(uri):
+        write_deltalake(table_uri(uri), reader, mode="overwrite", schema_mode="overwrite", partition_by=[PARTITION],
+                        storage_options=storage_options(uri) or None,
+                        commit_properties=CommitProperties(custom_metadata={"macrid": json.dumps(note, sort_keys=True)}))
+    return open_table(uri).version()
+
+
+_DATA_FILE = re.compile(r"part-(\d{8}T\d{6}-[0-9a-f]{6})-[0-9a-f]{12}\.parquet")
+
+
+def remove_leftovers(uri: str, date: str, keep_tag: str) -> list[str]:
+    """Delete the data files in `dt=date` that a killed export left: named by an export ID that no commit in the
+    table's history carries, not in the current version, and not `keep_tag`'s. Files of committed exports stay
+    (time travel needs them until `vacuum`). Returns the removed paths. Assumes one writer per table at a time,
+    which docs/export-schema.md asks for and the CronJob's concurrencyPolicy enforces."""
+    import pyarrow.fs as pafs
+
+    table = open_table(uri)
+    if table is None:
+        return []
+    committed = {keep_tag}
+    for entry in table.history():
+        try:
+            committed.add(json.loads(entry.get("macrid", "{}")).get("export_id"))
+        except ValueError:
+            continue
+    current = set(table.file_uris())
+    fs, root = lake.resolve(uri)
+    folder = f"{root}/{PARTITION}={date}"
+    with lake.explained(uri):
+        infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+    stale = []
+    for i in infos:
+        m = _DATA_FILE.fullmatch(i.base_name)
+        if i.type != pafs.FileType.File or m is None or m.group(1) in committed:
+            continue
+        if any(u.endswith(f"{PARTITION}={date}/{i.base_name}") for u in current):
+            continue
+        stale.append(f"{PARTITION}={date}/{i.base_name}")
+    delete_files(uri, [{"path": p} for p in stale])
+    return stale

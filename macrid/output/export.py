@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from macrid.output import delta
@@ -37,7 +38,7 @@ from macrid.output.published import published_run
 from macrid.training.run_folder import MODEL_FILE
 from macrid.training.train import load_model
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: recommendations.rank is int32 (1: int16; such tables are widened on the next export)
 TABLES = ("user_components", "recommendations", "item_concepts", "prototypes")
 ITEM_CHUNK = 65_536
 
@@ -59,9 +60,10 @@ class ExportSpec:
     item_col: str = "item_id"
     rating_col: str | None = None
     fail_after_batches: int = 0  # fault injection (tests): each actor raises after this many batches
+    local: bool = False  # compute in this process, no Ray: for small exports, where Ray's start-up dominates
 
 
-MAX_TOP_N = 32_767  # the rank column is int16 (schema version 1 of the tables)
+MAX_TOP_N = 2**31 - 1  # the rank column is int32
 
 
 def export_uri(lake_root: str, name: str, table: str = "") -> str:
@@ -105,6 +107,9 @@ def export(spec: ExportSpec, progress: bool = True) -> dict:
             version = delta.commit(uri, schema, files[table], spec.date, summary)
             committed.append(table)
             summary.setdefault("versions", {})[table] = version
+            removed = delta.remove_leftovers(uri, spec.date, tag)  # a killed earlier export's files of this date
+            if removed:
+                summary.setdefault("leftovers_removed", {})[table] = len(removed)
     except BaseException:
         for table in TABLES:
             if table not in committed:
@@ -129,7 +134,7 @@ def _checked(spec: ExportSpec) -> ExportSpec:
     if spec.top_n < 0 or spec.workers < 1 or spec.batch_size < 1:
         raise ConfigError("--top-n must be >= 0, --workers and --batch-size >= 1")
     if spec.top_n > MAX_TOP_N:
-        raise ConfigError(f"--top-n {spec.top_n} is more than the recommendations table's int16 rank holds "
+        raise ConfigError(f"--top-n {spec.top_n} is more than the recommendations table's int32 rank holds "
                           f"({MAX_TOP_N}); pass at most {MAX_TOP_N}")
     lake_root = spec.lake if lake.is_s3(spec.lake) else os.path.abspath(spec.lake)
     lake.check_root(lake_root)
@@ -150,13 +155,16 @@ def _source(spec: ExportSpec, fingerprint: str, vocab: pl.DataFrame, run_record:
     # and rows whose rating is missing, are not
     from macrid.cluster import connect
 
-    connect()
+    if not spec.local:
+        connect()
     return raw(spec.input, vocab.select("item_idx", "item_id"), run_record["min_rating"], stage, spec.lake,
-               spec.format, spec.user_col, spec.item_col, spec.rating_col)
+               spec.format, spec.user_col, spec.item_col, spec.rating_col, runner="local" if spec.local else "ray")
 
 
 def _users(spec: ExportSpec, source: Source, run_record: dict, tag: str, progress: bool) -> dict[str, list[dict]]:
     """Ray Data over the user rows; actors compute and write. Returns each table's file records."""
+    if spec.local:
+        return _users_here(spec, source, run_record, tag, progress)
     import ray.data
     from tqdm import tqdm
 
@@ -196,6 +204,35 @@ def _users(spec: ExportSpec, source: Source, run_record: dict, tag: str, progres
     return files
 
 
+def _users_here(spec: ExportSpec, source: Source, run_record: dict, tag: str, progress: bool) -> dict[str, list[dict]]:
+    """The same worker, in this process, over the same files in the same order (`local`)."""
+    from tqdm import tqdm
+
+    snap = snapshot_uri(spec.lake, run_record["dataset"], run_record["version"])
+    worker = ExportWorker(**_worker_kwargs(spec, source, snap, tag))
+    files: dict[str, list[dict]] = {"user_components": [], "recommendations": []}
+    bar = tqdm(total=source.counts["users_input"] - source.counts["users_without_known_items"], unit="user",
+               unit_scale=True, desc="export users", disable=not progress)
+    fs, _ = lake.resolve(spec.lake)  # the source's files are paths on the lake's filesystem
+    tables = [pq.read_table(f, filesystem=fs) for f in source.files.get("bags", [])]
+    tables += [merge_heldout(pq.read_table(f, columns=["user_idx", "foldin", "heldout"], filesystem=fs))
+               for f in source.files.get("heldout", [])]
+    for table in tables:
+        for start in range(0, table.num_rows, spec.batch_size):
+            for row in worker(table.slice(start, spec.batch_size)).to_pylist():
+                files[row["table"]].append(row)
+                if row["table"] == "user_components":
+                    bar.update(row["users"])
+    bar.close()
+    return files
+
+
+def _worker_kwargs(spec: ExportSpec, source: Source, snap: str, tag: str) -> dict:
+    return {"run": _run_uri(spec), "items_uri": lake.join(snap, "items"), "users_uri": source.users_uri,
+            "tables": export_uri(spec.lake, spec.name), "date": spec.date, "tag": tag, "top_n": spec.top_n,
+            "threads": max(1, int(spec.cpus_per_worker)), "fail_after": spec.fail_after_batches}
+
+
 def _map_users(ds, spec: ExportSpec, source: Source, snap: str, tag: str):
     import ray.data
 
@@ -206,11 +243,7 @@ def _map_users(ds, spec: ExportSpec, source: Source, snap: str, tag: str):
         # a failed actor fails the export (nothing is committed; the nightly job is re-run). Ray Data's
         # default (-1) also makes Ray log an error line about restartable actors on every run.
         max_restarts=0,
-        fn_constructor_kwargs={"run": _run_uri(spec), "items_uri": lake.join(snap, "items"),
-                               "users_uri": source.users_uri, "tables": export_uri(spec.lake, spec.name),
-                               "date": spec.date, "tag": tag, "top_n": spec.top_n,
-                               "threads": max(1, int(spec.cpus_per_worker)),
-                               "fail_after": spec.fail_after_batches})
+        fn_constructor_kwargs=_worker_kwargs(spec, source, snap, tag))
 
 
 class ExportWorker:
@@ -270,7 +303,7 @@ def recommendations_table(user_ids: pa.Array, item_ids: pa.Array, out) -> pa.Tab
     keep = out.top_valid.cpu().numpy().reshape(-1)  # (B*N,) a user's own items are never recommended
     return pa.table({
         "user_id": pa.array(user_ids).take(pa.array(np.repeat(np.arange(B), N)[keep])),
-        "rank": pa.array(np.tile(np.arange(1, N + 1, dtype=np.int16), B)[keep]),
+        "rank": pa.array(np.tile(np.arange(1, N + 1, dtype=np.int32), B)[keep]),
         "item_id": item_ids.take(pa.array(out.top_items.cpu().numpy().reshape(-1)[keep])),
         "score": pa.array(out.top_scores.float().cpu().numpy().reshape(-1)[keep]),
         "concept": pa.array(out.top_concepts.cpu().numpy().reshape(-1).astype(np.int16)[keep]),
@@ -328,7 +361,7 @@ SCHEMAS = {
         ("user_id", user_t), ("component", pa.int16()), ("weight", pa.float32()), ("dominant", pa.bool_()),
         ("mu", _list(pa.float32()))]),
     "recommendations": lambda item_t, user_t: pa.schema([
-        ("user_id", user_t), ("rank", pa.int16()), ("item_id", item_t), ("score", pa.float32()),
+        ("user_id", user_t), ("rank", pa.int32()), ("item_id", item_t), ("score", pa.float32()),
         ("concept", pa.int16())]),
     "item_concepts": lambda item_t, user_t: pa.schema([
         ("item_id", item_t), ("title", pa.string()), ("concept", pa.int16()), ("probability", pa.float32()),
