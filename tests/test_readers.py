@@ -78,3 +78,22 @@ def test_union_of_sources_keeps_their_ids_apart(tmp_path):
     done = subprocess.run([sys.executable, "jobs/prepare.py", "--local", "--input", str(tmp_path / "a"), "--input",
                            str(tmp_path / "a") + "/", "--lake", lake, "--name", "v"], capture_output=True, text=True)
     assert done.returncode == 2 and "distinct folder names" in done.stderr
+
+
+def test_item_tables_with_int_titles_or_string_genres_read_as_text_and_lists(tmp_path):
+    """An int title is shown as its text; "A|B" genres are two genres, not three characters; a struct is refused."""
+    import polars as pl
+
+    from macrid.data.readers import read_items
+    from macrid.errors import DataError
+
+    pl.DataFrame({"item_id": [1, 2], "title": [10, 20], "genres": ["Action|Comedy", "Drama"]}).write_parquet(
+        tmp_path / "a.parquet")
+    items = read_items(tmp_path / "a.parquet")
+    assert items["title"].to_list() == ["10", "20"]
+    assert items["genres"].to_list() == [["Action", "Comedy"], ["Drama"]]
+    pl.DataFrame({"item_id": [1], "genres": [[3, 4]]}).write_parquet(tmp_path / "b.parquet")
+    assert read_items(tmp_path / "b.parquet")["genres"].to_list() == [["3", "4"]]
+    pl.DataFrame({"item_id": [1], "genres": [{"x": 1}]}).write_parquet(tmp_path / "c.parquet")
+    with pytest.raises(DataError, match=r"c.parquet: column 'genres' is Struct"):
+        read_items(tmp_path / "c.parquet")

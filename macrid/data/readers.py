@@ -117,7 +117,11 @@ def read_item_metadata(path: str | Path, fmt: str) -> pl.DataFrame | None:
 
 def read_items(path: str | Path, item_col: str = "item_id") -> pl.DataFrame:
     """An item table (Parquet/CSV file or folder, local or s3://, read where it is): item_id plus optional
-    title and genres (list of strings). O(items): the driver reads it whole."""
+    title and genres (list of strings). O(items): the driver reads it whole.
+
+    A title of another scalar type (an int, a date) is shown as text; a string `genres` column is split on
+    "|" (MovieLens' convention: "Action|Comedy"); a list of numbers becomes a list of their texts. Other
+    types (a nested title, a struct of genres) are refused, naming the file and the column."""
     frames = []
     for f, df in _table_files(str(path)):
         if item_col not in df.columns:
@@ -128,8 +132,26 @@ def read_items(path: str | Path, item_col: str = "item_id") -> pl.DataFrame:
         for col, dtype in (("title", pl.String), ("genres", pl.List(pl.String))):
             if col not in df.columns:
                 df = df.with_columns(pl.lit(None, dtype).alias(col))
+        df = df.with_columns(title=_as_title(df["title"], f), genres=_as_genres(df["genres"], f))
         frames.append(df.select("item_id", "title", "genres"))
     return pl.concat(frames)
+
+
+def _as_title(col: pl.Series, where: str) -> pl.Series:
+    if col.dtype.is_nested() or col.dtype == pl.Object:
+        raise DataError(f"{where}: column 'title' is {col.dtype}; it must hold one text (or number) per item")
+    return col.cast(pl.String)
+
+
+def _as_genres(col: pl.Series, where: str) -> pl.Series:
+    if col.dtype == pl.String:
+        return col.str.split("|")
+    if isinstance(col.dtype, pl.List) and not col.dtype.inner.is_nested():
+        return col.cast(pl.List(pl.String))
+    if col.dtype == pl.Null:
+        return col.cast(pl.List(pl.String))
+    raise DataError(f"{where}: column 'genres' is {col.dtype}; write a list of strings, or one string with the "
+                    "genres separated by '|'")
 
 
 def _table_files(uri: str) -> Iterator[tuple[str, pl.DataFrame]]:
