@@ -178,7 +178,7 @@ def run_parts(args) -> list[dict]:
 
     rows.append({"part": "top-k merge (1000 x 13,521)", "before": "full stable sort",
                  "after": "topk threshold + sort of k", "before_s": _median_time(full_sort),
-                 "after_s": _median_time(lambda: _merge_top_k(scores, items, 100))})
+                 "after_s": _median_time(lambda: _merge_top_k(scores[:, :0], items[:, :0], scores, 0, 100))})
     # 2. per-user positives, forward + backward: B = 500, K = 5, D = 100, N = 17,000 own items
     B, K, D, N, S = 500, 5, 100, 17000, 4098
     zn = torch.randn(B, K, D, requires_grad=True)

@@ -44,12 +44,39 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
     On CUDA below torch 2.8 (no out_dtype) the product is made in bf16 and widened: see `gemm_path` for
     what that costs."""
-    if dtype == a.dtype:
+    if dtype == a.dtype == b.dtype and dtype in (torch.float32, torch.float64):
         return a @ b
-    a, b = a.to(dtype), b.to(dtype)
+    a, b = a.to(dtype), b.to(dtype)  # no copy for an operand already in dtype (the backward's G2)
     if a.is_cuda and has_out_dtype():
         return torch.mm(a, b, out_dtype=torch.float32)
     return (a @ b).float()
+
+
+class _WideMatmul(torch.autograd.Function):
+    """a (B, D) @ b.T (D, C) with `dtype` operands and an fp32 result, forward and backward (the gradient
+    GEMMs too): MultVAE's logits under bf16 autocast, never rounded to bf16."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        ctx.dtype = dtype
+        return _gemm(a, b.T, dtype)  # (B, C): fp32 from bf16 operands, else in the operands' dtype
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        a, b = ctx.saved_tensors
+        ga = _gemm(g, b, ctx.dtype).to(a.dtype) if ctx.needs_input_grad[0] else None  # (B, D)
+        gb = _gemm(g.T, a, ctx.dtype).to(b.dtype) if ctx.needs_input_grad[1] else None  # (C, D)
+        return ga, gb, None
+
+
+def wide_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (B, D) @ b.T -> (B, C) in fp32; the operands in bf16 when bf16 autocast is on for a's device."""
+    device = a.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
+    with torch.autocast(device_type=device, enabled=False):
+        return _WideMatmul.apply(a, b, dtype)
 
 
 class _MixtureScores(torch.autograd.Function):
@@ -84,6 +111,8 @@ class _MixtureScores(torch.autograd.Function):
         gc = G.sum(0).T if ctx.needs_input_grad[2] else None  # (M, K)
         G.mul_(cT.unsqueeze(0))  # (B, K, M) dL/d(S/tau)
         G2 = G.view(B * K, -1)
+        if G2.dtype != ctx.dtype and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            G2 = G2.to(ctx.dtype)  # once, for both GEMMs (not once for G2 and again for G2.T)
         gzn = _gemm(G2, hn, ctx.dtype).mul_(1.0 / ctx.tau).view(B, K, D) if ctx.needs_input_grad[0] else None
         ghn = _gemm(G2.T, zs, ctx.dtype) if ctx.needs_input_grad[1] else None  # (M, D); zs carries the 1/tau
         return gzn, ghn, gc, None, None

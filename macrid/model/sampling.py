@@ -52,16 +52,21 @@ class NegativeSampler:
     def candidates(self, batch_items: torch.Tensor) -> Candidates:
         """Candidates for a batch whose users hold `batch_items` (N,), on the sampler's device.
 
-        torch.unique has a data-dependent size, so on CUDA this syncs with the host once per step.
+        Sizes are data-dependent, so on CUDA this syncs with the host twice per step: once for the number of
+        candidates (one `torch.unique` over positives and draws together) and once for the number of distinct
+        negatives (a `nonzero` over a (C,) mask). Everything else stays on the device.
         """
-        positives = torch.unique(batch_items)
-        negatives = torch.unique(self.sample())
-        items = torch.unique(torch.cat([positives, negatives]))  # (C,) sorted
+        N = len(batch_items)
+        items, inverse = torch.unique(torch.cat([batch_items, self.sample()]), return_inverse=True)  # (C,) sorted
+        is_positive = torch.zeros(len(items), dtype=torch.bool, device=items.device)  # (C,)
+        is_positive[inverse[:N]] = True
+        is_negative = torch.zeros_like(is_positive)
+        is_negative[inverse[N:]] = True
         q = self.q[items]
         log_pi = torch.log1p(-torch.pow(1.0 - q, self.n_samples)).float()  # (C,)
-        negative_pos = torch.searchsorted(items, negatives)
-        log_pi_negatives = log_pi[negative_pos].clone()
-        log_pi[torch.isin(items, positives)] = 0.0
+        negative_pos = is_negative.nonzero().squeeze(1)  # (S',) distinct sampled negatives, in item order
+        log_pi_negatives = log_pi[negative_pos]  # a gather: a copy, unaffected by the masking below
+        log_pi = log_pi.masked_fill(is_positive, 0.0)
         return Candidates(items, log_pi, negative_pos, log_pi_negatives)
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from macrid.data.bags import bag_rows
 from macrid.config import ModelConfig
-from macrid.model.mixture import mixture_scores
+from macrid.model.mixture import mixture_scores, wide_matmul
 
 
 @dataclass
@@ -199,7 +199,8 @@ class MultVAE(nn.Module):
         self.h = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, D)))
         self.h_bias = nn.Parameter(torch.zeros(n_items))
 
-    def forward(self, indices: torch.Tensor, offsets: torch.Tensor, candidates: torch.Tensor | None = None) -> Output:
+    def encode(self, indices: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> z (B, D) (mu in eval mode), mu (B, D), kl (B,), all fp32."""
         B = len(offsets) - 1
         rows = bag_rows(offsets, len(indices))  # (N,)
         lengths = offsets.diff().clamp_min(1).to(self.t.dtype)  # (B,)
@@ -214,13 +215,17 @@ class MultVAE(nn.Module):
         else:
             mu = z = torch.tanh(out)  # (B, D)
             kl = out.new_zeros(B)
-        h, h_bias = (self.h, self.h_bias) if candidates is None else (self.h[candidates], self.h_bias[candidates])
-        return Output((z @ h.T).float() + h_bias, kl, mu.unsqueeze(1))  # (B, M or C), fp32 for the loss
+        return z, mu, kl
 
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor, candidates: torch.Tensor | None = None) -> Output:
+        z, mu, kl = self.encode(indices, offsets)
+        h, h_bias = (self.h, self.h_bias) if candidates is None else (self.h[candidates], self.h_bias[candidates])
+        logits = wide_matmul(z, h)  # (B, M or C) fp32; under bf16 autocast from bf16 operands, never rounded
+        return Output(logits + h_bias, kl, mu.unsqueeze(1))  # (B, M or C), fp32 for the loss
 
     @torch.no_grad()
     def represent(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        return self.forward(indices, offsets).mu  # (B, 1, D); eval mode: z = mu
+        return self.encode(indices, offsets)[1].unsqueeze(1)  # (B, 1, D): mu, without the (B, M) decoder
 
     @torch.no_grad()
     def score(self, mu: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

@@ -68,48 +68,72 @@ def evaluate(ranker: Ranker, split: "HeldOut", n_items: int, batch_size: int = 1
     return result
 
 
+def score_budget(device: torch.device) -> int:
+    """Floats in one block of B x K x items scores: 2^26 (256 MB) on the CPU; on a GPU a sixteenth of its
+    free memory (an 80 GB card scores ~5 GB blocks: fewer, larger chunks, fewer kernel launches)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(SCORE_BUDGET, free // 16 // 4)
+    return SCORE_BUDGET
+
+
 def chunked_top_k(model: torch.nn.Module, indices: torch.Tensor, offsets: torch.Tensor, n_items: int, k: int,
                   chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k items (B, k) over all M items with bounded memory, and the users' representations.
 
     Runs on the model's device (the batch is moved there). Scores B x chunk items at a time
-    (chunk = 0: as many as SCORE_BUDGET allows). Fold-in items are
+    (chunk = 0: as many as `score_budget` allows). Fold-in items are
     excluded; ties go to the lower item index, exactly as `top_k` on full scores, because chunks are
-    visited in index order and merged with a stable sort.
+    visited in index order and merged with a stable sort. No step of the loop waits for the host: the
+    fold-in mask is a fixed-size scatter, and the merge selects columns with topk, not nonzero.
     """
     model.eval()
     device = next(model.parameters(), indices).device  # a parameterless scorer: the batch's device
     indices, offsets = to_device(indices, device), to_device(offsets, device)
     B = len(offsets) - 1
     mu = model.represent(indices, offsets)  # (B, K, D)
-    chunk = chunk or max(1024, SCORE_BUDGET // max(1, B * mu.shape[1]))
+    chunk = chunk or max(1024, score_budget(device) // max(1, B * mu.shape[1]))
     rows = bag_rows(offsets, len(indices))  # (N,)
     best_s = torch.full((B, 0), -torch.inf, device=device)  # (B, k) running best scores
     best_i = torch.zeros((B, 0), dtype=torch.long, device=device)  # (B, k) their item ids
     for lo in range(0, n_items, chunk):
-        items = torch.arange(lo, min(lo + chunk, n_items), device=device)  # (C,)
+        C = min(chunk, n_items - lo)
+        items = torch.arange(lo, lo + C, device=device)  # (C,)
         s = model.score(mu, items).float()  # (B, C)
-        inside = (indices >= lo) & (indices < lo + len(items))
-        s[rows[inside], indices[inside] - lo] = -torch.inf
-        best_s, best_i = _merge_top_k(torch.cat([best_s, s], 1), torch.cat([best_i, items.expand(B, -1)], 1), k)
+        col = indices - lo  # (N,)
+        inside = (col >= 0) & (col < C)
+        # every fold-in item adds -inf (inside the chunk) or 0 (outside, at a clamped column): a fixed-size
+        # scatter, where s[rows[inside], ...] would wait on the host for the number of items inside
+        s.index_put_((rows, col.clamp(0, C - 1)), torch.where(inside, -torch.inf, 0.0), accumulate=True)
+        best_s, best_i = _merge_top_k(best_s, best_i, s, lo, k)
     return best_i, mu
 
 
-def _merge_top_k(scores: torch.Tensor, items: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best columns of each row, highest first, ties to the earlier column (= the lower item id,
-    since the running best precedes the chunk and both are in id order among equal scores).
+def _merge_top_k(best_s: torch.Tensor, best_i: torch.Tensor, s: torch.Tensor, lo: int,
+                 k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of the running best (B, k') and a chunk's scores (B, C) of items lo..lo+C-1, highest first,
+    ties to the earlier column (= the lower item id, since the running best precedes the chunk and both
+    are in id order among equal scores).
 
-    topk finds the k-th value; everything above it is kept, then the earliest columns equal to it.
+    topk finds the k-th value; everything above it is kept, then the earliest columns equal to it; a second
+    topk over the kept mask picks those columns in column order (no nonzero, so no host sync). The chunk's
+    item ids are computed from the chosen columns, never materialised as a (B, C) table.
     A full stable sort of B x chunk scores costs 2.5x more (`python benchmarks/scale.py parts`).
     """
-    k = min(k, scores.shape[1])
+    scores = torch.cat([best_s, s], 1)  # (B, W), W = k' + C
+    prev, W = best_s.shape[1], scores.shape[1]
+    k = min(k, W)
     kth = torch.topk(scores, k, dim=1, sorted=False).values.min(1, keepdim=True).values  # (B, 1)
     greater, equal = scores > kth, scores == kth
     keep = greater | (equal & (equal.cumsum(1) <= k - greater.sum(1, keepdim=True)))  # exactly k per row
-    cols = keep.nonzero()[:, 1].view(len(scores), k)  # row-major: column order within a row
-    s, i = torch.gather(scores, 1, cols), torch.gather(items, 1, cols)
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices
-    return torch.gather(s, 1, order), torch.gather(i, 1, order)
+    rank = torch.arange(W, 0, -1, device=scores.device)  # (W,) earlier columns rank higher
+    cols = torch.topk(keep * rank, k, dim=1, sorted=True).indices  # (B, k) the kept columns, in column order
+    chosen = torch.gather(scores, 1, cols)
+    from_best = cols < prev
+    ids = torch.where(from_best, torch.gather(best_i, 1, cols.clamp_max(max(prev - 1, 0))) if prev else cols,
+                      cols - prev + lo)  # (B, k)
+    order = torch.sort(chosen, dim=1, descending=True, stable=True).indices
+    return torch.gather(chosen, 1, order), torch.gather(ids, 1, order)
 
 
 def model_ranker(model: torch.nn.Module, n_items: int) -> Ranker:

@@ -156,7 +156,12 @@ def launch(cfg: Config, callbacks: list | None = None) -> dict:
         best = checkpoint.from_bytes(f.read(), f"{best_ckpt.path}/{checkpoint.FILE}", meta["vocabulary_fingerprint"])
     with result.checkpoint.filesystem.open_input_stream(f"{result.checkpoint.path}/{STATE_FILE}") as f:
         history = json.loads(f.read())["history"]
-    return finish(cfg, best, history)
+    # the driver scores validation and test: on its GPU when the run trained on GPUs and it has one (a GPU
+    # head, a single-node job); a CPU-only head evaluates on its CPU, which the chunked ranking keeps bounded
+    import torch
+
+    device = "cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu"
+    return finish(cfg, best, history, device)
 
 
 def input_mode(cfg: Config, meta: dict) -> str:

@@ -67,10 +67,23 @@ def train_step(model: torch.nn.Module, opt: Optimizers, tables: list[torch.nn.Pa
 
 
 def precision_context(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """run.precision -> the forward pass's autocast context (and the process's TF32 switch on CUDA)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    """run.precision -> the forward pass's autocast context (bf16), or none."""
     if precision == "bf16":
         return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
+
+
+@contextlib.contextmanager
+def tf32_scope(precision: str, device: torch.device):
+    """TF32 matmuls on CUDA for what runs inside (a whole training step: forward and backward) when
+    run.precision is "tf32". torch's switch is process-wide, so it is set on entry and put back on exit:
+    validation, `finish` and the export, which run outside, stay fp32."""
+    if device.type != "cuda" or precision != "tf32":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

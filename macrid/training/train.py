@@ -38,7 +38,7 @@ from macrid.model.row_sparse import Optimizers, broadcast_tables, ignore_in_ddp,
 from macrid.model.sampling import NegativeSampler
 from macrid.training.run_folder import MODEL_FILE, RAY_SNAPSHOT, RUN_FILE, has_run, pin_run, run_uri  # noqa: F401
 from macrid.training.session import SCORE, LocalSession
-from macrid.training.step import precision_context, train_step
+from macrid.training.step import precision_context, tf32_scope, train_step
 
 log = logging.getLogger(__name__)
 # epoch -> this worker's batches of (indices (N,), offsets (B+1,)), on the host
@@ -55,8 +55,9 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
     tables = tables_of(model, row_sparse)  # exchanged row-wise, outside DDP
     opt = Optimizers(model, tables, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay)
     # Polyak/EMA weight averaging: evaluation, selection and export use the averaged weights.
-    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
-        cfg.optim.ema)) if cfg.optim.ema > 0 else None)
+    # device=: its step counter n_averaged lives there too (on the CPU, each update would copy it and sync)
+    ema = (torch.optim.swa_utils.AveragedModel(model, device=device, multi_avg_fn=torch.optim.swa_utils
+                                               .get_ema_multi_avg_fn(cfg.optim.ema)) if cfg.optim.ema > 0 else None)
     eval_model = ema.module if ema is not None else model
     fingerprint = data.meta["vocabulary_fingerprint"]
     ckpt_meta = dict(config=cfg.to_dict(), n_items=data.n_items, fingerprint=fingerprint)
@@ -114,9 +115,10 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
                 beta = beta_at(state["step"], steps, cfg.optim.beta, cfg.optim.anneal_epochs, cfg.optim.anneal)
                 if cfg.optim.lr_schedule != "constant":
                     opt.set_lr(lr_at(state["step"], steps * cfg.optim.epochs, cfg.optim.lr, cfg.optim.lr_schedule))
-                loss, parts, received = train_step(train_model, opt, tables, sampler, idx, off, beta, world,
-                                                   per_user=cfg.optim.candidates == "user", autocast=autocast,
-                                                   kl_by_items=cfg.optim.kl_by_items, frozen=frozen)
+                with tf32_scope(cfg.run.precision, device):
+                    loss, parts, received = train_step(train_model, opt, tables, sampler, idx, off, beta, world,
+                                                       per_user=cfg.optim.candidates == "user", autocast=autocast,
+                                                       kl_by_items=cfg.optim.kl_by_items, frozen=frozen)
                 exchanged += received
                 if ema is not None:
                     ema.update_parameters(model)
@@ -128,7 +130,7 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
         model.dropout = cfg.model.dropout
         if hasattr(model, "m") and (epoch == cfg.model.proto_init_epoch
                                     or (cfg.model.proto_refine and 0 < cfg.model.proto_init_epoch < epoch)):
-            _recentre_prototypes(model, cfg.run.seed, refine_only=epoch > cfg.model.proto_init_epoch)
+            _recentre_prototypes(model, cfg.run.seed, refine_only=epoch > cfg.model.proto_init_epoch, world=world)
         mean_loss, mean_nll, mean_kl = (sums / max(n_steps, 1)).tolist()  # one sync per epoch
         row = {"epoch": epoch, "step": state["step"], "beta": beta, "seconds": time.perf_counter() - t0,
                "users": n_users * world // len(passes), "loss": mean_loss, "nll": mean_nll, "kl": mean_kl, "input_seconds": waited}
@@ -262,15 +264,22 @@ def memory_batches(share: CSR, n_users: int, batch_size: int, seed: int, rank: i
 
 
 @torch.no_grad()
-def _recentre_prototypes(model, seed: int, refine_only: bool) -> None:
+def _recentre_prototypes(model, seed: int, refine_only: bool, world: int = 1) -> None:
     """model.proto_init_epoch / proto_refine: prototypes to spherical k-means centres of h (k-means++ at the
-    init epoch, one Lloyd step from the current prototypes after it). Deterministic: the same on every rank."""
+    init epoch, one Lloyd step from the current prototypes after it).
+
+    Computed on rank 0 and broadcast: on CUDA, k-means' index_add_ uses atomics, so ranks would get slightly
+    different centres, and DDP never re-broadcasts parameters, so the replicas would drift apart."""
     from macrid.model import prototypes
 
-    h = model.h.detach()
-    # (K, D) unit norm; cosines ignore the scale
-    centres = prototypes.refine(h, model.m.detach()) if refine_only else prototypes.spherical_kmeans(h, model.K, seed)
-    model.m.copy_(centres.to(model.m.device, model.m.dtype) * model.m.norm(dim=1, keepdim=True).mean())
+    if world == 1 or torch.distributed.get_rank() == 0:
+        h = model.h.detach()
+        # (K, D) unit norm; cosines ignore the scale
+        centres = prototypes.refine(h, model.m.detach()) if refine_only else \
+            prototypes.spherical_kmeans(h, model.K, seed)
+        model.m.copy_(centres.to(model.m.device, model.m.dtype) * model.m.norm(dim=1, keepdim=True).mean())
+    if world > 1:
+        torch.distributed.broadcast(model.m.data, src=0)
 
 
 def _agree(stop: bool, world: int, device: torch.device) -> bool:
