@@ -110,7 +110,7 @@ def test_export_to_s3_matches_the_model(s3_run):
     meta = delta.last_commit(export_uri(s3_run, "nightly", "user_components"))
     assert meta["checkpoint"]["run"] == "r" and meta["checkpoint"]["epoch"] == saved["epoch"]
     assert meta["input"]["dataset"] == "ml-100k" and meta["input"]["version"]
-    assert meta["counts"]["users_exported"] == U and meta["schema_version"] == 1
+    assert meta["counts"]["users_exported"] == U and meta["schema_version"] == 2 and recs.schema["rank"] == pl.Int32
 
     # restated formulas for a sample of users: Eq. 6 concepts, Eq. 7 encoder (the model's own encode),
     # the concept share, and a brute-force ranking over the full softmax scores
