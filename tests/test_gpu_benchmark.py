@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = """
 import runpy, sys
-sys.argv = ["gpu.py", "--smoke", "--shapes", "ml20m", "1m-items", "--precisions", "fp32", "bf16", "--out", sys.argv[1]]
+sys.argv = ["gpu.py", "--smoke", "--check", "--shapes", "ml20m", "1m-items", "--precisions", "fp32", "bf16", "--out", sys.argv[1]]
 try:
     runpy.run_path("benchmarks/gpu.py", run_name="__main__")
 except SystemExit as e:
@@ -26,3 +26,5 @@ def test_gpu_benchmark_smoke_runs_without_ray_polars_or_boto3(tmp_path):
     assert {(r["shape"], r["precision"]) for r in rows} == {(s, p) for s in ("ml20m", "1m-items")
                                                             for p in ("fp32", "bf16")}
     assert all(r["train_users_per_s"] > 0 and r["eval_users_per_s"] > 0 for r in rows)
+    assert "[FAIL]" not in run.stdout and run.stdout.count("[PASS]") >= 10  # the --check lines ran first
+    assert all(r["final_loss"] == r["final_loss"] and "eval_peak_gpu_gib" in r for r in rows)
