@@ -210,3 +210,23 @@ def test_fit_and_finish_keep_every_tensor_on_the_virtual_accelerator(synthetic_l
     with VirtualAccelerator():
         metrics = run_in_process(cfg)
     assert metrics["epochs_run"] == 2 and 0 < metrics["val"]["ndcg@100"][0] <= 1
+
+
+def test_pinned_ahead_gives_the_same_batches_in_order_and_raises_where_the_input_failed():
+    from macrid.data.bags import pinned_ahead
+
+    made = [(torch.arange(i, i + 3), torch.tensor([0, 3])) for i in range(7)]
+    got = list(pinned_ahead(iter(made), pin=False))
+    assert len(got) == 7 and all(torch.equal(a[0], b[0]) for a, b in zip(got, made, strict=True))
+
+    def failing():
+        yield made[0]
+        raise OSError("shard 3 is unreadable")
+
+    it = pinned_ahead(failing(), pin=False)
+    assert torch.equal(next(it)[0], made[0][0])
+    with pytest.raises(OSError, match="shard 3"):
+        next(it)
+    partial = pinned_ahead(iter(made), pin=False)
+    next(partial)
+    partial.close()  # a consumer that stops early (patience) does not leave the thread blocked

@@ -44,22 +44,26 @@ def allreduce_rows(grad: torch.Tensor, world: int) -> tuple[torch.Tensor, int]:
     """Average a sparse (M, D) gradient over `world` ranks, exchanging only its rows.
 
     Returns the averaged sparse gradient, coalesced, and the bytes this rank received.
+
+    Host syncs: two (coalesce sizes the local rows; the gathered counts size the padding, read back in one
+    transfer, not one `.item()` per rank). The sum is coalesced again at the end for the optimizer.
     """
     g = grad.coalesce()
     ids, rows = g.indices()[0], g.values()  # (R,), (R, D)
-    count = torch.tensor([len(ids)], dtype=torch.long, device=ids.device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    n_max = int(max(c.item() for c in counts))
-    pad_ids = torch.zeros(n_max, dtype=ids.dtype, device=ids.device)
-    pad_ids[:len(ids)] = ids
-    pad_rows = torch.zeros((n_max, rows.shape[1]), dtype=rows.dtype, device=rows.device)
-    pad_rows[:len(ids)] = rows
+    R = ids.shape[0]  # host-side: coalesce already synced
+    count = torch.full((1,), R, dtype=torch.long, device=ids.device)
+    counts = torch.empty(world, dtype=torch.long, device=ids.device)  # (W,)
+    dist.all_gather_into_tensor(counts, count)
+    n = counts.tolist()  # one transfer: the padded size must be known on the host
+    n_max = max(n)
+    pad_ids = ids.new_zeros(n_max)
+    pad_ids[:R] = ids
+    pad_rows = rows.new_zeros((n_max, rows.shape[1]))
+    pad_rows[:R] = rows
     all_ids = [torch.empty_like(pad_ids) for _ in range(world)]
     all_rows = [torch.empty_like(pad_rows) for _ in range(world)]
     dist.all_gather(all_ids, pad_ids)
     dist.all_gather(all_rows, pad_rows)
-    n = [int(c.item()) for c in counts]
     ids_cat = torch.cat([i[:k] for i, k in zip(all_ids, n)])
     rows_cat = torch.cat([r[:k] for r, k in zip(all_rows, n)]) / world
     received = world * n_max * (pad_ids.element_size() + pad_rows.shape[1] * pad_rows.element_size())

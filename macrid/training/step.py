@@ -58,6 +58,8 @@ def train_step(model: torch.nn.Module, opt: Optimizers, tables: list[torch.nn.Pa
     received = 0
     if world > 1:
         for p in tables:
+            if any(p is f for f in frozen):  # dropped below: exchanging it would be wasted traffic
+                continue
             p.grad, n_bytes = allreduce_rows(p.grad, world)
             received += n_bytes
     for p in frozen:

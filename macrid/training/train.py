@@ -26,7 +26,7 @@ import torch
 
 from macrid.training import checkpoint
 from macrid.data import lake
-from macrid.data.bags import to_device
+from macrid.data.bags import pinned_ahead, to_device
 from macrid.data.batches import CSR, Dataset, item_counts, load_dataset, load_meta, load_train_share
 from macrid.config import Config
 from macrid.errors import CheckpointError, ConfigError
@@ -101,6 +101,8 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
         for frozen, dropout in passes:
             model.dropout = cfg.model.dropout if dropout else 0.0
             batches = iter(train_batches(epoch))
+            if device.type == "cuda":  # page-lock the next batches off the training thread
+                batches = pinned_ahead(batches)
             while True:
                 t_wait = time.perf_counter()
                 batch = next(batches, None)  # time blocked on the input pipeline: the profile's data share
