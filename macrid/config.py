@@ -164,6 +164,9 @@ class RunConfig:
     progress: bool = True  # progress bar while training
     resume: bool = False  # continue the run in <lake>/runs/<name> from its latest checkpoint
     max_failures: int = 2  # Ray Train restarts after a worker dies; each restart resumes from the checkpoint
+    # where Ray places the workers: "PACK" (as few nodes as possible: GPUs of one node talk over NVLink) or
+    # "SPREAD" (one per node where it can: a lost node takes one rank, not all; spot and autoscaling clusters)
+    placement: str = "PACK"
     # training input (docs/distributed.md): "memory" (each worker reads its 1/W share of the users from the
     # lake and permutes it in RAM), "cache" (the share read once through Ray Data, then in RAM), "stream"
     # (Ray Data every epoch through a seeded shuffle buffer; "ray" is the old name), or "auto": memory when
@@ -214,6 +217,8 @@ class RunConfig:
             check_name("run", self.name)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"run.device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if self.placement not in ("PACK", "SPREAD"):
+            raise ConfigError(f"run.placement={self.placement!r} must be 'PACK' or 'SPREAD'")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,18 @@ DEFAULT_CLUSTER_CPUS_PER_WORKER = 1.0
 CACHED_BYTES_PER_INTERACTION = 11  # peak RSS of a cached share over a streamed one, measured (throughput.md)
 
 
+def _record_worker(cfg: Config, rank: int, world: int) -> None:
+    """<run>/_workers/rank-<r>.json: where this rank runs (Ray node, host, pid), rewritten on every (re)start,
+    so a run on several nodes says which node held which rank."""
+    import socket
+
+    import ray
+
+    lake.write_json(lake.join(run_uri(cfg), "_workers", f"rank-{rank}.json"),
+                    {"rank": rank, "world": world, "node_id": ray.get_runtime_context().get_node_id(),
+                     "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()})
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: rebuild the typed config once, then train on this worker's shard."""
     import ray.train
@@ -38,6 +50,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = Config.from_dict(config, source="train_loop_config")
     session = RaySession()
+    _record_worker(cfg, session.rank, session.world)
     per_worker, seed, rank = cfg.optim.batch_size // session.world, cfg.run.seed, session.rank
     source = None  # "memory": fit reads this rank's share itself
     if cfg.run.data == "stream":
@@ -133,7 +146,8 @@ def launch(cfg: Config, callbacks: list | None = None) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
-        scaling_config=ScalingConfig(num_workers=W, use_gpu=run.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=W, use_gpu=run.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=run.placement),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"] if datasets else []),
         run_config=RunConfig(

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 
 def plot_learning_curve(history: list[dict], path: str, title: str) -> None:
     """Training loss terms and validation NDCG@100 per epoch, two panels, one PNG."""
+    import matplotlib  # here, not at import: every job that imports the training code would pay ~1 s
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax1.plot(epochs, [h["nll"] for h in history], label="reconstruction NLL")
