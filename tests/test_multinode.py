@@ -111,3 +111,18 @@ def test_losing_a_node_mid_run_resumes_from_the_s3_checkpoint_on_a_replacement(c
     assert all(r["started"] > removed["at"] for r in after), "the group was not restarted after the loss"
     assert removed["node"] not in {r["node_id"] for r in after} and len({r["node_id"] for r in after}) == 2
     assert removed["node"] not in worker_nodes(ray)
+    restarted = min(r["started"] for r in after)
+    print(f"[faults] node removed after epoch-1 checkpoint; ranks restarted {restarted - removed['at']:.1f} s later; "
+          f"final val ndcg@100 {history[-1].get('val_ndcg@100')}")
+
+
+def test_a_local_lake_is_refused_on_several_nodes(cluster, tmp_path):
+    from macrid.errors import ConfigError
+    from macrid.training.launch import launch
+
+    prepare(generate(SyntheticSpec(n_users=200, n_items=80, K=4, seed=3)), str(tmp_path), "syn", Protocol())
+    local = load_config(None, [f"data.lake={str(tmp_path)!r}", "data.dataset='syn'", "run.name='local'",
+                               "run.num_workers=2", "run.progress=false"])
+    with pytest.raises(ConfigError, match="local path, but this Ray cluster has several nodes"):
+        launch(local)
+    assert not (tmp_path / "runs" / "local" / "checkpoint_manager_snapshot.json").exists()
