@@ -15,13 +15,14 @@ import os
 import platform
 import subprocess
 import sys
-import time
 import types
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scale import _median_time as median_time  # noqa: E402  (one warm-up call, then the median of repeats)
 
 BASELINE = "62ac11b"
 
@@ -31,16 +32,6 @@ def old_module(path: str, name: str) -> types.ModuleType:
     mod = types.ModuleType(name)
     exec(compile(src, f"{BASELINE}:{path}", "exec"), mod.__dict__)
     return mod
-
-
-def median_time(fn, repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def main() -> int:
