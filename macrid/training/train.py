@@ -30,6 +30,7 @@ from macrid.data.bags import pinned_ahead, to_device
 from macrid.data.batches import CSR, Dataset, item_counts, load_dataset, load_meta, load_train_share
 from macrid.config import Config
 from macrid.errors import CheckpointError, ConfigError
+from macrid.training.averaging import WeightAverage
 from macrid.training.evaluate import evaluate, model_ranker
 from macrid.model.loss import beta_at, lr_at
 from macrid.model.vae import build_model
@@ -54,10 +55,8 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
     model = build_model(cfg.model, data.n_items, row_sparse).to(device)
     tables = tables_of(model, row_sparse)  # exchanged row-wise, outside DDP
     opt = Optimizers(model, tables, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay)
-    # Polyak/EMA weight averaging: evaluation, selection and export use the averaged weights.
-    # device=: its step counter n_averaged lives there too (on the CPU, each update would copy it and sync)
-    ema = (torch.optim.swa_utils.AveragedModel(model, device=device, multi_avg_fn=torch.optim.swa_utils
-                                               .get_ema_multi_avg_fn(cfg.optim.ema)) if cfg.optim.ema > 0 else None)
+    # EMA weight averaging: evaluation, selection and export use the averaged weights (row-lazy on the tables)
+    ema = WeightAverage(model, cfg.optim.ema, tables, opt.parts) if cfg.optim.ema > 0 else None
     eval_model = ema.module if ema is not None else model
     fingerprint = data.meta["vocabulary_fingerprint"]
     ckpt_meta = dict(config=cfg.to_dict(), n_items=data.n_items, fingerprint=fingerprint)
@@ -123,13 +122,15 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
                                                        kl_by_items=cfg.optim.kl_by_items, frozen=frozen)
                 exchanged += received
                 if ema is not None:
-                    ema.update_parameters(model)
+                    ema.update(model)
                 state["step"] += 1
                 n_steps, n_users = n_steps + 1, n_users + len(off) - 1
                 sums += torch.stack([loss.detach(), parts["nll"], parts["kl"]]).double()
                 if metrics is not None:
                     metrics.on_step(len(off) - 1)
         model.dropout = cfg.model.dropout
+        if ema is not None:
+            ema.flush()  # the table rows no step touched lately, brought up to date for evaluation and the checkpoint
         if hasattr(model, "m") and (epoch == cfg.model.proto_init_epoch
                                     or (cfg.model.proto_refine and 0 < cfg.model.proto_init_epoch < epoch)):
             _recentre_prototypes(model, cfg.run.seed, refine_only=epoch > cfg.model.proto_init_epoch, world=world)
