@@ -12,6 +12,9 @@ from the standard AWS environment variables or the instance role).
   python jobs/train.py --config configs/gowalla.toml --set optim.negatives=4098 --set optim.candidates=user
       (sampled softmax for large catalogues: S negatives per batch, docs/sampled_softmax.md)
   python jobs/train.py --config configs/ml-1m.toml --num-workers 4 --use-gpu --precision bf16
+  python jobs/train.py --config configs/ml-1m.toml --lake s3://bucket/lake --num-workers 2-4 \
+      --set run.name=spot --resume      (elastic on a spot cluster: 2 to 4 workers; the same command after a
+                                         lost cluster continues the run from its last checkpoint)
   ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
       python jobs/train.py --config configs/ml-1m.toml --lake "$PWD/lake"
 
@@ -39,13 +42,27 @@ from macrid.config import load_config, to_toml
 from macrid.errors import MacridError
 
 
+def worker_count(text: str) -> tuple[int, int]:
+    """--num-workers: "N" -> (N, N); "MIN-MAX" -> (MIN, MAX), elastic."""
+    low, sep, high = text.partition("-")
+    try:
+        low_n, high_n = int(low), int(high if sep else low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or MIN-MAX (e.g. 4, or 2-4)") from None
+    if not 1 <= low_n <= high_n:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= MIN <= MAX")
+    return low_n, high_n
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="TOML config (default: configs/synthetic.toml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set optim.lr=3e-4 (repeatable); every key: --print-config")
     p.add_argument("--lake", help="shortcut for --set data.lake=...")
-    p.add_argument("--num-workers", type=int, help="Ray Train workers (DDP); shortcut for run.num_workers")
+    p.add_argument("--num-workers", type=worker_count, metavar="N or MIN-MAX",
+                   help="Ray Train workers (DDP): N, or MIN-MAX for elastic training that goes on with as few "
+                        "as MIN when nodes are lost and grows back to MAX (run.num_workers, run.min_workers)")
     p.add_argument("--use-gpu", action="store_true", help="GPU workers, NCCL (shortcut for run.use_gpu)")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs each worker reserves (run.cpus_per_worker)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs each worker reserves with --use-gpu (default 1)")
@@ -70,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = args.config or os.path.join(here, "configs", "synthetic.toml")
     overrides = list(args.set)
-    for flag, key in (("lake", "data.lake"), ("num_workers", "run.num_workers"), ("metrics_port", "run.metrics_port"),
+    if args.num_workers is not None:
+        low, high = args.num_workers
+        overrides += [f"run.num_workers={high}"] + ([f"run.min_workers={low}"] if low != high else [])
+    for flag, key in (("lake", "data.lake"), ("metrics_port", "run.metrics_port"),
                       ("metrics_host", "run.metrics_host"),
                       ("cpus_per_worker", "run.cpus_per_worker"), ("gpus_per_worker", "run.gpus_per_worker"),
                       ("precision", "run.precision"), ("device", "run.device")):

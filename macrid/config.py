@@ -157,6 +157,11 @@ class RunConfig:
     name: str = ""  # run folder name under <lake>/runs/; empty = <dataset>-<model>-<timestamp>
     seed: int = 98765  # initial weights, batch order, dropout and sampling
     num_workers: int = 1  # Ray Train workers (DDP); optim.batch_size is split across them
+    # elastic training: 0 = exactly num_workers; 1 <= min_workers < num_workers = go on with as few as
+    # min_workers when nodes are lost (restarting from the last checkpoint), and grow back to num_workers
+    # as capacity returns (docs/distributed.md, "Elastic workers")
+    min_workers: int = 0
+    resize_check_s: float = 60.0  # elastic: how often Ray Train looks for capacity to grow the group
     threads: int = 0  # torch intra-op threads per worker; 0 = the CPUs Ray gives the worker
     eval_every: int = 1  # validate every this many epochs
     eval_users: int = 0  # evaluate a fixed random sample of this many held-out users; 0 = all of them
@@ -195,6 +200,11 @@ class RunConfig:
             raise ConfigError(f"run.data={self.data!r} must be one of {DATA_MODES}")
         if self.num_workers < 1:
             raise ConfigError("run.num_workers must be >= 1")
+        if not 0 <= self.min_workers <= self.num_workers:
+            raise ConfigError(f"run.min_workers={self.min_workers} must be between 0 (fixed workers) and "
+                              f"run.num_workers={self.num_workers}; --num-workers MIN-MAX sets both")
+        if self.resize_check_s <= 0:
+            raise ConfigError(f"run.resize_check_s={self.resize_check_s} must be > 0 (seconds)")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"run.precision={self.precision!r} must be one of {PRECISIONS}")
         if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:

@@ -30,3 +30,21 @@ class ConfigError(MacridError):
 
 class CheckpointError(MacridError):
     """A checkpoint does not match the data or the model it is loaded into."""
+
+
+class ClusterError(MacridError):
+    """A node or a worker of the Ray cluster was lost mid-job (a spot reclaim, a crash): nothing was committed."""
+
+
+def lost_to_the_cluster(error: BaseException) -> bool:
+    """Whether `error`, or anything in its cause chain, is Ray saying an actor, worker, node or object was lost."""
+    import ray.exceptions as rx
+
+    lost = (rx.RayActorError, rx.NodeDiedError, rx.ObjectLostError, rx.WorkerCrashedError)
+    seen, cause = set(), error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, lost):
+            return True
+        seen.add(id(cause))
+        cause = getattr(cause, "cause", None) or cause.__cause__ or cause.__context__
+    return False

@@ -435,6 +435,30 @@ def test_a_killed_export_leaves_nothing_visible_and_the_next_export_removes_its_
     assert summary["leftovers_removed"]["user_components"] == len(orphans)
 
 
+def test_the_uncommitted_files_of_the_committing_export_are_removed_too(local_run):
+    """A batch whose actor died with its node is computed again by another actor, so the export that commits
+    may have written files that its commit does not hold. After the commit they are removed; the files of an
+    earlier committed export stay (time travel)."""
+    import shutil
+
+    spec = ExportSpec(lake=local_run, run="r", input="ml-100k", name="lost-actor", date="2026-11-28", top_n=3,
+                      batch_size=400, local=True)
+    export(spec, progress=False)
+    uri = export_uri(local_run, "lost-actor", "user_components")
+    folder = f"{uri}/dt=2026-11-28"
+    first = set(os.listdir(folder))
+    second = export(spec, progress=False)
+    tag = second["export_id"]
+    committed = {f for f in os.listdir(folder) if tag in f}
+    # what a dead actor of this export leaves: a data file named by this export's ID that its commit lacks
+    dead = f"part-{tag}-{'ab' * 6}.parquet"
+    shutil.copy(f"{folder}/{sorted(committed)[0]}", f"{folder}/{dead}")
+    removed = delta.remove_leftovers(uri, "2026-11-28", tag)
+    assert removed == [f"dt=2026-11-28/{dead}"]
+    assert set(os.listdir(folder)) == first | committed  # the earlier export's files stay for time travel
+    assert read(local_run, "lost-actor", "user_components").height == \
+        read(local_run, "lost-actor", "user_components", version=0).height
+
 @pytest.mark.slow
 def test_twenty_consecutive_export_jobs_all_exit_0(local_run):
     """The job's status is the export's: no abort in the interpreter's teardown after a successful commit.

@@ -95,8 +95,26 @@ def test_job_commands_parse_with_the_jobs_own_arguments():
             load_config(str(ROOT / args.config), args.set)
         # every job on the cluster reads an S3 lake (a local path does not reach the pods)
         assert args.lake.startswith("s3://")
-        assert job["spec"]["clusterSelector"]["ray.io/cluster"] == "macrid"
+        spec = job["spec"]
+        assert spec.get("clusterSelector", {}).get("ray.io/cluster") == "macrid" or "rayClusterSpec" in spec
     assert seen == {"train", "export"}
+
+
+def test_a_retried_training_job_continues_its_run():
+    """A RayJob that retries (backoffLimit > 0) reruns its entrypoint on a new cluster: the retry continues the
+    run only with a fixed run name and --resume (tests/test_multinode.py runs exactly that after a cluster
+    loss), and only a RayJob that owns its cluster (rayClusterSpec) gets a new one to retry on."""
+    retried = [job for job in rayjobs() if job["spec"].get("backoffLimit", 0) > 0]
+    assert any(job["spec"]["entrypoint"].split()[1] == "jobs/train.py" for job in retried)
+    for job in retried:
+        argv = shlex.split(job["spec"]["entrypoint"])
+        if argv[1] != "jobs/train.py":
+            continue
+        args = job_parser("train").parse_args(argv[2:])
+        names = [kv.split("=", 1)[1] for kv in args.set if kv.startswith("run.name=")]
+        assert names and names[-1].strip("'\"") and args.resume, job["metadata"]["name"]
+        assert "rayClusterSpec" in job["spec"] and "clusterSelector" not in job["spec"], job["metadata"]["name"]
+        assert args.lake.startswith("s3://")
 
 
 def test_cronjob_submits_the_export_template_and_may_create_rayjobs_only():
@@ -141,16 +159,18 @@ def test_iam_policy_grants_the_lake_operations_and_nothing_wider():
 
 def test_the_rayjob_template_keeps_the_operators_rules():
     """KubeRay (>= 1.4) refuses ttlSecondsAfterFinished unless shutdownAfterJobFinishes is true, and a RayJob
-    on an existing cluster (clusterSelector) cannot shut it down: the template must set neither combination."""
+    on an existing cluster (clusterSelector) cannot shut it down nor bring its own: no RayJob sets either."""
     import yaml
 
     manifests = dict(((d["kind"], d["metadata"]["name"]), d) for _, d in all_manifests())
-    job = yaml.safe_load(manifests[("ConfigMap", "macrid-export-rayjob")]["data"]["rayjob.yaml"])
-    spec = job["spec"]
-    if "ttlSecondsAfterFinished" in spec:
-        assert spec.get("shutdownAfterJobFinishes") is True
-    if spec.get("clusterSelector"):
-        assert not spec.get("shutdownAfterJobFinishes")
+    template = yaml.safe_load(manifests[("ConfigMap", "macrid-export-rayjob")]["data"]["rayjob.yaml"])
+    assert template in rayjobs() and len(rayjobs()) >= 3  # the template, the training job, the spot training job
+    for job in rayjobs():
+        spec = job["spec"]
+        if "ttlSecondsAfterFinished" in spec:
+            assert spec.get("shutdownAfterJobFinishes") is True, job["metadata"]["name"]
+        if spec.get("clusterSelector"):
+            assert not spec.get("shutdownAfterJobFinishes") and "rayClusterSpec" not in spec, job["metadata"]["name"]
 
 
 @pytest.mark.parametrize("phase,status,rc", [("Complete", "SUCCEEDED", 0), ("Complete", "FAILED", 1),

@@ -72,19 +72,25 @@ def two_workers(make_iter):
     return got
 
 
-def test_memory_shares_see_every_user_once_per_epoch(lake_with_shards):
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_memory_shares_see_every_user_once_per_epoch_at_any_world_size(lake_with_shards, world):
+    """What an elastic run relies on when its world size changes: the global batch stays B (each of W ranks
+    takes B // W users a step), every rank runs the same number of steps, and an epoch sees each user at most
+    once, leaving out fewer than W of them."""
     want = train_bags(lake_with_shards)
     n = sum(want.values())
     for epoch in (1, 2):
         seen = Counter()
         steps = []
-        for rank in (0, 1):
-            share = load_train_share(lake_with_shards, "syn", rank, 2)
-            batches = list(memory_batches(share, n, 100, seed=7, rank=rank, world=2)(epoch))
+        for rank in range(world):
+            share = load_train_share(lake_with_shards, "syn", rank, world)
+            batches = list(memory_batches(share, n, 100, seed=7, rank=rank, world=world)(epoch))
             steps.append(len(batches))
+            assert max(len(off) - 1 for _, off in batches) == 100 // world
             seen += Counter(bags_of(batches))
-        assert steps[0] == steps[1]  # DDP needs the same number of steps on every rank
-        assert not (seen - want) and sum((want - seen).values()) <= 1  # at most W - 1 users left out per epoch
+        assert len(set(steps)) == 1  # DDP needs the same number of steps on every rank
+        assert steps[0] == -(-(n // world) // (100 // world))  # ceil(users per rank / users per rank-step)
+        assert not (seen - want) and sum((want - seen).values()) <= world - 1
 
 
 def test_memory_order_is_reproducible_and_changes_with_seed_and_epoch(lake_with_shards):

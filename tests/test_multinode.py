@@ -6,21 +6,39 @@ checkpoint on a replacement node, with its history continuing without a gap or a
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import boto3
 import pytest
 
 from macrid.config import load_config
+from macrid.data.layout import load_meta
 from macrid.data.prepare import prepare
 from macrid.data.split import Protocol
 from macrid.data.synthetic import SyntheticSpec, generate
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 LAKE = "s3://lake/multinode"
+TRAIN = str(Path(__file__).resolve().parents[1] / "jobs" / "train.py")
 FAST_FAILURE_DETECTION = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
                           "health_check_failure_threshold": 4}
+
+
+def start_cluster(workers: int):
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 100 << 20,
+                                                     "include_dashboard": False,
+                                                     "_system_config": FAST_FAILURE_DETECTION})
+    for _ in range(workers):
+        c.add_node(num_cpus=2, object_store_memory=100 << 20)
+    c.wait_for_nodes()
+    return c
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +47,10 @@ def cluster(s3_endpoint):
     two; the third is the spare capacity that takes over a lost node's rank); torn down after the module.
     Nodes are added and removed from the test's main thread only: starting a raylet installs signal handlers."""
     import ray
-    from ray.cluster_utils import Cluster
 
     ray.shutdown()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 100 << 20,
-                                                     "include_dashboard": False,
-                                                     "_system_config": FAST_FAILURE_DETECTION})
-    for _ in range(3):
-        c.add_node(num_cpus=2, object_store_memory=100 << 20)
+    c = start_cluster(3)
     ray.init(address=c.address, configure_logging=False)
-    c.wait_for_nodes()
     prepare(generate(SyntheticSpec(n_users=600, n_items=200, K=4, seed=3)), LAKE, "syn", Protocol())
     yield c
     ray.shutdown()
@@ -127,3 +139,282 @@ def test_a_local_lake_is_refused_on_several_nodes(cluster, tmp_path):
     with pytest.raises(ConfigError, match="local path, but this Ray cluster has several nodes"):
         launch(local)
     assert not (tmp_path / "runs" / "local" / "checkpoint_manager_snapshot.json").exists()
+
+
+def submit(address: str, run: str, *sets: str) -> subprocess.Popen:
+    """jobs/train.py as a job driver joined to the cluster, as `ray job submit` runs it (its own process, so that
+    this test's main thread stays free to add and remove nodes)."""
+    args = [sys.executable, TRAIN, "--lake", LAKE, "--resume"]
+    for kv in (*COMMON, f"run.name={run!r}", *sets):
+        args += ["--set", kv]
+    return subprocess.Popen(args, env=os.environ | {"RAY_ADDRESS": address}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+COMMON = ("data.dataset='syn'", "model.K=4", "model.D=16", "optim.batch_size=100", "run.progress=false")
+
+
+def wait_for(what: str, predicate, timeout: float = 240.0, driver: subprocess.Popen | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = predicate()
+        if found:
+            return found
+        if driver is not None and driver.poll() is not None:
+            pytest.fail(f"the driver ended (exit {driver.returncode}) before {what}:\n{driver.stdout.read()[-3000:]}")
+        time.sleep(0.3)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def ranks_started_after(run: str, world: int, after: float):
+    """The rank records of a group of `world` workers started after `after`, or None."""
+    try:
+        records = [s3_json(f"multinode/runs/{run}/_workers/rank-{r}.json") for r in range(world)]
+    except Exception:  # noqa: BLE001 - not written yet
+        return None
+    ok = all(r["world"] == world and r["started"] > after for r in records)
+    return records if ok else None
+
+
+def test_elastic_workers_go_on_with_fewer_after_a_node_loss_and_grow_back(cluster):
+    """--num-workers 1-2 (elastic), one 2-CPU worker per node: a node is removed after epoch 1's checkpoint, the
+    run goes on with one worker, a node is added, and it grows back to two. Every epoch runs once, with the
+    global batch fixed: each epoch's steps and users follow its world size W (ceil((N // W) / (B // W)) steps,
+    W * (N // W) users)."""
+    import ray
+
+    run, epochs = "elastic", 20
+    start = time.time()
+    ensure_worker_nodes(cluster, ray, 2)  # exactly two: with a spare, a lost node would just be replaced
+    driver = submit(cluster.address, run, f"optim.epochs={epochs}", "run.num_workers=2", "run.min_workers=1",
+                    "run.resize_check_s=2", "run.cpus_per_worker=2", "run.data='memory'", "run.max_failures=4")
+    try:
+        two = wait_for("two ranks", lambda: ranks_started_after(run, 2, start), driver=driver)
+        wait_for("epoch 1's checkpoint", lambda: f"multinode/runs/{run}/checkpoint_manager_snapshot.json"
+                 in s3_keys(f"multinode/runs/{run}/"), driver=driver)
+        lost_at = time.time()
+        cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == two[1]["node_id"]))
+        one = wait_for("the group of one", lambda: ranks_started_after(run, 1, lost_at), driver=driver)
+        added_at = time.time()
+        cluster.add_node(num_cpus=2, object_store_memory=100 << 20)
+        again = wait_for("the group of two again", lambda: ranks_started_after(run, 2, added_at), driver=driver)
+        out, _ = driver.communicate(timeout=400)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, out[-3000:]
+    metrics = s3_json(f"multinode/runs/{run}/metrics.json")
+    history = metrics["history"]
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))  # no gap, no repeat
+    worlds = [h["workers"] for h in history]
+    shrunk = worlds.index(1)
+    grown = shrunk + worlds[shrunk:].index(2)
+    assert worlds == [2] * shrunk + [1] * (grown - shrunk) + [2] * (epochs - grown), worlds
+    n = load_meta(LAKE, "syn")["train"]["users"]
+    steps = [h["step"] for h in history]
+    for h, before in zip(history, [0] + steps):
+        w = h["workers"]
+        assert h["step"] - before == -(-(n // w) // (100 // w)), h
+        assert h["users"] == w * (n // w), h
+    assert len({r["node_id"] for r in again}) == 2
+    for line in out.splitlines():  # what Ray Train said while it resized (in the -s output of benchmarks/faults.md)
+        if any(w in line.lower() for w in ("timed out", "timeout", "resiz", "insufficient", "restart")):
+            print(f"[faults] elastic driver: {line.strip()[:240]}")
+    print(f"[faults] elastic: node removed after epoch-1 checkpoint; one worker {one[0]['started'] - lost_at:.1f} s "
+          f"later; node added, two workers {min(r['started'] for r in again) - added_at:.1f} s later; epochs at "
+          f"W=2/1/2: {shrunk}/{grown - shrunk}/{epochs - grown}; final val ndcg@100 {history[-1].get('val_ndcg@100')}")
+
+
+def test_a_sweep_trial_lost_with_its_node_restarts_from_its_own_checkpoint(cluster):
+    """A sweep of two trials, one at a time: once the second trial's first checkpoint is on S3, its node is
+    removed. The trial restarts on the other node from that checkpoint (Tune's FailureConfig, then Ray Train's
+    resume), the finished first trial is not run again, and the sweep ends with best.toml."""
+    import ray
+
+    from macrid.training.sweep import run_sweep
+
+    sweep, epochs = "sweep-loss", 5
+    ensure_worker_nodes(cluster, ray, 2)
+    removed: dict = {}
+
+    def trial_runs() -> list[str]:
+        return sorted({k.split("/")[2] for k in s3_keys(f"multinode/runs/{sweep}-") if k.endswith("_workers/rank-0.json")},
+                      key=lambda r: s3_json(f"multinode/runs/{r}/_workers/rank-0.json")["started"])
+
+    def remove_second_trials_node():
+        deadline = time.time() + 400
+        while time.time() < deadline and not removed:
+            runs = trial_runs()
+            if len(runs) == 2 and latest_epoch(runs[1]) >= 1:
+                node_id = s3_json(f"multinode/runs/{runs[1]}/_workers/rank-0.json")["node_id"]
+                victim = next(n for n in cluster.worker_nodes if n.node_id == node_id)
+                removed.update(node=node_id, at=time.time(), run=runs[1], first=runs[0])
+                cluster.remove_node(victim)
+            time.sleep(0.3)
+
+    base = load_config(None, [f"data.lake={LAKE!r}", *COMMON, f"optim.epochs={epochs}", "run.num_workers=1",
+                              "run.cpus_per_worker=1", "run.data='memory'", "run.max_failures=3"])
+    killer = threading.Thread(target=remove_second_trials_node, daemon=True)
+    killer.start()
+    result = run_sweep(base, {"optim.lr": ("loguniform", [1e-3, 1e-2])}, sweep, samples=2, concurrent=1,
+                       grace_epochs=epochs)
+    killer.join(timeout=5)
+    assert removed, "the sweep ended before the second trial's node could be removed"
+    assert result["trials"] == 2 and "best.toml" in result["best_config"]
+    assert f"multinode/runs/{sweep}/best.toml" in s3_keys(f"multinode/runs/{sweep}/")
+    first = s3_json(f"multinode/runs/{removed['first']}/_workers/rank-0.json")
+    assert first["started"] < removed["at"]  # the finished trial was not run again
+    lost = s3_json(f"multinode/runs/{removed['run']}/_workers/rank-0.json")
+    assert lost["started"] > removed["at"] and lost["node_id"] != removed["node"]
+    for run in (removed["first"], removed["run"]):
+        keys = s3_keys(f"multinode/runs/{run}/")
+        assert f"multinode/runs/{run}/metrics.json" in keys, sorted(k for k in keys if "checkpoint_2" not in k)
+        history = s3_json(f"multinode/runs/{run}/metrics.json")["history"]
+        assert [h["epoch"] for h in history] == list(range(1, epochs + 1)), run  # once each, none redone
+    print(f"[faults] sweep: trial {removed['run']}'s node removed after its epoch-1 checkpoint; restarted "
+          f"{lost['started'] - removed['at']:.1f} s later on another node; best {result['val_ndcg@100']:.4f}")
+    ensure_worker_nodes(cluster, ray, 2)
+
+
+def test_an_export_that_loses_a_node_commits_nothing_and_its_rerun_commits_each_row_once(cluster):
+    """Date A is exported; date B's export loses a node holding one of its actors while it writes. The export
+    fails, naming the cause, with nothing of date B visible and date A intact. Run again, it commits date B
+    with exactly one row per (user, component) and per (user, rank), and removes the dead export's files."""
+    import dataclasses
+
+    import polars as pl
+    from ray.util.state import list_actors
+
+    from macrid.errors import ClusterError
+    from macrid.output import delta
+    from macrid.output.export import ExportSpec, export, export_uri
+
+    ensure_worker_nodes(cluster, ray_module(), 2)
+    spec = ExportSpec(lake=LAKE, run="spread", input="syn", name="node-loss", date="2026-12-01", top_n=5,
+                      workers=2, cpus_per_worker=1, batch_size=5)
+    export(spec, progress=False)
+    comps_uri, recs_uri = export_uri(LAKE, "node-loss", "user_components"), export_uri(LAKE, "node-loss",
+                                                                                      "recommendations")
+    date_a = {uri: read_delta(uri) for uri in (comps_uri, recs_uri)}
+    removed: dict = {}
+
+    def remove_an_actors_node_mid_write():
+        deadline = time.time() + 120
+        while time.time() < deadline and not removed:
+            written = [k for k in s3_keys("multinode/exports/node-loss/user_components/dt=2026-12-02/")
+                       if k.endswith(".parquet")]
+            if len(written) >= 4:
+                actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                nodes = {a.node_id for a in actors if "MapWorker" in a.class_name}
+                victim = next((n for n in cluster.worker_nodes if n.node_id in nodes), None)
+                if victim is not None:
+                    removed.update(node=victim.node_id, written=len(written), at=time.time())
+                    cluster.remove_node(victim, allow_graceful=False)
+            time.sleep(0.05)
+
+    date_b = dataclasses.replace(spec, date="2026-12-02")
+    killer = threading.Thread(target=remove_an_actors_node_mid_write, daemon=True)
+    killer.start()
+    with pytest.raises(ClusterError, match="an export worker was lost") as failure:
+        export(date_b, progress=False)
+    killer.join(timeout=5)
+    assert removed, "the export ended before a node could be removed"
+    assert "nothing was committed" in str(failure.value)
+    for uri, rows in date_a.items():
+        assert read_delta(uri).equals(rows)  # date A intact, no row of date B visible
+
+    ensure_worker_nodes(cluster, ray_module(), 2)
+    summary = export(date_b, progress=False)
+    comps, recs = read_delta(comps_uri), read_delta(recs_uri)
+    b_comps, b_recs = comps.filter(pl.col("dt") == "2026-12-02"), recs.filter(pl.col("dt") == "2026-12-02")
+    users = date_a[comps_uri]["user_id"].n_unique()
+    K = b_comps["component"].n_unique()
+    assert b_comps.height == users * K and b_comps.select("user_id", "component").n_unique() == b_comps.height
+    assert b_recs.select("user_id", "rank").n_unique() == b_recs.height == users * 5
+    assert comps.filter(pl.col("dt") == "2026-12-01").sort("user_id", "component").equals(
+        date_a[comps_uri].sort("user_id", "component"))
+    for uri in (comps_uri, recs_uri):  # date B's folder holds exactly the files its commit holds: no dead file
+        folder = uri.removeprefix("s3://lake/") + "/dt=2026-12-02/"
+        on_s3 = {k.rsplit("/", 1)[1] for k in s3_keys(folder)}
+        held = {u.rsplit("/", 1)[1] for u in delta.open_table(uri).file_uris() if "dt=2026-12-02" in u}
+        assert on_s3 == held and held, uri
+    assert delta.open_table(comps_uri).version() == 1  # one commit per export that succeeded
+    print(f"[faults] export: an actor's node removed after {removed['written']} of date B's files; the export "
+          f"failed with nothing committed; its re-run committed {b_comps.height} component rows once each; "
+          f"leftovers removed {summary.get('leftovers_removed', {})}")
+
+
+def ray_module():
+    import ray
+
+    return ray
+
+
+def read_delta(uri: str):
+    import polars as pl
+
+    from macrid.output import delta
+
+    return pl.read_delta(delta.table_uri(uri), storage_options=delta.storage_options(uri))
+
+def ensure_worker_nodes(cluster, ray, count: int) -> None:
+    """Exactly `count` worker nodes (from the main thread: starting a raylet installs signal handlers)."""
+    while len(cluster.worker_nodes) > count:
+        cluster.remove_node(next(iter(cluster.worker_nodes)))
+    while len(cluster.worker_nodes) < count:
+        cluster.add_node(num_cpus=2, object_store_memory=100 << 20)
+    cluster.wait_for_nodes()
+    wait_for(f"{count} worker nodes", lambda: len(worker_nodes(ray)) == count)
+
+def test_losing_the_whole_cluster_then_the_same_command_on_a_fresh_one_continues_the_run(cluster):
+    """What a RayJob retry after a spot reclaim does: the driver and every node (head included) are killed
+    with SIGKILL once epoch 2's checkpoint is on S3; a fresh cluster starts, and the same command (same run
+    name, --resume) continues from the S3 checkpoint: epochs 1..E once each, steps continuous. Runs last:
+    it takes the module's cluster down."""
+    import ray
+
+    run, epochs = "cluster-loss", 6
+    ensure_worker_nodes(cluster, ray, 2)
+    sets = (f"optim.epochs={epochs}", "run.num_workers=2", "run.placement='SPREAD'", "run.cpus_per_worker=1",
+            "run.data='stream'")
+    first = submit(cluster.address, run, *sets)
+
+    try:
+        wait_for("epoch 2's checkpoint", lambda: latest_epoch(run) >= 2, driver=first)
+    finally:
+        first.kill()  # the head pod goes, and its driver with it
+        first.communicate()
+    killed_at, done = time.time(), latest_epoch(run)
+    ray.shutdown()
+    for node in list(cluster.worker_nodes):
+        cluster.remove_node(node, allow_graceful=False)
+    cluster.remove_node(cluster.head_node, allow_graceful=False)
+    cluster.shutdown()  # nothing left to stop: resets the address records
+    assert done < epochs, "the run ended before the cluster could be lost"
+
+    fresh = start_cluster(2)
+    try:
+        second = submit(fresh.address, run, *sets)  # the same command
+        out, _ = second.communicate(timeout=400)
+    finally:
+        fresh.shutdown()
+    assert second.returncode == 0, out[-3000:]
+    assert f"resumed {run} at epoch {done}" in out  # from the checkpoint, not from scratch
+    history = s3_json(f"multinode/runs/{run}/metrics.json")["history"]
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+    steps_per_epoch = history[0]["step"]
+    assert [h["step"] for h in history] == [steps_per_epoch * e for e in range(1, epochs + 1)]
+    after = [s3_json(f"multinode/runs/{run}/_workers/rank-{r}.json") for r in range(2)]
+    assert all(r["started"] > killed_at for r in after) and len({r["node_id"] for r in after}) == 2
+    print(f"[faults] cluster loss after epoch {done}'s checkpoint; fresh cluster's ranks started "
+          f"{min(r['started'] for r in after) - killed_at:.1f} s after the kill; epochs redone: 0; "
+          f"final val ndcg@100 {history[-1].get('val_ndcg@100')}")
+
+
+def latest_epoch(run: str) -> int:
+    """The epoch of the run's latest checkpoint on S3 (Ray Train's snapshot), 0 before the first."""
+    try:
+        snap = s3_json(f"multinode/runs/{run}/checkpoint_manager_snapshot.json")
+    except Exception:  # noqa: BLE001 - not written yet
+        return 0
+    return (snap.get("latest_checkpoint_result") or {}).get("metrics", {}).get("epoch", 0)

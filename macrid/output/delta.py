@@ -190,16 +190,19 @@ _DATA_FILE = re.compile(r"part-(\d{8}T\d{6}-[0-9a-f]{6})-[0-9a-f]{12}\.parquet")
 
 
 def remove_leftovers(uri: str, date: str, keep_tag: str) -> list[str]:
-    """Delete the data files in `dt=date` that a killed export left: named by an export ID that no commit in the
-    table's history carries, not in the current version, and not `keep_tag`'s. Files of committed exports stay
-    (time travel needs them until `vacuum`). Returns the removed paths. Assumes one writer per table at a time,
-    which docs/export-schema.md asks for and the CronJob's concurrencyPolicy enforces."""
+    """Delete the data files in `dt=date` that a killed export left, or a lost worker of this one: files not in
+    the current version and named either by an export ID that no commit in the table's history carries, or by
+    `keep_tag`, the export that just committed (a batch whose actor died with its node is computed again by
+    another, and the dead one's files were never committed). Files of earlier committed exports stay (time
+    travel needs them until `vacuum`). Returns the removed paths. Call it after `keep_tag`'s commit. Assumes
+    one writer per table at a time, which docs/export-schema.md asks for and the CronJob's
+    concurrencyPolicy enforces."""
     import pyarrow.fs as pafs
 
     table = open_table(uri)
     if table is None:
         return []
-    committed = {keep_tag}
+    committed = set()
     for entry in table.history():
         try:
             committed.add(json.loads(entry.get("macrid", "{}")).get("export_id"))
@@ -213,7 +216,7 @@ def remove_leftovers(uri: str, date: str, keep_tag: str) -> list[str]:
     stale = []
     for i in infos:
         m = _DATA_FILE.fullmatch(i.base_name)
-        if i.type != pafs.FileType.File or m is None or m.group(1) in committed:
+        if i.type != pafs.FileType.File or m is None or (m.group(1) in committed and m.group(1) != keep_tag):
             continue
         if any(u.endswith(f"{PARTITION}={date}/{i.base_name}") for u in current):
             continue

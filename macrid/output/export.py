@@ -31,7 +31,7 @@ import torch
 from macrid.output import delta
 from macrid.data import lake, layout
 from macrid.data.batches import snapshot_uri
-from macrid.errors import ConfigError, DataError
+from macrid.errors import ClusterError, ConfigError, DataError, lost_to_the_cluster
 from macrid.output.export_input import Source, is_dataset, merge_heldout, prepared, raw
 from macrid.model.vae import MacridVAE
 from macrid.output.published import published_run
@@ -195,12 +195,20 @@ def _users(spec: ExportSpec, source: Source, run_record: dict, tag: str, progres
     files: dict[str, list[dict]] = {"user_components": [], "recommendations": []}
     bar = tqdm(total=source.counts["users_input"] - source.counts["users_without_known_items"], unit="user",
                unit_scale=True, desc="export users", disable=not progress)
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for row in batch.to_pylist():
-            files[row["table"]].append(row)
-            if row["table"] == "user_components":
-                bar.update(row["users"])
-    bar.close()
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                files[row["table"]].append(row)
+                if row["table"] == "user_components":
+                    bar.update(row["users"])
+    except Exception as e:
+        if not lost_to_the_cluster(e):
+            raise
+        raise ClusterError(f"export {spec.name} for {spec.date}: an export worker was lost with its node or process "
+                           f"({type(e).__name__}); nothing was committed and this export's files are removed. Run "
+                           "the same export again: it recomputes the date") from e
+    finally:
+        bar.close()
     return files
 
 

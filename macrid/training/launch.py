@@ -146,8 +146,9 @@ def launch(cfg: Config, callbacks: list | None = None) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
-        scaling_config=ScalingConfig(num_workers=W, use_gpu=run.use_gpu, resources_per_worker=resources,
-                                     placement_strategy=run.placement),
+        scaling_config=ScalingConfig(num_workers=(run.min_workers, W) if run.min_workers else W,
+                                     elastic_resize_monitor_interval_s=run.resize_check_s, use_gpu=run.use_gpu,
+                                     resources_per_worker=resources, placement_strategy=run.placement),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"] if datasets else []),
         run_config=RunConfig(
@@ -188,7 +189,8 @@ def input_mode(cfg: Config, meta: dict) -> str:
         return "stream"
     if cfg.run.data != "auto":
         return cfg.run.data
-    share_gb = CACHED_BYTES_PER_INTERACTION * meta["train"]["interactions"] / cfg.run.num_workers / 1e9
+    fewest = cfg.run.min_workers or cfg.run.num_workers  # elastic: a worker's share when the group is smallest
+    share_gb = CACHED_BYTES_PER_INTERACTION * meta["train"]["interactions"] / fewest / 1e9
     return "memory" if share_gb <= cfg.run.memory_budget_gb else "stream"
 
 

@@ -9,7 +9,9 @@
 
 <lake>/runs/<sweep>/ray/ is Ray Tune's experiment folder; `resume` restores it (Tuner.restore): trials
 that finished are kept, unfinished ones restart, and a restarted trial continues its run folder from
-its last Ray Train checkpoint instead of refusing it. Selection uses validation only. Tune's state files
+its last Ray Train checkpoint instead of refusing it. A trial lost with a node (its actor or its
+workers) is restarted the same way, up to run.max_failures times (Tune's FailureConfig); the trials
+that finished are never run again. Selection uses validation only. Tune's state files
 are signed as they are written and checked before anything is unpickled (signed_state.py).
 
 On the local Ray a sweep starts itself, `concurrent` trials share the machine: unless run.cpus_per_worker
@@ -131,7 +133,10 @@ def run_sweep(cfg: Config, space: dict, name: str, samples: int, concurrent: int
                 # run finishes (model.pt, metrics.json) before Tune marks it done
                 scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs + 1,
                                         grace_period=min(grace_epochs, cfg.optim.epochs))),
-            run_config=tune.RunConfig(name="ray", storage_path=storage_path, storage_filesystem=signed),
+            # a trial whose actor died with its node restarts (up to run.max_failures times); its Ray Train run
+            # then continues from its own last checkpoint (trial() sees the run folder's snapshot)
+            run_config=tune.RunConfig(name="ray", storage_path=storage_path, storage_filesystem=signed,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures)),
         )
     results = tuner.fit()
     return _outputs(cfg, name, results, samples)

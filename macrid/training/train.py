@@ -136,7 +136,7 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
             _recentre_prototypes(model, cfg.run.seed, refine_only=epoch > cfg.model.proto_init_epoch, world=world)
         mean_loss, mean_nll, mean_kl = (sums / max(n_steps, 1)).tolist()  # one sync per epoch
         row = {"epoch": epoch, "step": state["step"], "beta": beta, "seconds": time.perf_counter() - t0,
-               "users": n_users * world // len(passes), "loss": mean_loss, "nll": mean_nll, "kl": mean_kl, "input_seconds": waited}
+               "users": n_users * world // len(passes), "workers": world, "loss": mean_loss, "nll": mean_nll, "kl": mean_kl, "input_seconds": waited}
         if tables and world > 1:
             row["row_exchange_mb_per_step"] = exchanged / max(n_steps, 1) / 1e6
         stop = _validate(cfg, data, eval_model, epoch, row, state) if rank == 0 else False
