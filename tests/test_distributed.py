@@ -61,6 +61,17 @@ def test_s3_prepare_train_two_workers_checkpoint_resume(s3_lake):
     assert resumed["history"][:2] == first["history"]
     body = boto3.client("s3").get_object(Bucket="lake", Key="ci/runs/two/metrics.json")["Body"].read()
     assert json.loads(body)["epochs_run"] == 3
+    # a driver lost after training (a sweep trial's actor gone with its node): the run is finished from its
+    # folder alone, to the same metrics as the driver's own finish (from Ray's Result object) wrote
+    from macrid.training.launch import finish_stored
+
+    s3 = boto3.client("s3")
+    for key in ("metrics.json", "model.pt"):
+        s3.delete_object(Bucket="lake", Key=f"ci/runs/two/{key}")
+    again = finish_stored(f"{s3_lake}/runs/two")
+    assert (again["best_epoch"], again["val"], again["test"], again["history"]) == \
+        (resumed["best_epoch"], resumed["val"], resumed["test"], resumed["history"])
+    assert {"ci/runs/two/metrics.json", "ci/runs/two/model.pt"} <= s3_keys("ci/runs/two/")
 
 
 @pytest.mark.parametrize("softmax", ["full", "row-sparse"])

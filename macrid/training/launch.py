@@ -179,6 +179,31 @@ def launch(cfg: Config, callbacks: list | None = None) -> dict:
     return finish(cfg, best, history, device)
 
 
+def finish_stored(run: str) -> dict | None:
+    """Finish a run from what Ray Train stored in its folder (the snapshot, the best and the latest
+    checkpoints), when its driver was lost after training: a sweep trial's actor that went with its node while
+    its Ray Train controller went on. Returns metrics.json, or None when the folder holds no checkpoint."""
+    import torch
+
+    from macrid.training import checkpoint
+    from macrid.training.run_folder import RAY_SNAPSHOT
+
+    if not lake.exists(lake.join(run, RAY_SNAPSHOT)):
+        return None
+    snap = lake.read_json(lake.join(run, RAY_SNAPSHOT))
+    latest = snap.get("latest_checkpoint_result")
+    if not latest:
+        return None
+    # the best by selection score, as Result.get_best_checkpoint(SCORE, "max") picks it; the latest on a tie
+    best = max(snap.get("checkpoint_results") or [latest], key=lambda r: r["metrics"].get(SCORE, -1.0))
+    path = lake.join(run, best["checkpoint_dir_name"], checkpoint.FILE)
+    saved = checkpoint.from_bytes(lake.read_bytes(path), path)
+    history = json.loads(lake.read_bytes(lake.join(run, latest["checkpoint_dir_name"], STATE_FILE)))["history"]
+    cfg = Config.from_dict(saved["config"], source=path)
+    device = "cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu"
+    return finish(cfg, saved, history, device)
+
+
 def input_mode(cfg: Config, meta: dict) -> str:
     """run.data -> "memory", "cache" or "stream". "auto": memory while a worker's share of the training bags
     (CACHED_BYTES_PER_INTERACTION, 1/W of them) fits run.memory_budget_gb; past that, stream. Once read,

@@ -139,7 +139,27 @@ def run_sweep(cfg: Config, space: dict, name: str, samples: int, concurrent: int
                                       failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures)),
         )
     results = tuner.fit()
+    _finish_orphaned_trials(cfg, name, results)
     return _outputs(cfg, name, results, samples)
+
+
+def _finish_orphaned_trials(cfg: Config, name: str, results) -> None:
+    """A trial whose actor died with its node while its Ray Train controller trained on ends as done in Tune,
+    but nothing wrote its metrics.json and model.pt: finish those runs here, from their stored checkpoints."""
+    import logging
+
+    from macrid.training.launch import finish_stored
+    from macrid.training.run_folder import MODEL_FILE
+
+    for r in results:
+        trial_id = (r.metrics or {}).get("trial_id")
+        if r.error is not None or not trial_id:
+            continue
+        run = layout.run_uri(cfg.data.lake, f"{name}-{trial_id}")
+        if not lake.exists(lake.join(run, "metrics.json")) or not lake.exists(lake.join(run, MODEL_FILE)):
+            logging.getLogger(__name__).warning("trial %s ended without finishing its run (its actor was lost); "
+                                                "finishing %s from its checkpoints", trial_id, run)
+            finish_stored(run)
 
 
 def _outputs(cfg: Config, name: str, results, samples: int) -> dict:
