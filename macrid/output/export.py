@@ -195,6 +195,11 @@ def _users(spec: ExportSpec, source: Source, run_record: dict, tag: str, progres
     files: dict[str, list[dict]] = {"user_components": [], "recommendations": []}
     bar = tqdm(total=source.counts["users_input"] - source.counts["users_without_known_items"], unit="user",
                unit_scale=True, desc="export users", disable=not progress)
+    # Ray Data logs a failed task's traceback at ERROR before raising it; the exception itself reaches the job
+    # (a lost node as a ClusterError, anything else as it is), and Ray Data's own log file keeps the details
+    data_log = logging.getLogger("ray.data")
+    level = data_log.level
+    data_log.setLevel(logging.CRITICAL)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
@@ -208,6 +213,7 @@ def _users(spec: ExportSpec, source: Source, run_record: dict, tag: str, progres
                            f"({type(e).__name__}); nothing was committed and this export's files are removed. Run "
                            "the same export again: it recomputes the date") from e
     finally:
+        data_log.setLevel(level)
         bar.close()
     return files
 
