@@ -17,13 +17,12 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 LAKE = "s3://lake/faults-bench"
 COMMON = ["data.dataset='syn'", "model.K=4", "model.D=16", "optim.batch_size=100", "run.progress=false"]
@@ -38,18 +37,10 @@ SCENARIOS = {
 
 
 def s3_server() -> subprocess.Popen:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            time.sleep(0.05)
+    """benchmarks/prepare.py's local moto server, with the AWS environment pointed at it and the bucket made."""
+    from prepare import s3_server as start
+
+    server, endpoint = start()
     os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                       AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1")
     import boto3
