@@ -223,7 +223,7 @@ def test_elastic_workers_go_on_with_fewer_after_a_node_loss_and_grow_back(cluste
         if any(w in line.lower() for w in ("timed out", "timeout", "resiz", "insufficient", "restart")):
             print(f"[faults] elastic driver: {line.strip()[:240]}")
     print(f"[faults] elastic: node removed after epoch-1 checkpoint; one worker {one[0]['started'] - lost_at:.1f} s "
-          f"later; node added, two workers {min(r['started'] for r in again) - added_at:.1f} s later; epochs at "
+          f"later; node added, two workers {min(r['started'] for r in again) - added_at:.1f} s later; "
           f"workers per epoch {worlds}; final val ndcg@100 {history[-1].get('val_ndcg@100')}")
 
 
