@@ -284,11 +284,12 @@ def test_an_export_that_loses_a_node_commits_nothing_and_its_rerun_commits_each_
     intact and nothing of date B visible, and is run again. Either way date B ends committed once: one row
     per (user, component) and per (user, rank), and its folder holds exactly the files its commit holds."""
     import polars as pl
+    import ray
 
     from macrid.output import delta
     from macrid.output.export import ExportSpec, export, export_uri
 
-    ensure_worker_nodes(cluster, ray_module(), 2)
+    ensure_worker_nodes(cluster, ray, 2)
     # one 1.5-CPU actor per node (two would not fit; the rest is for the read tasks): whichever node goes holds one
     spec = ExportSpec(lake=LAKE, run="spread", input="syn", name="node-loss", date="2026-12-01", top_n=5,
                       workers=2, cpus_per_worker=1.5, batch_size=5)
@@ -307,7 +308,7 @@ def test_an_export_that_loses_a_node_commits_nothing_and_its_rerun_commits_each_
             return n if n >= 4 else 0
         written = wait_for("date B's first files", files_of_date_b, timeout=120, driver=driver)
         cluster.remove_node(next(iter(cluster.worker_nodes)), allow_graceful=False)
-        ensure_worker_nodes(cluster, ray_module(), 2)  # capacity comes back, as an autoscaler would bring it
+        ensure_worker_nodes(cluster, ray, 2)  # capacity comes back, as an autoscaler would bring it
         out, _ = driver.communicate(timeout=300)
     finally:
         if driver.poll() is None:
@@ -342,13 +343,7 @@ def test_an_export_that_loses_a_node_commits_nothing_and_its_rerun_commits_each_
     print(f"[faults] export: a node (with one of the 2 actors) removed after {written} of date B's files; the "
           f"export {outcome} {b_comps.height} component rows once each; commit: "
           f"{json.loads(summary.get('macrid', '{}')).get('leftovers_removed', {})} leftovers removed")
-    ensure_worker_nodes(cluster, ray_module(), 2)
-
-
-def ray_module():
-    import ray
-
-    return ray
+    ensure_worker_nodes(cluster, ray, 2)
 
 
 def read_delta(uri: str):
