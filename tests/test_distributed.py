@@ -72,6 +72,17 @@ def test_s3_prepare_train_two_workers_checkpoint_resume(s3_lake):
     assert (again["best_epoch"], again["val"], again["test"], again["history"]) == \
         (resumed["best_epoch"], resumed["val"], resumed["test"], resumed["history"])
     assert {"ci/runs/two/metrics.json", "ci/runs/two/model.pt"} <= s3_keys("ci/runs/two/")
+    # a run stopped midway (a sweep's scheduler stopped the trial) is not finished: its latest checkpoint's
+    # state says its training did not end
+    latest = json.loads(s3.get_object(Bucket="lake", Key="ci/runs/two/checkpoint_manager_snapshot.json")["Body"]
+                        .read())["latest_checkpoint_result"]["checkpoint_dir_name"]
+    key = f"ci/runs/two/{latest}/train_state.json"
+    state = json.loads(s3.get_object(Bucket="lake", Key=key)["Body"].read())
+    assert state["ended"] is True and state["epoch"] == 3
+    s3.put_object(Bucket="lake", Key=key, Body=json.dumps(state | {"ended": False}).encode())
+    s3.delete_object(Bucket="lake", Key="ci/runs/two/metrics.json")
+    assert finish_stored(f"{s3_lake}/runs/two") is None
+    assert "ci/runs/two/metrics.json" not in s3_keys("ci/runs/two/")
 
 
 @pytest.mark.parametrize("softmax", ["full", "row-sparse"])

@@ -22,6 +22,7 @@ from macrid.data import lake, layout
 from macrid.data.batches import snapshot_uri
 from macrid.output.explain import Run, traversal
 from macrid.output.alignment import genre_alignment
+from macrid.training.run_folder import METRICS_FILE
 
 TOP_ITEMS = 8
 
@@ -36,7 +37,7 @@ def build(lake_root: str, run_name: str, traversals: int = 2) -> str:
     concept = c.argmax(1)
     genres = items["genres"].to_list()
     genre = [g[0] if g is not None and len(g) else None for g in genres]
-    metrics = lake.read_json(lake.join(lake_root, "runs", run_name, "metrics.json"))
+    metrics = lake.read_json(lake.join(layout.run_uri(lake_root, run_name), METRICS_FILE))
     parts = [_header(run_name, metrics), _concepts(items, c, concept), _alignment(concept, genres),
              _map(hn, concept, genre, run), _micro(run), _traversals(run, items, concept, traversals),
              _curve(lake_root, run_name)]
@@ -169,7 +170,7 @@ def _traversals(run: Run, items: pl.DataFrame, concept: np.ndarray, n: int) -> s
 
 
 def _curve(lake_root: str, run_name: str) -> str:
-    png = lake.read_bytes(lake.join(lake_root, "runs", run_name, "learning_curve.png"))
+    png = lake.read_bytes(lake.join(layout.run_uri(lake_root, run_name), "learning_curve.png"))
     return (f"<section id='curve'><h2>Learning curve</h2><img alt='learning curve' "
             f"src='data:image/png;base64,{base64.b64encode(png).decode()}'></section>")
 

@@ -182,7 +182,8 @@ def launch(cfg: Config, callbacks: list | None = None) -> dict:
 def finish_stored(run: str) -> dict | None:
     """Finish a run from what Ray Train stored in its folder (the snapshot, the best and the latest
     checkpoints), when its driver was lost after training: a sweep trial's actor that went with its node while
-    its Ray Train controller went on. Returns metrics.json, or None when the folder holds no checkpoint."""
+    its Ray Train controller went on. Returns metrics.json, or None when the folder holds no checkpoint or its
+    training did not end (a trial its scheduler stopped early)."""
     import torch
 
     from macrid.training import checkpoint
@@ -198,7 +199,10 @@ def finish_stored(run: str) -> dict | None:
     best = max(snap.get("checkpoint_results") or [latest], key=lambda r: r["metrics"].get(SCORE, -1.0))
     path = lake.join(run, best["checkpoint_dir_name"], checkpoint.FILE)
     saved = checkpoint.from_bytes(lake.read_bytes(path), path)
-    history = json.loads(lake.read_bytes(lake.join(run, latest["checkpoint_dir_name"], STATE_FILE)))["history"]
+    stored = json.loads(lake.read_bytes(lake.join(run, latest["checkpoint_dir_name"], STATE_FILE)))
+    if not stored.get("ended"):  # stopped midway (a sweep's scheduler stopped it): nothing to finish
+        return None
+    history = stored["history"]
     cfg = Config.from_dict(saved["config"], source=path)
     device = "cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu"
     return finish(cfg, saved, history, device)

@@ -11,6 +11,7 @@ from macrid.data.layout import load_meta
 from macrid.errors import CheckpointError, ConfigError
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+METRICS_FILE = "metrics.json"  # the finished run's validation and test scores, config and history
 MODEL_FILE = "model.pt"  # the published best model: evaluation weights, config, vocabulary
 RUN_FILE = "run.json"  # what the run trains on: dataset, vocabulary fingerprint, runner (ray or in-process)
 

@@ -63,7 +63,7 @@ class LocalSession:
         self.best_score = state["extra"]["best"]
         return state
 
-    def report(self, row: dict, ckpt: bytes | None, history: list[dict]) -> None:
+    def report(self, row: dict, ckpt: bytes | None, history: list[dict], ended: bool = False) -> None:
         lake.write_bytes(f"{self.dir}/latest.pt", ckpt)
         if row[SCORE] > self.best_score:
             self.best_score = row[SCORE]
@@ -103,7 +103,9 @@ class RaySession:
             with open(os.path.join(folder, checkpoint.FILE), "rb") as f:
                 return checkpoint.from_bytes(f.read(), f"{ckpt.path}/{checkpoint.FILE}", fingerprint)
 
-    def report(self, row: dict, ckpt: bytes | None, history: list[dict]) -> None:
+    def report(self, row: dict, ckpt: bytes | None, history: list[dict], ended: bool = False) -> None:
+        """ended: training stops after this epoch (its last, or patience ran out); written beside the
+        checkpoint so that a run whose driver was lost can tell a finished training from one stopped midway."""
         import ray.train
         from ray.train import Checkpoint, CheckpointUploadMode
 
@@ -115,7 +117,7 @@ class RaySession:
         with open(os.path.join(folder, checkpoint.FILE), "wb") as f:
             f.write(ckpt)
         with open(os.path.join(folder, STATE_FILE), "w") as f:
-            json.dump({k: row[k] for k in ("epoch", "step")} | {"history": history}, f)
+            json.dump({k: row[k] for k in ("epoch", "step")} | {"history": history, "ended": ended}, f)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 

@@ -145,21 +145,23 @@ def run_sweep(cfg: Config, space: dict, name: str, samples: int, concurrent: int
 
 def _finish_orphaned_trials(cfg: Config, name: str, results) -> None:
     """A trial whose actor died with its node while its Ray Train controller trained on ends as done in Tune,
-    but nothing wrote its metrics.json and model.pt: finish those runs here, from their stored checkpoints."""
+    but nothing wrote its metrics.json and model.pt: finish those runs here, from their stored checkpoints.
+    A trial the scheduler stopped early has no metrics.json either; its training did not end, so it is left."""
     import logging
 
     from macrid.training.launch import finish_stored
-    from macrid.training.run_folder import MODEL_FILE
+    from macrid.training.run_folder import METRICS_FILE, MODEL_FILE
 
     for r in results:
         trial_id = (r.metrics or {}).get("trial_id")
         if r.error is not None or not trial_id:
             continue
         run = layout.run_uri(cfg.data.lake, f"{name}-{trial_id}")
-        if not lake.exists(lake.join(run, "metrics.json")) or not lake.exists(lake.join(run, MODEL_FILE)):
-            logging.getLogger(__name__).warning("trial %s ended without finishing its run (its actor was lost); "
-                                                "finishing %s from its checkpoints", trial_id, run)
-            finish_stored(run)
+        if lake.exists(lake.join(run, METRICS_FILE)) and lake.exists(lake.join(run, MODEL_FILE)):
+            continue
+        if finish_stored(run) is not None:
+            logging.getLogger(__name__).warning("trial %s's training ended but its actor was lost before it finished "
+                                                "the run; finished %s from its checkpoints", trial_id, run)
 
 
 def _outputs(cfg: Config, name: str, results, samples: int) -> dict:

@@ -37,7 +37,7 @@ from macrid.model.vae import build_model
 from macrid.training.report import format_metrics, plot_learning_curve
 from macrid.model.row_sparse import Optimizers, broadcast_tables, ignore_in_ddp, tables_of
 from macrid.model.sampling import NegativeSampler
-from macrid.training.run_folder import MODEL_FILE, RAY_SNAPSHOT, RUN_FILE, has_run, pin_run, run_uri  # noqa: F401
+from macrid.training.run_folder import METRICS_FILE, MODEL_FILE, RAY_SNAPSHOT, RUN_FILE, has_run, pin_run, run_uri  # noqa: F401
 from macrid.training.session import SCORE, LocalSession
 from macrid.training.step import precision_context, tf32_scope, train_step
 
@@ -151,7 +151,7 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
                 model=model, optimizer=opt, step=state["step"], epoch=epoch,
                 extra={k: state[k] for k in ("best", "best_epoch", "bad_evals", "history")}
                 | {"ema": ema.state_dict() if ema is not None else None}, **ckpt_meta)
-        session.report(row, ckpt, state["history"])
+        session.report(row, ckpt, state["history"], ended=stop or epoch == cfg.optim.epochs)
         bar.set_postfix_str(f"loss {row['loss']:.1f} val ndcg@100 {row.get('val_ndcg@100', float('nan')):.4f}"
                             f" best {state['best']:.4f}@{state['best_epoch']}", refresh=False)
         bar.update(1)  # one redraw per epoch: Ray forwards every redraw as a log line
@@ -238,7 +238,7 @@ def finish(cfg: Config, best: dict, history: list[dict], device: torch.device | 
         "median_epoch_seconds": float(np.median(epoch_secs)), "val": val, "test": test, "history": history,
         "vocabulary_fingerprint": data.meta["vocabulary_fingerprint"],
     }
-    lake.write_json(f"{out}/metrics.json", metrics)
+    lake.write_json(f"{out}/{METRICS_FILE}", metrics)
     with tempfile.TemporaryDirectory() as tmp:
         plot_learning_curve(history, f"{tmp}/curve.png", f"{cfg.run.name} ({cfg.model.name})")
         lake.write_bytes(f"{out}/learning_curve.png", open(f"{tmp}/curve.png", "rb").read())
