@@ -29,7 +29,7 @@ COMMON = ["data.dataset='syn'", "model.K=4", "model.D=16", "optim.batch_size=100
 SCENARIOS = {
     "node loss, fixed 2 workers": ["optim.epochs=8", "run.num_workers=2", "run.placement='SPREAD'",
                                    "run.cpus_per_worker=1", "run.data='stream'"],
-    "elastic 1-2 workers": ["optim.epochs=20", "run.num_workers=2", "run.cpus_per_worker=2", "run.data='memory'"],
+    "elastic 1-2 workers": ["optim.epochs=15", "run.num_workers=2", "run.cpus_per_worker=2", "run.data='memory'"],
     "cluster loss": ["optim.epochs=6", "run.num_workers=2", "run.placement='SPREAD'", "run.cpus_per_worker=1",
                      "run.data='stream'"],
 }

@@ -94,7 +94,6 @@ def main() -> int:
     part = "EMA update per step (10^6 x 100 tables, 40,000 rows touched)"
     rows.append({"part": part, "version": "before", "seconds": median_time(lambda: averaged.update_parameters(big))})
     rows.append({"part": part, "version": "after", "seconds": median_time(lazy_step)})
-    del big, averaged, lazy, opt, tables
     by_part: dict = {}
     for r in rows:
         by_part.setdefault(r["part"], {})[r["version"]] = r["seconds"]

@@ -85,7 +85,6 @@ def test_item_tables_with_int_titles_or_string_genres_read_as_text_and_lists(tmp
     import polars as pl
 
     from macrid.data.readers import read_items
-    from macrid.errors import DataError
 
     pl.DataFrame({"item_id": [1, 2], "title": [10, 20], "genres": ["Action|Comedy", "Drama"]}).write_parquet(
         tmp_path / "a.parquet")

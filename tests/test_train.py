@@ -67,6 +67,30 @@ def test_ray_train_worker_runs_the_loop(synthetic_lake):
     assert os.path.exists(os.path.join(synthetic_lake, "runs", "ray", "learning_curve.png"))
 
 
+def test_a_gpu_run_whose_driver_has_no_gpu_is_scored_in_a_one_gpu_ray_task(synthetic_lake):
+    """A CPU-only head: the run trained on GPU workers, the driver has none, so validation and test are scored in
+    a Ray task holding one GPU. A local Ray declaring one logical GPU stands in for the cluster's; the task finds
+    no CUDA there and scores on its CPU, to the same figures as the driver's own CPU finish."""
+    import ray
+
+    from macrid.training import checkpoint
+    from macrid.training.launch import finish_on_the_training_device
+
+    sets = [f"data.lake={synthetic_lake!r}", "run.name='gpu-finish'", "optim.epochs=1", "model.K=4", "model.D=16",
+            "run.progress=false"]
+    on_cpu = run_in_process(load_config(None, sets))
+    assert on_cpu["scored_on"] == {"device": "cpu"}
+    best = checkpoint.load(f"{synthetic_lake}/runs/gpu-finish/checkpoints/best.pt", on_cpu["vocabulary_fingerprint"])
+    ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, object_store_memory=100 * 1024**2)
+    try:
+        in_task = finish_on_the_training_device(load_config(None, sets + ["run.use_gpu=true"]), best,
+                                                on_cpu["history"])
+    finally:
+        ray.shutdown()
+    assert in_task["scored_on"]["device"] == "cpu" and len(in_task["scored_on"]["ray_task_gpus"]) == 1
+    assert (in_task["val"], in_task["test"]) == (on_cpu["val"], on_cpu["test"])
+
+
 def test_the_cosine_schedule_sets_the_learning_rate_of_every_update(synthetic_lake):
     from macrid.training import checkpoint
 

@@ -171,12 +171,33 @@ def launch(cfg: Config, callbacks: list | None = None) -> dict:
         best = checkpoint.from_bytes(f.read(), f"{best_ckpt.path}/{checkpoint.FILE}", meta["vocabulary_fingerprint"])
     with result.checkpoint.filesystem.open_input_stream(f"{result.checkpoint.path}/{STATE_FILE}") as f:
         history = json.loads(f.read())["history"]
-    # the driver scores validation and test: on its GPU when the run trained on GPUs and it has one (a GPU
-    # head, a single-node job); a CPU-only head evaluates on its CPU, which the chunked ranking keeps bounded
+    return finish_on_the_training_device(cfg, best, history)
+
+
+def finish_on_the_training_device(cfg: Config, best: dict, history: list[dict]) -> dict:
+    """Score validation and test where the run trained. A CPU run: on the driver's CPU. A GPU run: on the
+    driver's GPU when it has one (a GPU head, a single-node job), else in a Ray task holding one GPU (a CPU-only
+    head: the workers' GPUs are free again once fit has returned)."""
+    import logging
+
+    import ray
     import torch
 
-    device = "cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu"
-    return finish(cfg, best, history, device)
+    if not cfg.run.use_gpu:
+        return finish(cfg, best, history, "cpu")
+    if torch.cuda.is_available():
+        return finish(cfg, best, history, "cuda")
+    logging.getLogger(__name__).info("this driver has no GPU: scoring validation and test in a one-GPU Ray task")
+    return ray.get(ray.remote(num_gpus=1)(_finish_in_a_gpu_task).remote(cfg, best, history))
+
+
+def _finish_in_a_gpu_task(cfg: Config, best: dict, history: list[dict]) -> dict:
+    import ray
+    import torch
+
+    # Ray points CUDA_VISIBLE_DEVICES at this task's GPU; a logical GPU without CUDA (a test's) scores on the CPU
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return finish(cfg, best, history, device, scored_on={"device": device, "ray_task_gpus": ray.get_gpu_ids()})
 
 
 def finish_stored(run: str) -> dict | None:
@@ -184,7 +205,6 @@ def finish_stored(run: str) -> dict | None:
     checkpoints), when its driver was lost after training: a sweep trial's actor that went with its node while
     its Ray Train controller went on. Returns metrics.json, or None when the folder holds no checkpoint or its
     training did not end (a trial its scheduler stopped early)."""
-    import torch
 
     from macrid.training import checkpoint
     from macrid.training.run_folder import RAY_SNAPSHOT
@@ -203,9 +223,7 @@ def finish_stored(run: str) -> dict | None:
     if not stored.get("ended"):  # stopped midway (a sweep's scheduler stopped it): nothing to finish
         return None
     history = stored["history"]
-    cfg = Config.from_dict(saved["config"], source=path)
-    device = "cuda" if cfg.run.use_gpu and torch.cuda.is_available() else "cpu"
-    return finish(cfg, saved, history, device)
+    return finish_on_the_training_device(Config.from_dict(saved["config"], source=path), saved, history)
 
 
 def input_mode(cfg: Config, meta: dict) -> str:

@@ -11,7 +11,6 @@ After training, `finish` scores the best epoch on validation and test and writes
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -27,9 +26,9 @@ import torch
 from macrid.training import checkpoint
 from macrid.data import lake
 from macrid.data.bags import pinned_ahead, to_device
-from macrid.data.batches import CSR, Dataset, item_counts, load_dataset, load_meta, load_train_share
+from macrid.data.batches import CSR, Dataset, item_counts, load_dataset, load_train_share
 from macrid.config import Config
-from macrid.errors import CheckpointError, ConfigError
+from macrid.errors import CheckpointError
 from macrid.training.averaging import WeightAverage
 from macrid.training.evaluate import evaluate, model_ranker
 from macrid.model.loss import beta_at, lr_at
@@ -37,7 +36,7 @@ from macrid.model.vae import build_model
 from macrid.training.report import format_metrics, plot_learning_curve
 from macrid.model.row_sparse import Optimizers, broadcast_tables, ignore_in_ddp, tables_of
 from macrid.model.sampling import NegativeSampler
-from macrid.training.run_folder import METRICS_FILE, MODEL_FILE, RAY_SNAPSHOT, RUN_FILE, has_run, pin_run, run_uri  # noqa: F401
+from macrid.training.run_folder import METRICS_FILE, MODEL_FILE, has_run, pin_run, run_uri
 from macrid.training.session import SCORE, LocalSession
 from macrid.training.step import precision_context, tf32_scope, train_step
 
@@ -220,8 +219,10 @@ def eval_weights(saved: dict) -> dict:
     return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
 
 
-def finish(cfg: Config, best: dict, history: list[dict], device: torch.device | str = "cpu") -> dict:
-    """Score the best checkpoint on validation and test; write metrics.json, the learning curve and model.pt."""
+def finish(cfg: Config, best: dict, history: list[dict], device: torch.device | str = "cpu",
+           scored_on: dict | None = None) -> dict:
+    """Score the best checkpoint on validation and test; write metrics.json, the learning curve and model.pt.
+    metrics["scored_on"] says where: {"device": ...}, and the Ray task's GPUs when a task scored it."""
     out = run_uri(cfg)
     data = load_dataset(cfg.data.lake, cfg.data.dataset, with_train=False, version=cfg.data.version)
     model = build_model(cfg.model, data.n_items).to(device)
@@ -237,6 +238,7 @@ def finish(cfg: Config, best: dict, history: list[dict], device: torch.device | 
         "best_epoch": best["epoch"], "epochs_run": len(history), "train_seconds": float(sum(epoch_secs)),
         "median_epoch_seconds": float(np.median(epoch_secs)), "val": val, "test": test, "history": history,
         "vocabulary_fingerprint": data.meta["vocabulary_fingerprint"],
+        "scored_on": scored_on or {"device": str(device)},
     }
     lake.write_json(f"{out}/{METRICS_FILE}", metrics)
     with tempfile.TemporaryDirectory() as tmp:
