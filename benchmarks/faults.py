@@ -30,8 +30,8 @@ SCENARIOS = {
     "node loss, fixed 2 workers": ["optim.epochs=8", "run.num_workers=2", "run.placement='SPREAD'",
                                    "run.cpus_per_worker=1", "run.data='stream'"],
     "elastic 1-2 workers": ["optim.epochs=15", "run.num_workers=2", "run.cpus_per_worker=2", "run.data='memory'"],
-    "cluster loss": ["optim.epochs=6", "run.num_workers=2", "run.placement='SPREAD'", "run.cpus_per_worker=1",
-                     "run.data='stream'"],
+    "cluster loss": ["optim.epochs=5", "run.num_workers=2", "run.placement='SPREAD'", "run.cpus_per_worker=1",
+                     "run.data='memory'"],
 }
 
 

@@ -148,7 +148,7 @@ def test_an_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(s3
     space = tmp_path / "space.toml"
     space.write_text("[optim]\nlr = {loguniform = [1e-3, 1e-2]}\n")
     args = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", str(ROOT / "configs" / "ml-100k.toml"),
-            "--space", str(space), "--samples", "3", "--concurrent", "1", "--grace-epochs", "2", "--name", "cut",
+            "--space", str(space), "--samples", "2", "--concurrent", "1", "--grace-epochs", "2", "--name", "cut",
             "--lake", s3_sweep_lake, *sets("data.dataset='syn'", *TRIAL)]
     s3 = boto3.client("s3")
 
@@ -170,15 +170,15 @@ def test_an_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(s3
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     first = {k: v for k, v in keys("sweep/runs/cut-").items() if k.endswith("/metrics.json")}
-    assert 1 <= len(first) < 3
+    assert len(first) == 1
     done = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stderr[-3000:]
     after = {k: v for k, v in keys("sweep/runs/cut-").items() if k.endswith("/metrics.json")}
-    assert len(after) == 3
+    assert len(after) == 2
     for key, stamp in first.items():  # the finished trial's run was not trained or finished again
         assert after[key] == stamp
     table = pl.read_parquet(boto3.client("s3").get_object(Bucket="lake", Key="sweep/runs/cut/trials.parquet")["Body"])
-    assert table.height == 3
+    assert table.height == 2
     assert "best.toml" in " ".join(keys("sweep/runs/cut/"))
     # every file Tune keeps at the top of its experiment folder was signed by the driver as it was written
     listed = keys("sweep/runs/cut/ray/")
