@@ -91,6 +91,28 @@ def test_a_gpu_run_whose_driver_has_no_gpu_is_scored_in_a_one_gpu_ray_task(synth
     assert (in_task["val"], in_task["test"]) == (on_cpu["val"], on_cpu["test"])
 
 
+def test_a_run_resumed_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(synthetic_lake):
+    """Dropout, the Gumbel sample, z sampling and negative draws all on: 2 epochs, then --resume to 4, against
+    4 epochs straight. What a lost node or cluster must not change: every epoch's loss and the final weights."""
+    import torch
+
+    from macrid.training import checkpoint
+
+    def cfg(name, epochs, *extra):
+        return load_config(None, [f"data.lake={synthetic_lake!r}", f"run.name={name!r}", f"optim.epochs={epochs}",
+                                  "model.K=3", "model.D=8", "optim.negatives=64", "model.dropout=0.5",
+                                  "run.progress=false", *extra])
+
+    straight = run_in_process(cfg("straight", 4))
+    run_in_process(cfg("cut", 2))
+    resumed = run_in_process(cfg("cut", 4, "run.resume=true"))
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    weights = [checkpoint.load(os.path.join(synthetic_lake, "runs", r, "checkpoints", "latest.pt"))["model"]
+               for r in ("straight", "cut")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_the_cosine_schedule_sets_the_learning_rate_of_every_update(synthetic_lake):
     from macrid.training import checkpoint
 

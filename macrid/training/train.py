@@ -47,7 +47,7 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
     """Train, reporting every epoch to `session`; returns the history (one row per epoch, all epochs)."""
     rank, world, device = session.rank, session.world, session.device
     torch.set_num_threads(cfg.run.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count())
-    torch.manual_seed(cfg.run.seed + rank)
+    torch.manual_seed(cfg.run.seed + rank)  # the initial weights (every rank's are replaced by rank 0's under DDP)
     # The held-out sets; the training bags come from `train_batches` (Ray Data) or this rank's share below.
     data = load_dataset(cfg.data.lake, cfg.data.dataset, with_train=False, version=cfg.data.version)
     row_sparse = cfg.optim.negatives > 0 and cfg.optim.row_sparse
@@ -89,6 +89,12 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
     bar = _progress(cfg.optim.epochs, state["epoch"], enabled=cfg.run.progress and rank == 0, desc=cfg.run.name)
     for epoch in range(state["epoch"] + 1, cfg.optim.epochs + 1):
         t0 = time.perf_counter()
+        # dropout, Gumbel, z and negative draws seeded per epoch: a run resumed at epoch e draws what an
+        # uninterrupted one draws from e + 1 on, so a lost node or cluster does not change the result
+        seed = epoch_seed(cfg.run.seed, rank, epoch)
+        torch.manual_seed(seed)
+        if sampler is not None:
+            sampler.generator.manual_seed(seed)
         if getattr(model, "prior", "standard") == "composite":
             model.freeze_old_posterior()  # q_old of RecVAE's composite prior: the encoder as this epoch starts
         model.train()
@@ -173,6 +179,11 @@ def _passes(model, alternate: int) -> list[tuple[tuple, bool]]:
     decoder = tuple(p for name in model.decoder_params if (p := getattr(model, name, None)) is not None)
     encoder = tuple(p for p in model.parameters() if not any(p is d for d in decoder))
     return [(decoder, True)] * alternate + [(encoder, False)]
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """A 63-bit seed of its own for each (run seed, rank, epoch)."""
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def _validate(cfg: Config, data: Dataset, eval_model, epoch: int, row: dict, state: dict) -> bool:
