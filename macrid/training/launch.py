@@ -197,7 +197,7 @@ def _finish_in_a_gpu_task(cfg: Config, best: dict, history: list[dict]) -> dict:
 
     # Ray points CUDA_VISIBLE_DEVICES at this task's GPU; a logical GPU without CUDA (a test's) scores on the CPU
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return finish(cfg, best, history, device, scored_on={"device": device, "ray_task_gpus": ray.get_gpu_ids()})
+    return finish(cfg, best, history, device, ray_task_gpus=ray.get_gpu_ids())
 
 
 def finish_stored(run: str) -> dict | None:
@@ -205,7 +205,6 @@ def finish_stored(run: str) -> dict | None:
     checkpoints), when its driver was lost after training: a sweep trial's actor that went with its node while
     its Ray Train controller went on. Returns metrics.json, or None when the folder holds no checkpoint or its
     training did not end (a trial its scheduler stopped early)."""
-
     from macrid.training import checkpoint
     from macrid.training.run_folder import RAY_SNAPSHOT
 

@@ -231,7 +231,7 @@ def eval_weights(saved: dict) -> dict:
 
 
 def finish(cfg: Config, best: dict, history: list[dict], device: torch.device | str = "cpu",
-           scored_on: dict | None = None) -> dict:
+           ray_task_gpus: list | None = None) -> dict:
     """Score the best checkpoint on validation and test; write metrics.json, the learning curve and model.pt.
     metrics["scored_on"] says where: {"device": ...}, and the Ray task's GPUs when a task scored it."""
     out = run_uri(cfg)
@@ -249,7 +249,7 @@ def finish(cfg: Config, best: dict, history: list[dict], device: torch.device | 
         "best_epoch": best["epoch"], "epochs_run": len(history), "train_seconds": float(sum(epoch_secs)),
         "median_epoch_seconds": float(np.median(epoch_secs)), "val": val, "test": test, "history": history,
         "vocabulary_fingerprint": data.meta["vocabulary_fingerprint"],
-        "scored_on": scored_on or {"device": str(device)},
+        "scored_on": {"device": str(device)} | ({"ray_task_gpus": ray_task_gpus} if ray_task_gpus is not None else {}),
     }
     lake.write_json(f"{out}/{METRICS_FILE}", metrics)
     with tempfile.TemporaryDirectory() as tmp:
