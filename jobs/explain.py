@@ -33,6 +33,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lake", required=True, help="lake root: a folder or s3://bucket/prefix")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="a finished run of <lake>/runs (its model.pt)")
+    source.add_argument("--model", metavar="NAME", help="the run a model alias points to now (jobs/promote.py)")
     source.add_argument("--export", metavar="NAME", help="an export of <lake>/exports (traverse and steer only)")
     p.add_argument("--date", help="with --export: the export date YYYY-MM-DD (default: the latest export)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -63,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         edits = [_edit(e) for e in getattr(args, "set", [])]  # malformed values stop here, before a run is read
         weights = dict(_weight(w) for w in getattr(args, "weight", []))
         _check_ranges(args)
+        if args.model is not None:
+            from macrid.training.registry import current_run
+
+            args.run = current_run(args.lake, args.model)
         if args.command == "report" and args.export is not None:
             raise ConfigError("report needs --run (it reads the run's metrics and learning curve)")
         run = ExportedRun(args.lake, args.export, args.date) if args.export is not None else Run(args.lake, args.run)

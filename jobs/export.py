@@ -2,6 +2,7 @@
 written to the lake as Delta tables partitioned by date.
 
   python jobs/export.py --lake lake --run ml-1m-run --input ml-1m --name nightly --top-n 100
+  python jobs/export.py --lake lake --model prod --input ml-1m --name nightly --top-n 100   (what alias prod points to)
   ray job submit -- python jobs/export.py --lake s3://bucket/lake --run prod --input s3://bucket/events/today \\
       --name nightly --date 2026-11-28 --top-n 100 --workers 4 --gpus-per-worker 1
 
@@ -32,7 +33,9 @@ from macrid.data.readers import FORMATS
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lake", required=True, help="lake root: a folder or s3://bucket/prefix")
-    p.add_argument("--run", required=True, help="the trained run (a folder of <lake>/runs) whose best model to use")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--run", help="the trained run (a folder of <lake>/runs) whose best model to use")
+    model.add_argument("--model", metavar="NAME", help="the run a model alias points to now (jobs/promote.py)")
     p.add_argument("--input", required=True, help="a dataset name of the lake, or raw interactions (path or s3://)")
     p.add_argument("--name", required=True, help="export name: the tables go to <lake>/exports/<name>/")
     p.add_argument("--date", default="", help="the partition, YYYY-MM-DD (default: today, UTC)")
@@ -60,12 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
 
-    spec = ExportSpec(lake=args.lake, run=args.run, input=args.input, name=args.name, date=args.date,
+    t0, summary, status = time.time(), None, 1
+    try:
+        run = args.run or _alias(args.lake, args.model)
+    except MacridError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    spec = ExportSpec(lake=args.lake, run=run, input=args.input, name=args.name, date=args.date,
                       top_n=args.top_n, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                       gpus_per_worker=args.gpus_per_worker, batch_size=args.batch_size, format=args.format,
                       user_col=args.user_col, item_col=args.item_col, rating_col=args.rating_col,
                       local=args.local)
-    t0, summary, status = time.time(), None, 1
     try:
         summary = export(spec, progress=not args.quiet)
         status = 0
@@ -78,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     if summary is not None:
         print(json.dumps({k: summary[k] for k in ("date", "export_id", "counts", "seconds", "versions")}, indent=1))
     return status
+
+
+def _alias(lake: str, name: str) -> str:
+    from macrid.training.registry import current_run
+
+    return current_run(lake, name)
 
 
 def _push(gateway: str, name: str, summary: dict | None, seconds: float) -> None:

@@ -9,6 +9,9 @@ from the standard AWS environment variables or the instance role).
   python jobs/train.py --config configs/ml-1m.toml --num-workers 2 --set optim.epochs=5
   python jobs/train.py --config configs/ml-1m.toml --set model.name=multvae
   python jobs/train.py --config configs/ml-1m.toml --set run.name=nightly --resume
+  python jobs/train.py --config configs/ml-1m.toml --set data.dataset=ml-1m --warm-start prod --set optim.epochs=5
+      (warm start: begin from the run that model alias `prod` points to, or from a run; items matched by ID,
+       new items folded in from their co-occurring items: docs/nightly.md)
   python jobs/train.py --config configs/gowalla.toml --set optim.negatives=4098 --set optim.candidates=user
       (sampled softmax for large catalogues: S negatives per batch, docs/sampled_softmax.md)
   python jobs/train.py --config configs/ml-1m.toml --num-workers 4 --use-gpu --precision bf16
@@ -69,6 +72,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "tf32", "bf16"),
                    help="matmul precision (run.precision; default fp32); the loss and evaluation stay fp32")
     p.add_argument("--resume", action="store_true", help="continue run.name from its latest checkpoint")
+    p.add_argument("--warm-start", metavar="RUN_OR_MODEL",
+                   help="start from a finished run of this lake, or from the run a model alias (jobs/promote.py) "
+                        "points to, on this run's dataset: items matched by ID, new items folded in from the items "
+                        "they co-occur with, prototypes kept (run.warm_start; docs/nightly.md)")
     p.add_argument("--metrics-port", type=int,
                    help="serve Prometheus metrics, rank r on this port + r (docs/distributed.md)")
     p.add_argument("--metrics-host", help="address the metrics endpoints listen on (default 0.0.0.0, so "
@@ -104,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append("run.resume=true")
     try:
         cfg = load_config(path, overrides)
+        if args.warm_start:
+            from macrid.training.registry import resolve
+
+            cfg = load_config(path, overrides + [f"run.warm_start={json.dumps(resolve(cfg.data.lake, args.warm_start))}"])
         if args.print_config:
             print(to_toml(cfg, header=f"{path}{' with ' + ' '.join(overrides) if overrides else ''}, "
                                       "every key written out", explain=True), end="")

@@ -191,6 +191,12 @@ class RunConfig:
     # "fp32"; "tf32" (TF32 matmuls on CUDA, fp32 on CPU); "bf16" (bf16 autocast for the matmuls; the loss,
     # log-sum-exp, KL and evaluation stay fp32: docs/distributed.md)
     precision: str = "fp32"
+    # warm start (jobs/train.py --warm-start): the finished run of this lake whose model this run starts from,
+    # items matched by ID across vocabularies (macrid/training/warm_start.py); "" = fresh weights
+    warm_start: str = ""
+    # with warm_start: re-cluster the carried prototypes at model.proto_init_epoch anyway (concept k then loses
+    # its meaning from one night to the next); false keeps them
+    warm_start_recluster: bool = False
     fail_at_step: int = -1  # fault injection for recovery tests: SIGKILL rank fail_rank once at this step
     fail_rank: int = 0  # the rank that fail_at_step kills
 
@@ -221,10 +227,13 @@ class RunConfig:
         if self.metrics_port + self.num_workers - 1 > 65535:
             raise ConfigError(f"run.metrics_port={self.metrics_port}: ranks serve on metrics_port + rank, and "
                               f"{self.num_workers} workers would pass 65535; pick a lower port")
-        if self.name:
+        if self.name or self.warm_start:
             from macrid.data.layout import check_name
 
-            check_name("run", self.name)
+            if self.name:
+                check_name("run", self.name)
+            if self.warm_start:
+                check_name("run.warm_start", self.warm_start)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"run.device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if self.placement not in ("PACK", "SPREAD"):

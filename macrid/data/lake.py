@@ -157,6 +157,13 @@ def write_parquet(uri: str, table: pa.Table, scratch: bool = False) -> None:
         pq.write_table(table, path, filesystem=fs, compression="zstd", write_page_checksum=True)
 
 
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file."""
+    fs, path = resolve(uri)
+    with explained(uri):
+        return pq.read_table(path, columns=columns, filesystem=fs)
+
+
 def list_parquet(uri: str) -> list[str]:
     """Paths (without scheme) of the .parquet files directly under a table folder, in name order."""
     fs, path = resolve(uri)

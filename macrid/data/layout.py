@@ -5,6 +5,7 @@ folder is built here, from names that are checked here.
     <lake>/datasets/<dataset>/versions/<version>/     one snapshot per prepare
     <lake>/runs/<run>/                                a training run, or a sweep (its trials: <sweep>-<trial>)
     <lake>/exports/<export>/<table>/                  the nightly export's Delta tables
+    <lake>/models/<model>/                            a model alias: the run it points to, its history
     <lake>/_scratch/<job>-<id>/                       a running job's intermediate files
 
 A name is 1 to 128 of letters, digits, '.', '_' and '-', starting with a letter or a digit, with no
@@ -89,6 +90,11 @@ def runs_uri(lake_root: str) -> str:
 def run_uri(lake_root: str, name: str) -> str:
     """A training run's folder, or a sweep's."""
     return lake.join(runs_uri(lake_root), check_name("run", name))
+
+
+def model_uri(lake_root: str, name: str) -> str:
+    """A model alias's folder (current.json, history/)."""
+    return lake.join(lake_root, "models", check_name("model", name))
 
 
 def exports_uri(lake_root: str) -> str:

@@ -31,6 +31,7 @@ class MacridVAE(nn.Module):
     # The M x D item tables. With `row_sparse` set (sampled softmax) a step reads only the rows of its
     # candidates and inputs, and their gradients are sparse (row ids + rows): see macrid/model/row_sparse.py.
     item_tables = ("h", "t")
+    item_params = ("h", "t", "item_bias")  # every parameter indexed by item (a warm start remaps their rows)
     decoder_params = ("h", "m", "item_bias")  # what a decoder pass of optim.alternate updates; the rest: encoder
 
     def __init__(self, n_items: int, K: int = 7, D: int = 100, tau: float = 0.1, sigma0: float = 0.1,
@@ -187,6 +188,7 @@ class MultVAE(nn.Module):
     """
 
     item_tables = ()  # dense gradients always: the baselines keep the simple path
+    item_params = ("t", "h", "h_bias")
     decoder_params = ("h", "h_bias")
 
     def __init__(self, n_items: int, D: int = 100, hidden: int = 100, dropout: float = 0.5, variational: bool = True,

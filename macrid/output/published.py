@@ -5,10 +5,10 @@ from __future__ import annotations
 import polars as pl
 
 from macrid.data import lake, layout
-from macrid.data.batches import load_meta, snapshot_uri
+from macrid.data.batches import load_meta
 from macrid.errors import CheckpointError, DataError
 from macrid.model.vae import MacridVAE
-from macrid.training.run_folder import MODEL_FILE, RUN_FILE
+from macrid.training.run_folder import MODEL_FILE, RUN_FILE, VOCABULARY_FILE, read_vocabulary
 from macrid.training.train import load_model
 
 
@@ -31,12 +31,12 @@ def published_run(lake_root: str, run_name: str) -> tuple[MacridVAE, dict, pl.Da
     except DataError:  # the pinned version was pruned: the current one serves if its vocabulary is the same
         version = ""
     meta = load_meta(lake_root, record["dataset"], version)
-    if meta["vocabulary_fingerprint"] != saved["vocabulary_fingerprint"]:
+    own_vocabulary = lake.exists(lake.join(run, VOCABULARY_FILE))  # runs keep their vocabulary since 0.3
+    if meta["vocabulary_fingerprint"] != saved["vocabulary_fingerprint"] and not own_vocabulary:
         raise CheckpointError(
             f"{run}: trained on item vocabulary {saved['vocabulary_fingerprint'][:12]}, but dataset "
             f"{record['dataset']!r} now has {meta['vocabulary_fingerprint'][:12]} and the version the run read is "
             "gone; the item IDs cannot be recovered: retrain on the current dataset")
-    uri = lake.join(snapshot_uri(lake_root, record["dataset"], meta.get("version", "")), "items")
-    vocab = pl.from_arrow(lake.read_table(uri, ["item_idx", "item_id", "title"])).sort("item_idx")
+    vocab = pl.from_arrow(read_vocabulary(lake_root, run_name).select(["item_idx", "item_id", "title"]))
     record = dict(record, version=meta.get("version", ""), min_rating=meta["protocol"].get("min_rating"))
     return model, saved, vocab, record

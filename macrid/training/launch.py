@@ -24,6 +24,7 @@ from macrid.errors import ConfigError, DataError, MacridError
 from macrid.training.session import SCORE, STATE_FILE, RaySession
 from macrid.training.run_folder import has_run, pin_run, run_uri
 from macrid.training.train import finish, fit
+from macrid.training.warm_start import prepare_warm_start
 
 DEFAULT_CLUSTER_CPUS_PER_WORKER = 1.0
 CACHED_BYTES_PER_INTERACTION = 11  # peak RSS of a cached share over a streamed one, measured (throughput.md)
@@ -131,6 +132,7 @@ def launch(cfg: Config, callbacks: list | None = None) -> dict:
 
     cfg = prepare_config(cfg)
     cfg, meta = pin_run(cfg, "ray")  # fail here, with the cause, before starting workers
+    prepare_warm_start(cfg, meta)  # the parent's rows by item ID, once, in <run>/warm_start.pt
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, data=input_mode(cfg, meta)))
     local = connect()
     if not lake.is_s3(cfg.data.lake) and sum(n["Alive"] for n in ray.nodes()) > 1:

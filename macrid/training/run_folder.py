@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import dataclasses
 
+import pyarrow as pa
+
 from macrid.config import Config
 from macrid.data import lake, layout
 from macrid.data.layout import load_meta
-from macrid.errors import CheckpointError, ConfigError
+from macrid.errors import CheckpointError, ConfigError, DataError
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
 METRICS_FILE = "metrics.json"  # the finished run's validation and test scores, config and history
 MODEL_FILE = "model.pt"  # the published best model: evaluation weights, config, vocabulary
 RUN_FILE = "run.json"  # what the run trains on: dataset, vocabulary fingerprint, runner (ray or in-process)
+# the item vocabulary the run trains on (item_idx, item_id, title, genres), kept with the run: the dataset
+# version it read is pruned after later prepares, and a warm start, the gate and the export need the IDs
+VOCABULARY_FILE = "vocabulary.parquet"
 
 
 def run_uri(cfg: Config) -> str:
@@ -59,6 +64,9 @@ def pin_run(cfg: Config, runner: str) -> tuple[Config, dict]:
     meta = load_meta(cfg.data.lake, cfg.data.dataset, version)
     fingerprint = meta["vocabulary_fingerprint"]
     if claimed is None:
+        items = lake.read_table(lake.join(layout.dataset_uri(cfg.data.lake, cfg.data.dataset, version), "items"))
+        lake.write_parquet(lake.join(run_uri(cfg), VOCABULARY_FILE),
+                           items.select([c for c in ("item_idx", "item_id", "title", "genres") if c in items.column_names]))
         lake.write_json(path, {"dataset": cfg.data.dataset, "version": version, "vocabulary_fingerprint": fingerprint,
                                "runner": runner, "model": cfg.model.name})
     elif claimed["vocabulary_fingerprint"] != fingerprint:
@@ -70,3 +78,23 @@ def pin_run(cfg: Config, runner: str) -> tuple[Config, dict]:
         raise ConfigError(f"{run_uri(cfg)} was trained {'under Ray Train' if claimed['runner'] == 'ray' else 'in-process'}"
                           f"; its checkpoints are kept that way, so continue it with {how}")
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, version=version)), meta
+
+
+def read_vocabulary(lake_root: str, run: str) -> pa.Table:
+    """The run's item vocabulary in item_idx order: its own copy, or (runs from before the copy) the items
+    table of the dataset version it read, while that version is kept."""
+    folder = layout.run_uri(lake_root, run)
+    own = lake.join(folder, VOCABULARY_FILE)
+    if lake.exists(own):
+        return lake.read_parquet(own).sort_by("item_idx")
+    record_uri = lake.join(folder, RUN_FILE)
+    if not lake.exists(record_uri):
+        raise CheckpointError(f"{folder}: no {RUN_FILE}, so the run's vocabulary is unknown; pass a run trained by "
+                              "jobs/train.py")
+    record = lake.read_json(record_uri)
+    try:
+        uri = lake.join(layout.dataset_uri(lake_root, record["dataset"], record.get("version", "")), "items")
+        return lake.read_table(uri).sort_by("item_idx")
+    except DataError:
+        raise CheckpointError(f"{folder}: the dataset version it trained on ({record.get('version')}) is gone and the "
+                              f"run keeps no {VOCABULARY_FILE}; its item IDs cannot be recovered: retrain") from None

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from macrid.training import checkpoint
+from macrid.training import checkpoint, warm_start
 from macrid.data import lake
 from macrid.data.bags import pinned_ahead, to_device
 from macrid.data.batches import CSR, Dataset, item_counts, load_dataset, load_train_share
@@ -36,7 +36,7 @@ from macrid.model.vae import build_model
 from macrid.training.report import format_metrics, plot_learning_curve
 from macrid.model.row_sparse import Optimizers, broadcast_tables, ignore_in_ddp, tables_of
 from macrid.model.sampling import NegativeSampler
-from macrid.training.run_folder import METRICS_FILE, MODEL_FILE, has_run, pin_run, run_uri
+from macrid.training.run_folder import METRICS_FILE, MODEL_FILE, RUN_FILE, has_run, pin_run, run_uri
 from macrid.training.session import SCORE, LocalSession
 from macrid.training.step import precision_context, tf32_scope, train_step
 
@@ -66,6 +66,10 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
         state = _restore(saved, model, opt, ema)
         if rank == 0:
             log.info("resumed %s at epoch %d, step %d", cfg.run.name, state["epoch"], state["step"])
+    elif cfg.run.warm_start:  # the driver's initial checkpoint: the parent's rows carried by item ID
+        state = _restore(warm_start.load_initial(cfg, fingerprint), model, opt, ema)
+        if rank == 0:
+            log.info("warm start of %s from run %s", cfg.run.name, cfg.run.warm_start)
     if world > 1 and tables:
         ignore_in_ddp(model, tables)
         broadcast_tables(tables)
@@ -101,7 +105,7 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
         # running sums stay on the device: a .item() per step would stall the GPU on the host
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, kl
         n_steps, n_users, exchanged, waited = 0, 0, 0, 0.0
-        beta = beta_at(state["step"], steps, cfg.optim.beta, cfg.optim.anneal_epochs, cfg.optim.anneal)
+        beta = _beta(cfg, state["step"], steps)
         for frozen, dropout in passes:
             model.dropout = cfg.model.dropout if dropout else 0.0
             batches = iter(train_batches(epoch))
@@ -118,7 +122,7 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
                     print(f"[macrid] run.fail_at_step: killing rank {rank} at step {state['step']}", flush=True)
                     os.kill(os.getpid(), signal.SIGKILL)  # a dead worker, as when a node is lost
                 idx, off = to_device(idx, device), to_device(off, device)
-                beta = beta_at(state["step"], steps, cfg.optim.beta, cfg.optim.anneal_epochs, cfg.optim.anneal)
+                beta = _beta(cfg, state["step"], steps)
                 if cfg.optim.lr_schedule != "constant":
                     opt.set_lr(lr_at(state["step"], steps * cfg.optim.epochs, cfg.optim.lr, cfg.optim.lr_schedule))
                 with tf32_scope(cfg.run.precision, device):
@@ -136,8 +140,8 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
         model.dropout = cfg.model.dropout
         if ema is not None:
             ema.flush()  # the table rows no step touched lately, brought up to date for evaluation and the checkpoint
-        if hasattr(model, "m") and (epoch == cfg.model.proto_init_epoch
-                                    or (cfg.model.proto_refine and 0 < cfg.model.proto_init_epoch < epoch)):
+        recluster = epoch == cfg.model.proto_init_epoch and (not cfg.run.warm_start or cfg.run.warm_start_recluster)
+        if hasattr(model, "m") and (recluster or (cfg.model.proto_refine and 0 < cfg.model.proto_init_epoch < epoch)):
             _recentre_prototypes(model, cfg.run.seed, refine_only=epoch > cfg.model.proto_init_epoch, world=world)
         mean_loss, mean_nll, mean_kl = (sums / max(n_steps, 1)).tolist()  # one sync per epoch
         row = {"epoch": epoch, "step": state["step"], "beta": beta, "seconds": time.perf_counter() - t0,
@@ -168,6 +172,14 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
     if metrics is not None:
         metrics.close()
     return state["history"]
+
+
+def _beta(cfg: Config, step: int, steps_per_epoch: int) -> float:
+    """β of update `step`: annealed from 0 (Eq. 5), or at its cap from the first step of a warm start, whose
+    parent's posterior is already trained."""
+    if cfg.run.warm_start:
+        return cfg.optim.beta
+    return beta_at(step, steps_per_epoch, cfg.optim.beta, cfg.optim.anneal_epochs, cfg.optim.anneal)
 
 
 def _passes(model, alternate: int) -> list[tuple[tuple, bool]]:
@@ -216,6 +228,7 @@ def run_in_process(cfg: Config, on_report: Callable[[dict], None] | None = None)
     """Train in this process (no Ray) and finish the run; returns metrics.json. Resumes when run.resume is set."""
     has_run(cfg)
     cfg, meta = pin_run(cfg, "in-process")
+    warm_start.prepare_warm_start(cfg, meta)
     fingerprint = meta["vocabulary_fingerprint"]
     session = LocalSession(run_uri(cfg), cfg.run.device, on_report)
     history = fit(cfg, session)
@@ -251,6 +264,9 @@ def finish(cfg: Config, best: dict, history: list[dict], device: torch.device | 
         "vocabulary_fingerprint": data.meta["vocabulary_fingerprint"],
         "scored_on": {"device": str(device)} | ({"ray_task_gpus": ray_task_gpus} if ray_task_gpus is not None else {}),
     }
+    record = lake.join(out, RUN_FILE)
+    if cfg.run.warm_start and lake.exists(record):  # the lineage the driver recorded when it built the start
+        metrics["parent"] = lake.read_json(record).get("parent")
     lake.write_json(f"{out}/{METRICS_FILE}", metrics)
     with tempfile.TemporaryDirectory() as tmp:
         plot_learning_curve(history, f"{tmp}/curve.png", f"{cfg.run.name} ({cfg.model.name})")
