@@ -5,6 +5,13 @@
 writes <out>/interactions/part-*.parquet (user_id, item_id; one shard per --chunk-users users)
 and <out>/items/part-0.parquet (item_id, title, genres = the planted category). Only one chunk of
 users is in memory at a time, so memory stays near the catalogue's O(M) arrays plus one chunk.
+With --days D it writes a planted lake whose catalogue changes every day instead (macrid/data/daily.py):
+one raw folder per day, <out>/day-DD/{interactions,items}/, with new items (and their planted categories)
+every day, retired items, and users that come back; <out>/catalogue.parquet holds the ground truth.
+
+  python jobs/generate.py --out lake/raw/daily --days 5 --users 3000 --items 1500 --new-items 0.08
+  python jobs/nightly.py --lake lake --input lake/raw/daily/day-01 --dataset daily --model prod --from-scratch
+
 The output may be a local folder or s3://bucket/prefix. Prepare it for training with
 
   python jobs/prepare.py --input <out>/interactions --items <out>/items --vocabulary catalogue \\
@@ -19,6 +26,7 @@ import sys
 import time
 
 from macrid.errors import ConfigError, MacridError
+from macrid.data.daily import DailySpec, write_days
 from macrid.data.synthetic import CHUNK_USERS, SyntheticSpec, write_shards
 
 
@@ -32,8 +40,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mean-items", type=float, default=SyntheticSpec.mean_items, help="typical bag size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk-users", type=int, default=CHUNK_USERS, help="users per shard (memory per chunk)")
+    d = p.add_argument_group("a catalogue that changes every day (--days)")
+    d.add_argument("--days", type=int, default=0, help="write this many daily folders instead (0: one static dataset)")
+    d.add_argument("--new-items", type=float, default=DailySpec.new_items,
+                   help=f"new items a day, as a share of the live catalogue (default {DailySpec.new_items})")
+    d.add_argument("--retire", type=float, default=DailySpec.retire,
+                   help=f"live items retired a day, as a share (default {DailySpec.retire})")
+    d.add_argument("--active", type=float, default=DailySpec.active,
+                   help=f"share of the user pool that comes back each day (default {DailySpec.active})")
+    d.add_argument("--window", type=int, default=DailySpec.window,
+                   help=f"days of events in each day's folder (default {DailySpec.window})")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
+    if args.days:
+        try:
+            spec = DailySpec(days=args.days, n_users=args.users, n_items=args.items, K=args.K, zipf=args.zipf,
+                             new_items=args.new_items, retire=args.retire, active=args.active, window=args.window,
+                             seed=args.seed)
+            manifest = write_days(spec, args.out)
+        except MacridError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps({"days": manifest["days"], "out": args.out,
+                          "seconds": round(time.perf_counter() - t0, 1)}, indent=1))
+        return 0
     try:
         spec = SyntheticSpec(n_users=args.users, n_items=args.items, K=args.K, zipf=args.zipf,
                              mean_items=args.mean_items, seed=args.seed)

@@ -103,14 +103,25 @@ def user_chunk(spec: SyntheticSpec, cat: Catalogue, n: int, rng: np.random.Gener
     per = np.maximum(1, np.round(weights * sizes[:, None])).astype(np.int64)
     seg_user = np.repeat(np.arange(n), cats.shape[1])[valid.ravel()]
     seg_cat, seg_n = cats[valid], per[valid]  # one segment per (user, category)
+    items, seg = draw_segments(cat, seg_cat, seg_n, lambda: rng.standard_normal((len(seg_n), F)).astype(np.float32),
+                               spec.taste, rng)
+    return seg_user[seg], items
+
+
+def draw_segments(cat: Catalogue, seg_cat: np.ndarray, seg_n: np.ndarray, taste, strength: float,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Each segment (a user's share of one category) draws up to seg_n distinct items of its category: OVERSAMPLE x
+    n draws by popularity, kept by taste match plus Gumbel noise. taste() -> (segments, F) taste vectors, called
+    after the popularity draws (the generator's order of random calls). Returns (item (N,), segment (N,))."""
+    F = cat.factors.shape[1]
     pool = np.diff(np.concatenate([[0], cat.ends]))
     seg_n = np.minimum(seg_n, pool[seg_cat])
     draws = np.repeat(np.arange(len(seg_n)), seg_n * OVERSAMPLE)  # segment of each draw
     pos = np.searchsorted(cat.shifted_cdf, seg_cat[draws] + rng.random(len(draws)), side="right")
     pos = np.minimum(pos, cat.ends[seg_cat[draws]] - 1)
     item = cat.members[pos]
-    taste = rng.standard_normal((len(seg_n), F)).astype(np.float32)
-    key = spec.taste * np.einsum("nf,nf->n", cat.factors[item], taste[draws]) / np.sqrt(F) + rng.gumbel(size=len(item))
+    tastes = taste()
+    key = strength * np.einsum("nf,nf->n", cat.factors[item], tastes[draws]) / np.sqrt(F) + rng.gumbel(size=len(item))
     # the best key of each distinct (segment, item), then the seg_n best items of each segment
     order = np.lexsort((-key, item, draws))
     first = np.ones(len(order), dtype=bool)
@@ -121,7 +132,7 @@ def user_chunk(spec: SyntheticSpec, cat: Catalogue, n: int, rng: np.random.Gener
     seg_start = np.searchsorted(seg, np.arange(len(seg_n)))
     rank = np.arange(len(keep)) - seg_start[seg]
     keep = keep[rank < seg_n[seg]]
-    return seg_user[draws[keep]], item[keep]
+    return item[keep], draws[keep]
 
 
 def chunks(spec: SyntheticSpec, chunk_users: int = CHUNK_USERS) -> Iterator[tuple[Catalogue, pl.DataFrame]]:

@@ -115,3 +115,36 @@ def push_export(gateway: str, name: str, summary: dict | None, duration: float) 
               counts["users_without_known_items"])
         gauge("macrid_export_last_success_timestamp_seconds", "Unix time of the last successful export", time.time())
     pushadd_to_gateway(gateway, job=EXPORT_JOB, registry=registry, grouping_key={"export": name}, timeout=10)
+
+
+NIGHTLY_JOB = "macrid_nightly"
+
+
+def push_nightly(gateway: str, model: str, night) -> None:
+    """Push one night's outcome (macrid.nightly.Night) to a Pushgateway: job macrid_nightly, label model=<alias>.
+
+    Every stage that ran gets its duration and whether it succeeded; the gate its decision (1 promoted,
+    0 refused) and z; the night its success or failure time (pushadd keeps the other one, as for the export)."""
+    import time
+
+    from prometheus_client import pushadd_to_gateway
+
+    registry = CollectorRegistry()
+    seconds = Gauge("macrid_nightly_stage_seconds", "wall time of the stage in the last night", ["stage"],
+                    registry=registry)
+    ok = Gauge("macrid_nightly_stage_ok", "1 when the stage succeeded in the last night, 0 when it failed or refused",
+               ["stage"], registry=registry)
+    for stage, secs in night.seconds.items():
+        seconds.labels(stage).set(secs)
+        ok.labels(stage).set(0.0 if stage == night.stopped_at else 1.0)
+    if night.decision is not None:
+        Gauge("macrid_nightly_gate_promoted", "1 when the last gate promoted its candidate, 0 when it refused",
+              registry=registry).set(1.0 if night.decision["promoted"] else 0.0)
+        z = night.decision.get("z")
+        if isinstance(z, float) and z == z and abs(z) != float("inf"):
+            Gauge("macrid_nightly_gate_z", "z of the last gate's paired NDCG@100 difference",
+                  registry=registry).set(z)
+    name = "success" if night.stopped_at is None else "failure"
+    Gauge(f"macrid_nightly_last_{name}_timestamp_seconds", f"Unix time of the last night that ended in {name}",
+          registry=registry).set(time.time())
+    pushadd_to_gateway(gateway, job=NIGHTLY_JOB, registry=registry, grouping_key={"model": model}, timeout=10)
