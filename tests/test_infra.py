@@ -63,6 +63,48 @@ def test_alerts_watch_series_the_export_pushes():
     assert telemetry.EXPORT_JOB == "macrid_export"
 
 
+def test_nightly_alerts_watch_series_a_real_push_of_a_refused_night():
+    """push_nightly's series, read back from a real Pushgateway, are the ones the nightly alert rules use."""
+    import socket
+    import time
+    import urllib.request
+
+    from macrid.nightly import Night
+    from macrid.training.telemetry import NIGHTLY_JOB, push_nightly
+
+    gateway = system_binary("prometheus-pushgateway", "prometheus-pushgateway")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([gateway, f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url, timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        night = Night(run="prod-x", stopped_at="promote", refused=True,
+                      seconds={"prepare": 1.0, "train": 2.0, "promote": 0.5},
+                      decision={"promoted": False, "z": -3.5})
+        push_nightly(url, "prod", night)
+        text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+    finally:
+        server.terminate()
+        server.wait()
+    lines = [line for line in text.splitlines() if line.startswith("macrid_nightly_") and f'job="{NIGHTLY_JOB}"' in line]
+    pushed = {line.split("{")[0] for line in lines}
+    assert any(line.startswith("macrid_nightly_gate_promoted{") and line.endswith(" 0") for line in lines), lines
+    assert any('stage="promote"' in line and line.startswith("macrid_nightly_stage_ok{") and line.endswith(" 0")
+               for line in lines), lines
+    rules = yaml.safe_load((INFRA / "prometheus" / "alerts.yaml").read_text())["groups"][1]["rules"]
+    used = {w.split("{")[0] for r in rules for w in r["expr"].replace("(", " ").split() if w.startswith("macrid_")}
+    # the success time is not pushed by a failed night (pushadd keeps the last one): the rule reads it if present
+    assert used - {"macrid_nightly_last_success_timestamp_seconds"} <= pushed, used - pushed
+
+
 def test_every_manifest_is_a_named_object_in_the_macrid_namespace():
     manifests = all_manifests()
     kinds = {d["kind"] for _, d in manifests}
@@ -97,7 +139,7 @@ def test_job_commands_parse_with_the_jobs_own_arguments():
         assert args.lake.startswith("s3://")
         spec = job["spec"]
         assert spec.get("clusterSelector", {}).get("ray.io/cluster") == "macrid" or "rayClusterSpec" in spec
-    assert seen == {"train", "export"}
+    assert seen == {"train", "export", "nightly"}
 
 
 def test_a_retried_training_job_continues_its_run():
@@ -117,9 +159,10 @@ def test_a_retried_training_job_continues_its_run():
         assert args.lake.startswith("s3://")
 
 
-def test_cronjob_submits_the_export_template_and_may_create_rayjobs_only():
+@pytest.mark.parametrize("name", ["macrid-nightly-export", "macrid-nightly-loop"])
+def test_cronjob_submits_its_template_and_may_create_rayjobs_only(name):
     manifests = dict(((d["kind"], d["metadata"]["name"]), d) for _, d in all_manifests())
-    cron = manifests[("CronJob", "macrid-nightly-export")]
+    cron = manifests[("CronJob", name)]
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"  # one writer per table
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     volume = pod["volumes"][0]["configMap"]["name"]
@@ -164,7 +207,7 @@ def test_the_rayjob_template_keeps_the_operators_rules():
 
     manifests = dict(((d["kind"], d["metadata"]["name"]), d) for _, d in all_manifests())
     template = yaml.safe_load(manifests[("ConfigMap", "macrid-export-rayjob")]["data"]["rayjob.yaml"])
-    assert template in rayjobs() and len(rayjobs()) >= 3  # the template, the training job, the spot training job
+    assert template in rayjobs() and len(rayjobs()) >= 4  # the templates, the training job, the spot training job
     for job in rayjobs():
         spec = job["spec"]
         if "ttlSecondsAfterFinished" in spec:
@@ -175,15 +218,17 @@ def test_the_rayjob_template_keeps_the_operators_rules():
 
 @pytest.mark.parametrize("phase,status,rc", [("Complete", "SUCCEEDED", 0), ("Complete", "FAILED", 1),
                                             ("Failed", "FAILED", 1), ("ValidationFailed", "", 1)])
-def test_the_submit_script_stops_waiting_on_every_end_state(tmp_path, phase, status, rc):
-    """The CronJob's script with a kubectl on PATH that answers with a fixed RayJob state: it ends at once
+@pytest.mark.parametrize("cron,prefix", [("macrid-nightly-export", "export"), ("macrid-nightly-loop", "nightly")])
+def test_the_submit_script_stops_waiting_on_every_end_state(tmp_path, phase, status, rc, cron, prefix):
+    """Each CronJob's script with a kubectl on PATH that answers with a fixed RayJob state: it ends at once
     with the right exit status instead of waiting out its deadline."""
     import subprocess
 
     manifests = dict(((d["kind"], d["metadata"]["name"]), d) for _, d in all_manifests())
-    pod = manifests[("CronJob", "macrid-nightly-export")]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    pod = manifests[("CronJob", cron)]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     script = pod["containers"][0]["args"][0]
-    template = manifests[("ConfigMap", "macrid-export-rayjob")]["data"]["rayjob.yaml"]
+    template = manifests[("ConfigMap", pod["volumes"][0]["configMap"]["name"])]["data"]["rayjob.yaml"]
+    assert f"name: macrid-{prefix}-DATE" in template
     (tmp_path / "templates").mkdir()
     (tmp_path / "templates" / "rayjob.yaml").write_text(template)
     script = script.replace("/templates/", f"{tmp_path}/templates/")
@@ -199,8 +244,8 @@ def test_the_submit_script_stops_waiting_on_every_end_state(tmp_path, phase, sta
     done = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == rc, done.stdout + done.stderr
     calls = log.read_text()
-    assert "delete rayjob/macrid-export-2026-11-20 --ignore-not-found" in calls
-    assert f"export 2026-11-28: {phase}" in done.stdout
+    assert f"delete rayjob/macrid-{prefix}-2026-11-20 --ignore-not-found" in calls
+    assert f"{prefix} 2026-11-28: {phase}" in done.stdout
 
 
 # --- schemas: upstream KubeRay's CRDs (vendored) and Kubernetes' own (kubernetes-validate, from PyPI) ---
