@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from macrid.errors import MacridError
@@ -62,8 +63,9 @@ class Night:
 def run_night(spec: NightlySpec) -> Night:
     """Run the four stages in order; stop at the first that fails or refuses. Never raises a MacridError."""
     night = Night()
+    # the date, the time and a random tail: a re-run of the same night gets a run of its own
     run_name = f"{spec.model}-{spec.date or time.strftime('%Y-%m-%d', time.gmtime())}-" \
-               f"{time.strftime('%H%M%S', time.gmtime())}"
+               f"{time.strftime('%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:4]}"
     for stage in STAGES:
         t0 = time.time()
         try:
