@@ -5,6 +5,7 @@ behind a concurrency limit, ASHA early stopping on validation NDCG@100.
   python jobs/tune.py --config configs/ml-1m.toml --samples 48 --concurrent 8 --set run.num_workers=2 \
       --set run.use_gpu=true --lake s3://bucket/macrid --name ml-1m-gpu
   python jobs/tune.py --config configs/ml-1m.toml --name ml-1m-gpu --resume       # after an interruption
+  python jobs/tune.py --config configs/ml-1m.toml --samples 8 --warm-start prod      # every trial from alias prod
   ray job submit --working-dir . -- python jobs/tune.py --config configs/ml-1m.toml --lake s3://bucket/macrid
 
 Each trial is a Ray Train run with the config's scaling and input (run.num_workers, run.cpus_per_worker,
@@ -42,6 +43,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-epochs", type=int, default=15, help="ASHA: epochs before a trial can be stopped")
     p.add_argument("--name", default=None, help="sweep name (default tune-<dataset>-<model>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this --name")
+    p.add_argument("--warm-start", metavar="RUN_OR_MODEL",
+                   help="every trial starts from this finished run, or the run this model alias points to (resolved "
+                        "once, when the sweep starts); the search space must leave the model's shape alone "
+                        "(docs/nightly.md)")
     return p
 
 
@@ -51,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = list(args.set) + ([f"data.lake={args.lake!r}"] if args.lake else [])
         cfg = load_config(args.config, overrides)
+        if args.warm_start:
+            from macrid.training.registry import resolve
+
+            cfg = load_config(args.config, overrides + [f"run.warm_start={json.dumps(resolve(cfg.data.lake, args.warm_start))}"])
         space = load_space(args.space or os.path.join(here, "configs", "search", f"{cfg.model.name}.toml"), cfg)
         from macrid.training.launch import prepare_lake
         from macrid.training.sweep import run_sweep

@@ -108,12 +108,19 @@ def test_local_trials_share_the_machine():
 
 
 def test_a_sweep_of_ray_train_trials_writes_a_best_config_that_trains(ml100k_lake, ray_started_by_the_job, tmp_path):
+    """Every trial warm-starts from the same parent (a finished in-process run), as a nightly sweep does."""
+    from macrid.training.launch import prepare_config
+    from macrid.training.train import run_in_process
+
+    run_in_process(prepare_config(load_config(ROOT / "configs" / "ml-100k.toml", [
+        f"data.lake={ml100k_lake!r}", "data.dataset='ml-100k'", "run.name='sweep-parent'", "run.progress=false",
+        *TRIAL])))
     space = tmp_path / "space.toml"
     space.write_text("[optim]\nlr = {loguniform = [1e-3, 1e-2]}\nanneal = {choice = [\"linear\", \"authors\"]}\n"
                      "[model]\nsigma0 = {loguniform = [0.05, 0.5]}\n")
     assert tune_job().main(["--config", str(ROOT / "configs" / "ml-100k.toml"), "--space", str(space), "--samples", "4",
                             "--concurrent", "2", "--grace-epochs", "1", "--name", "smoke", "--lake", ml100k_lake,
-                            *sets("data.dataset='ml-100k'", *TRIAL)]) == 0
+                            "--warm-start", "sweep-parent", *sets("data.dataset='ml-100k'", *TRIAL)]) == 0
     root = f"{ml100k_lake}/runs/smoke"
     trials = pl.read_parquet(f"{root}/trials.parquet")
     assert trials.height == 4 and {"optim.lr", "optim.anneal", "model.sigma0", "best_val_ndcg"} <= set(trials.columns)
@@ -121,6 +128,7 @@ def test_a_sweep_of_ray_train_trials_writes_a_best_config_that_trains(ml100k_lak
     runs = [p for p in os.listdir(f"{ml100k_lake}/runs") if p.startswith("smoke-")]
     assert len(runs) == 4
     assert all(os.path.exists(f"{ml100k_lake}/runs/{r}/checkpoint_manager_snapshot.json") for r in runs)
+    assert {json.load(open(f"{ml100k_lake}/runs/{r}/run.json"))["parent"]["run"] for r in runs} == {"sweep-parent"}
     finished = [r for r in runs if os.path.exists(f"{ml100k_lake}/runs/{r}/metrics.json")]
     assert len(finished) == (trials["epoch"] == 2).sum() >= 1  # trials ASHA did not stop finished their run
     # two trials at once fit the local machine: their workers and trial actors (0.01 CPU each) within its CPUs

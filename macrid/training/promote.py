@@ -126,24 +126,32 @@ def promote(lake_root: str, name: str, candidate: str, rule: GateRule = GateRule
 
 def _ndcg_by_id(lake_root: str, run: str, ids, split: HeldOut, device: str) -> np.ndarray:
     """(U,) NDCG@100 of one run on users whose items are candidate-vocabulary indices into `ids`."""
+    ranked = ranked_by_id(lake_root, run, ids, split.foldin, K, device)  # (U, K)
+    hits = targets_mask(torch.from_numpy(ranked), *map(torch.from_numpy, (split.heldout.indices,
+                                                                          split.heldout.indptr)), len(ids) + 1)
+    return ndcg_at_k(hits, torch.from_numpy(np.diff(split.heldout.indptr)), K).numpy()
+
+
+def ranked_by_id(lake_root: str, run: str, ids, foldin: CSR, k: int, device: str = "cpu") -> np.ndarray:
+    """One run's top-k for users given in another vocabulary: (U, k) indices into `ids` (item IDs in
+    item_idx order), len(ids) where the run recommends an item `ids` does not hold.
+
+    Each user is folded in from the items of its bag that the run knows (matched by ID); its own known items
+    are never recommended; the run ranks its whole catalogue chunk by chunk (bounded memory)."""
     model, _ = load_model(layout.run_uri(lake_root, run))
     model = model.to(device)
     own = read_vocabulary(lake_root, run)["item_id"].combine_chunks()
-    to_model = match_items(own, ids).parent_row  # (M_cand,) the model's row of each candidate item, -1 unknown
-    to_cand = match_items(ids, own).parent_row  # (M_model,) the candidate index of each model item, -1 unknown
-    n_cand, n_model = len(ids), len(own)
+    to_model = match_items(own, ids).parent_row  # (M_ids,) the model's row of each item of `ids`, -1 unknown
+    to_ids = match_items(ids, own).parent_row  # (M_model,) the index in `ids` of each model item, -1 unknown
+    to_ids = np.where(to_ids < 0, len(ids), to_ids)
     out = []
-    for start in range(0, split.foldin.n_rows, 1000):
-        rows = np.arange(start, min(start + 1000, split.foldin.n_rows))
-        foldin = _mapped(split.foldin, rows, to_model)
-        t_idx, t_off = split.heldout.take(rows)
+    for start in range(0, foldin.n_rows, 1000):
+        rows = np.arange(start, min(start + 1000, foldin.n_rows))
+        bags = _mapped(foldin, rows, to_model)
         with torch.no_grad():
-            ranked, _ = chunked_top_k(model, *foldin.take(np.arange(len(rows))), n_model, K)
-        ranked = torch.from_numpy(to_cand)[ranked.cpu()]  # (B, k) candidate indices, -1 for unknown items
-        ranked = torch.where(ranked < 0, n_cand, ranked)  # an item the candidate's users cannot hold: never a hit
-        hits = targets_mask(ranked, t_idx, t_off, n_cand + 1)
-        out.append(ndcg_at_k(hits, t_off.diff(), K).numpy())
-    return np.concatenate(out)
+            ranked, _ = chunked_top_k(model, *bags.take(np.arange(len(rows))), len(own), k)
+        out.append(to_ids[ranked.cpu().numpy()])  # (B, k)
+    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
 
 
 def _mapped(bags: CSR, rows: np.ndarray, to_model: np.ndarray) -> CSR:
