@@ -130,6 +130,42 @@ def test_the_cosine_schedule_sets_the_learning_rate_of_every_update(synthetic_la
         assert part["param_groups"][0]["lr"] == pytest.approx(0.004 * (1 + math.cos(math.pi * last / total)) / 2)
 
 
+@pytest.mark.parametrize("n_users,batch,world", [(1000, 500, 3), (1000, 300, 3), (480, 100, 2), (7, 5, 1),
+                                                  (600, 150, 4)])
+def test_an_epoch_has_the_steps_every_rank_takes_at_any_worker_count(n_users, batch, world):
+    """The LR and beta schedules count steps_per_epoch; every rank's memory_batches yields exactly that many
+    (counted, not computed). With 3 workers, 1000 users and batch 500 a rank takes 333 users 166 at a time: 3
+    steps, where ceil(1000 / 500) = 2 had cosine LR reach 0 after two thirds of the run."""
+    from macrid.data.batches import CSR
+    from macrid.training.train import memory_batches, steps_per_epoch
+
+    for rank in range(world):
+        rows = len(range(rank, n_users, world))  # rank r holds rows r, r + W, ...
+        share = CSR(np.arange(rows + 1, dtype=np.int64), np.zeros(rows, dtype=np.int64))
+        counted = sum(1 for _ in memory_batches(share, n_users, batch, 0, rank, world)(1))
+        assert counted == steps_per_epoch(n_users, batch, world), (rank, counted)
+
+
+def test_a_resumed_run_that_stopped_on_patience_stops_at_once(synthetic_lake):
+    """A run whose validation never improves (lr 1e-12) stops on patience at epoch 2; started again with
+    --resume and more epochs (a RayJob retry), it trains no further and keeps its best model."""
+    from macrid.training import checkpoint
+
+    def cfg(epochs, *extra):
+        return load_config(None, [f"data.lake={synthetic_lake!r}", "run.name='patient'", f"optim.epochs={epochs}",
+                                  "optim.lr=1e-12", "run.patience=1", "model.K=3", "model.D=8", "run.progress=false",
+                                  *extra])
+
+    first = run_in_process(cfg(6))
+    assert first["epochs_run"] == 2 and first["best_epoch"] == 1
+    best = checkpoint.load(os.path.join(synthetic_lake, "runs", "patient", "checkpoints", "best.pt"))
+    again = run_in_process(cfg(10, "run.resume=true"))
+    assert again["epochs_run"] == 2 and again["best_epoch"] == 1
+    latest = checkpoint.load(os.path.join(synthetic_lake, "runs", "patient", "checkpoints", "latest.pt"))
+    assert latest["epoch"] == 2 and latest["step"] == 2 * best["step"]  # two epochs of equal steps, no more
+    assert checkpoint.load(os.path.join(synthetic_lake, "runs", "patient", "checkpoints", "best.pt"))["epoch"] == 1
+
+
 @pytest.mark.parametrize("model", ["macridvae", "multvae"])
 def test_alternating_updates_move_only_their_half_and_count_every_pass(synthetic_lake, model, monkeypatch):
     """optim.alternate = 2: per epoch two encoder passes (decoder frozen), then one decoder pass (encoder frozen)."""

@@ -60,7 +60,7 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
     fingerprint = data.meta["vocabulary_fingerprint"]
     ckpt_meta = dict(config=cfg.to_dict(), n_items=data.n_items, fingerprint=fingerprint)
 
-    state = {"step": 0, "epoch": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "history": []}
+    state = {"step": 0, "epoch": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "history": [], "stopped": False}
     saved = session.restore(fingerprint)
     if saved is not None:
         state = _restore(saved, model, opt, ema)
@@ -89,9 +89,11 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
                                   device=device)
     autocast = precision_context(cfg.run.precision, device)
     passes = _passes(model, cfg.optim.alternate)
-    steps = math.ceil(data.meta["train"]["users"] / cfg.optim.batch_size) * len(passes)  # updates per epoch
+    steps = steps_per_epoch(data.meta["train"]["users"], cfg.optim.batch_size, world) * len(passes)  # updates
     bar = _progress(cfg.optim.epochs, state["epoch"], enabled=cfg.run.progress and rank == 0, desc=cfg.run.name)
-    for epoch in range(state["epoch"] + 1, cfg.optim.epochs + 1):
+    if state["stopped"] and rank == 0:  # a RayJob retry or a --resume of a run that had stopped on patience
+        log.info("%s stopped on patience at epoch %d: nothing to resume", cfg.run.name, state["epoch"])
+    for epoch in range(state["epoch"] + 1, cfg.optim.epochs + 1 if not state["stopped"] else 0):
         t0 = time.perf_counter()
         # dropout, Gumbel, z and negative draws seeded per epoch: a run resumed at epoch e draws what an
         # uninterrupted one draws from e + 1 on, so a lost node or cluster does not change the result
@@ -159,7 +161,7 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
             ckpt = checkpoint.to_bytes(
                 model=model, optimizer=opt, step=state["step"], epoch=epoch,
                 extra={k: state[k] for k in ("best", "best_epoch", "bad_evals", "history")}
-                | {"ema": ema.state_dict() if ema is not None else None}, **ckpt_meta)
+                | {"ema": ema.state_dict() if ema is not None else None, "stopped": stop}, **ckpt_meta)
         session.report(row, ckpt, state["history"], ended=stop or epoch == cfg.optim.epochs)
         bar.set_postfix_str(f"loss {row['loss']:.1f} val ndcg@100 {row.get('val_ndcg@100', float('nan')):.4f}"
                             f" best {state['best']:.4f}@{state['best_epoch']}", refresh=False)
@@ -193,6 +195,12 @@ def _passes(model, alternate: int) -> list[tuple[tuple, bool]]:
     return [(decoder, True)] * alternate + [(encoder, False)]
 
 
+def steps_per_epoch(n_users: int, batch_size: int, world: int) -> int:
+    """Optimizer steps in one epoch: each of W ranks takes n_users // W users, batch_size // W per step (memory
+    input, memory_batches; Ray Data's equal split gives the same). With W = 1: ceil(N / B)."""
+    return math.ceil((n_users // world) / max(1, batch_size // world))
+
+
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     """A 63-bit seed of its own for each (run seed, rank, epoch)."""
     return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, np.uint64)[0] >> np.uint64(1))
@@ -220,8 +228,8 @@ def _restore(saved: dict, model, opt, ema) -> dict:
     extra = saved["extra"]
     if ema is not None and extra.get("ema") is not None:
         ema.load_state_dict(extra["ema"])
-    return {"step": saved["step"], "epoch": saved["epoch"], **{k: extra[k] for k in
-                                                                ("best", "best_epoch", "bad_evals", "history")}}
+    return {"step": saved["step"], "epoch": saved["epoch"], "stopped": bool(extra.get("stopped", False)),
+            **{k: extra[k] for k in ("best", "best_epoch", "bad_evals", "history")}}
 
 
 def run_in_process(cfg: Config, on_report: Callable[[dict], None] | None = None) -> dict:
