@@ -22,14 +22,15 @@ def connect(dashboard: bool = True) -> bool:
 
     if ray.is_initialized():
         return False
-    if not os.environ.get("RAY_ADDRESS"):
-        _forget_dead_local_cluster()
-    try:
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", configure_logging=False)
+    # Only a cluster someone started for jobs: RAY_ADDRESS (set by `ray job submit` too), or the address file
+    # `ray start` writes. Never ray.init("auto"), whose legacy fallback joins any Ray process on the machine,
+    # such as another job's private local Ray, which goes down under this job when that job ends.
+    address = os.environ.get("RAY_ADDRESS") or _started_cluster()
+    if address:
+        ray.init(address=address, configure_logging=False)
         return False
-    except ConnectionError:
-        if os.environ.get("RAY_ADDRESS"):
-            raise
+    log.info("no Ray cluster to join (RAY_ADDRESS is unset and `ray start` has not run here): starting a "
+             "local Ray for this job")
     # A laptop is never preempted: Ray Train's preemption watcher (for spot nodes) only adds a core-worker
     # error line on every run (ray-project/ray#53727). Clusters the job joins keep it.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -37,6 +38,14 @@ def connect(dashboard: bool = True) -> bool:
     ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", object_store_memory=LOCAL_OBJECT_STORE_BYTES,
              configure_logging=False)
     return True
+
+
+def _started_cluster() -> str | None:
+    """The address `ray start` recorded on this machine, when a cluster answers there; else None."""
+    from ray._private.utils import read_ray_address
+
+    _forget_dead_local_cluster()
+    return read_ray_address() or None
 
 
 def _forget_dead_local_cluster() -> None:

@@ -242,7 +242,10 @@ def ray_with_state_api(s3_endpoint):
 
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=200 * 1024**2,
              configure_logging=False)
+    # the drivers (subprocesses) join it by address, as `ray job submit` points a job at its cluster
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield
+    os.environ.pop("RAY_ADDRESS", None)
     ray.shutdown()
 
 
