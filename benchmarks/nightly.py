@@ -164,9 +164,10 @@ def movielens(tmp, windows, epochs, data_dir) -> list[dict]:
     """ml-1m's users 1-2999 with timestamps, split by time into `windows` windows of equal event counts; day d's
     dataset is window d's ratings (>= 4 kept by prepare, as always)."""
     path = os.path.join(data_dir, "ml-1m", "ratings_prefix_users1-2999_with_timestamps.dat.gz")
-    df = pl.read_csv(path, separator=":", has_header=False, new_columns=None).select(
-        pl.col("column_1").alias("user_id"), pl.col("column_3").alias("item_id"),
-        pl.col("column_5").cast(pl.Float64).alias("rating"), pl.col("column_7").alias("ts")).sort("ts")
+    # UserID::MovieID::Rating::Timestamp; "::" read as ":" leaves empty columns between the fields
+    df = pl.read_csv(path, separator=":", has_header=False).select(
+        pl.nth(0).alias("user_id"), pl.nth(2).alias("item_id"), pl.nth(4).cast(pl.Float64).alias("rating"),
+        pl.nth(6).alias("ts")).sort("ts")
     edges = np.linspace(0, df.height, windows + 1).astype(int)
     for d in range(1, windows + 1):
         part = df.slice(edges[d - 1], edges[d] - edges[d - 1])

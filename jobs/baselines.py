@@ -12,7 +12,7 @@ import sys
 
 from macrid.model.baselines import ease_scorer, gram, popularity_scorer
 from macrid.data.batches import load_dataset
-from macrid.errors import MacridError
+from macrid.errors import MacridError, user_error
 from macrid.training.evaluate import evaluate, scores_ranker
 from macrid.data.lake import join, write_json
 from macrid.data.layout import run_uri
@@ -41,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         _, lam, val, scorer = max(sweep, key=lambda s: s[0])
         results["ease"] = {"lam": lam, "val": val, "test": evaluate(scorer, data.test, data.n_items),
                            "sweep": {str(s[1]): s[0] for s in sweep}}
-    except MacridError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MacridError, OSError) as e:
+        if user_error(e) is None:  # a fault of the program, not of the input
+            raise
+        print(f"error: {user_error(e)}", file=sys.stderr)
         return 2
     for name, r in results.items():
         write_json(join(run_uri(args.lake, f"{args.dataset}-{name}"), "metrics.json"),

@@ -25,7 +25,7 @@ import json
 import math
 import sys
 
-from macrid.errors import ConfigError, MacridError
+from macrid.errors import ConfigError, MacridError, user_error
 
 
 def parser() -> argparse.ArgumentParser:
@@ -80,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             out = traversal(run, args.dim, args.item, args.user, args.component, args.steps, args.gamma, args.beam)
         else:
             out = steering(run, args.user, edits, weights, args.top_n)
-    except MacridError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MacridError, OSError) as e:
+        if user_error(e) is None:  # a fault of the program, not of the input
+            raise
+        print(f"error: {user_error(e)}", file=sys.stderr)
         return 2
     print(json.dumps(out, indent=1, default=float) if args.json else _text(out))
     return 0

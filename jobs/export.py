@@ -25,7 +25,7 @@ import os
 import sys
 import time
 
-from macrid.errors import MacridError
+from macrid.errors import MacridError, user_error
 from macrid.output.export import ExportSpec, export
 from macrid.data.readers import FORMATS
 
@@ -66,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     t0, summary, status = time.time(), None, 1
     try:
         run = args.run or _alias(args.lake, args.model)
-    except MacridError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MacridError, OSError) as e:
+        if user_error(e) is None:  # a fault of the program, not of the input
+            raise
+        print(f"error: {user_error(e)}", file=sys.stderr)
         return 2
     spec = ExportSpec(lake=args.lake, run=run, input=args.input, name=args.name, date=args.date,
                       top_n=args.top_n, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
@@ -77,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = export(spec, progress=not args.quiet)
         status = 0
-    except MacridError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MacridError, OSError) as e:
+        if user_error(e) is None:  # a fault of the program, not of the input
+            raise
+        print(f"error: {user_error(e)}", file=sys.stderr)
         status = 2
     finally:
         if args.pushgateway:

@@ -25,7 +25,7 @@ import json
 import sys
 import time
 
-from macrid.errors import ConfigError, MacridError
+from macrid.errors import ConfigError, MacridError, user_error
 from macrid.data.daily import DailySpec, write_days
 from macrid.data.synthetic import CHUNK_USERS, SyntheticSpec, write_shards
 
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mean-items", type=float, default=SyntheticSpec.mean_items, help="typical bag size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk-users", type=int, default=CHUNK_USERS, help="users per shard (memory per chunk)")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds (written aside, then swapped in)")
     d = p.add_argument_group("a catalogue that changes every day (--days)")
     d.add_argument("--days", type=int, default=0, help="write this many daily folders instead (0: one static dataset)")
     d.add_argument("--new-items", type=float, default=DailySpec.new_items,
@@ -57,9 +58,11 @@ def main(argv: list[str] | None = None) -> int:
             spec = DailySpec(days=args.days, n_users=args.users, n_items=args.items, K=args.K, zipf=args.zipf,
                              new_items=args.new_items, retire=args.retire, active=args.active, window=args.window,
                              seed=args.seed)
-            manifest = write_days(spec, args.out)
-        except MacridError as e:
-            print(f"error: {e}", file=sys.stderr)
+            manifest = write_days(spec, args.out, overwrite=args.overwrite)
+        except (MacridError, OSError) as e:
+            if user_error(e) is None:  # a fault of the program, not of the input
+                raise
+            print(f"error: {user_error(e)}", file=sys.stderr)
             return 2
         print(json.dumps({"days": manifest["days"], "out": args.out,
                           "seconds": round(time.perf_counter() - t0, 1)}, indent=1))
@@ -69,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
                              mean_items=args.mean_items, seed=args.seed)
         if args.chunk_users < 1:
             raise ConfigError(f"--chunk-users {args.chunk_users} must be at least 1")
-        counts = write_shards(spec, args.out, args.chunk_users)
-    except MacridError as e:
-        print(f"error: {e}", file=sys.stderr)
+        counts = write_shards(spec, args.out, args.chunk_users, overwrite=args.overwrite)
+    except (MacridError, OSError) as e:
+        if user_error(e) is None:  # a fault of the program, not of the input
+            raise
+        print(f"error: {user_error(e)}", file=sys.stderr)
         return 2
     print(json.dumps(counts | {"seconds": round(time.perf_counter() - t0, 1), "out": args.out}, indent=1))
     return 0

@@ -26,7 +26,7 @@ import logging
 import sys
 
 from macrid.cluster import connect
-from macrid.errors import ConfigError, DataError, MacridError
+from macrid.errors import ConfigError, DataError, MacridError, user_error
 from macrid.data.prepare import prepare
 from macrid.data.raw_input import Source
 from macrid.data.readers import FORMATS, read_items
@@ -95,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             connect(dashboard=False)
         meta = prepare(raw, args.lake, args.name, protocol, overwrite=args.overwrite, items=items,
                        partitions=args.partitions, runner="local" if args.local else "ray")
-    except MacridError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MacridError, OSError) as e:
+        if user_error(e) is None:  # a fault of the program, not of the input
+            raise
+        print(f"error: {user_error(e)}", file=sys.stderr)
         return 2
     print(json.dumps({k: meta[k] for k in ("name", "n_users", "n_items", "n_interactions_filtered", "train",
                                            "val", "test", "input")}, indent=1))

@@ -22,7 +22,7 @@ import argparse
 import json
 import sys
 
-from macrid.errors import MacridError
+from macrid.errors import MacridError, user_error
 
 REFUSED = 3
 
@@ -65,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             raise MacridError(f"--users {args.users} must be >= 0")
         decision = promote(args.lake, args.model, args.candidate, GateRule(args.min_z, args.max_drop, args.floor),
                            args.users, args.device)
-    except MacridError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MacridError, OSError) as e:
+        if user_error(e) is None:  # a fault of the program, not of the input
+            raise
+        print(f"error: {user_error(e)}", file=sys.stderr)
         return 2
     print(decision.message(), file=sys.stdout if decision.promoted else sys.stderr)
     return 0 if decision.promoted else REFUSED

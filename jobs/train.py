@@ -42,7 +42,7 @@ import os
 import sys
 
 from macrid.config import load_config, to_toml
-from macrid.errors import MacridError
+from macrid.errors import MacridError, user_error
 
 
 def worker_count(text: str) -> tuple[int, int]:
@@ -129,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             from macrid.training.launch import launch
 
             launch(cfg)  # prints the summary once, from this driver
-    except MacridError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MacridError, OSError) as e:
+        if user_error(e) is None:  # a fault of the program, not of the input
+            raise
+        print(f"error: {user_error(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -26,7 +26,7 @@ import sys
 
 from macrid.config import load_config
 from macrid.data.layout import check_name
-from macrid.errors import MacridError
+from macrid.errors import MacridError, user_error
 from macrid.training.search_space import load_space
 
 
@@ -67,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = prepare_lake(cfg)
         name = f"tune-{cfg.data.dataset}-{cfg.model.name}" if args.name is None else check_name("sweep", args.name)
         summary = run_sweep(cfg, space, name, args.samples, args.concurrent, args.grace_epochs, args.resume)
-    except MacridError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MacridError, OSError) as e:
+        if user_error(e) is None:  # a fault of the program, not of the input
+            raise
+        print(f"error: {user_error(e)}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1, default=str))
     return 0

@@ -316,6 +316,16 @@ def read_toml(path: str | Path, what: str, examples: str) -> dict[str, Any]:
         raise ConfigError(f"{what} {path} does not exist; see {examples} for examples") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); TOML files are UTF-8: save it "
+                          "as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    except OSError as e:  # a folder, no permission, ...
+        from macrid.errors import from_os_error
+
+        problem = from_os_error(e, str(path))
+        if problem is None:
+            raise
+        raise ConfigError(f"{what} {problem}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

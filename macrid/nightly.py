@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from macrid.errors import MacridError
+from macrid.errors import MacridError, user_error
 
 log = logging.getLogger(__name__)
 STAGES = ("prepare", "train", "promote", "export")
@@ -81,8 +81,10 @@ def run_night(spec: NightlySpec) -> Night:
                     night.refused, night.stopped_at = True, stage
             else:
                 night.export = _export(spec)
-        except MacridError as e:
-            night.stopped_at, night.error = stage, str(e)
+        except (MacridError, OSError) as e:
+            if user_error(e) is None:  # a fault of the program: the traceback, not a stage's exit status
+                raise
+            night.stopped_at, night.error = stage, str(user_error(e))
         finally:
             night.seconds[stage] = round(time.time() - t0, 3)
         if night.stopped_at is not None:

@@ -145,3 +145,108 @@ def test_tampered_checkpoint_is_refused_and_runs_nothing(tmp_path):
     path.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="loaded safely"):
         checkpoint.load(str(path))
+
+
+# --- by category (issue 30, 10): environment errors, damaged lake records, arguments checked before Ray ---
+
+def _job(name):
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_damaged_json_records_of_the_lake_are_named(synthetic_lake, tmp_path, capsys):
+    """A truncated _meta.json (a dataset's pointer) and a run.json (a run's record): exit 2, the file named."""
+    import shutil
+
+    lake = tmp_path / "lake"
+    shutil.copytree(synthetic_lake, lake)
+    meta = lake / "datasets" / "synthetic" / "_meta.json"
+    meta.write_text(meta.read_text()[:40])
+    assert _job("train")(["--lake", str(lake), "--in-process", "--set", "optim.epochs=1"]) == 2
+    err = capsys.readouterr().err
+    assert "_meta.json: damaged JSON record" in err and "re-run the job" in err and "Traceback" not in err
+
+    shutil.rmtree(lake)
+    shutil.copytree(synthetic_lake, lake)
+    args = ["--lake", str(lake), "--in-process", "--set", "optim.epochs=1", "--set", "model.D=8",
+            "--set", "run.name='r'", "--set", "run.progress=false"]
+    assert _job("train")(args) == 0
+    (lake / "runs" / "r" / "run.json").write_bytes(b"\xff\xfe{")
+    assert _job("train")(args + ["--resume"]) == 2
+    assert "run.json: damaged JSON record" in capsys.readouterr().err
+
+
+def test_a_folder_for_a_file_a_file_for_a_folder_and_another_encoding_are_named(tmp_path, capsys):
+    train = _job("train")
+    assert train(["--config", str(tmp_path), "--print-config"]) == 2
+    assert f"{tmp_path}" in capsys.readouterr().err
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes("# réglages\n[optim]\nepochs = 2\n".encode("latin-1"))
+    assert train(["--config", str(latin), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert "latin.toml: not UTF-8" in err and "iconv" in err
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert _job("generate")(["--out", str(blocker / "raw"), "--users", "50", "--items", "30"]) == 2
+    err = capsys.readouterr().err
+    assert "afile" in err and "is a file, not a folder" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("errno_,words", [(28, "disk is full"), (30, "read-only"), (13, "no permission"),
+                                          (21, "it is a folder")])
+def test_environment_errors_become_what_to_do(errno_, words):
+    from macrid.errors import EnvironmentProblem, user_error
+
+    problem = user_error(OSError(errno_, os.strerror(errno_), "/lake/datasets/x/part-0.parquet"))
+    assert isinstance(problem, EnvironmentProblem)
+    assert str(problem).startswith("/lake/datasets/x/part-0.parquet: ") and words in str(problem)
+    assert user_error(ValueError("a bug")) is None  # a fault of the program keeps its traceback
+
+
+def test_sweep_arguments_are_checked_before_ray_starts_and_take_no_name(tmp_path, capsys):
+    import ray
+
+    from conftest import ROOT
+
+    for flag in ("--samples", "--concurrent"):
+        assert _job("tune")(["--config", str(ROOT / "configs" / "ml-100k.toml"), "--lake", str(tmp_path / "lake"),
+                             flag, "0", "--name", "typo"]) == 2
+        assert f"{flag} 0 must be at least 1" in capsys.readouterr().err
+    assert not ray.is_initialized() and not (tmp_path / "lake" / "runs" / "typo").exists()
+
+
+def test_a_duplicated_csv_column_is_refused(tmp_path):
+    from macrid.data.raw_input import Source
+
+    folder = tmp_path / "events"
+    folder.mkdir()
+    (folder / "a.csv").write_text("uid,uid,item_id\n1,2,3\n4,5,6\n")
+    with pytest.raises(DataError, match=r"a\.csv: column\(s\) \['uid'\] appear more than once"):
+        prepare([Source(str(folder), user_col="uid")], str(tmp_path / "lake"), "d", Protocol(), runner="local")
+    assert not (tmp_path / "lake" / "datasets" / "d").exists()
+
+
+def test_a_held_out_share_that_leaves_one_user_per_split_is_refused(tmp_path):
+    rows = [(u, i) for u in range(15) for i in range(6)]
+    raw = pl.DataFrame({"user_id": [u for u, _ in rows], "item_id": [i for _, i in rows]})
+    f = tmp_path / "events.parquet"
+    raw.write_parquet(f)
+    with pytest.raises(DataError, match=r"--heldout 0\.1 of 15 users gives only 1 validation and 1 test"):
+        prepare(read_raw(f), str(tmp_path / "lake"), "d", Protocol(min_rating=None))
+    prepare(read_raw(f), str(tmp_path / "lake"), "d", Protocol(min_rating=None, heldout=2))  # a count is asked for
+
+
+def test_every_option_an_error_advises_exists(tmp_path, capsys):
+    """generate's "already exists; pass --overwrite" advises a flag the job has."""
+    generate = _job("generate")
+    out = str(tmp_path / "raw")
+    assert generate(["--out", out, "--users", "60", "--items", "40"]) == 0
+    assert generate(["--out", out, "--users", "60", "--items", "40"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert generate(["--out", out, "--users", "60", "--items", "40", "--overwrite"]) == 0

@@ -139,13 +139,13 @@ def _catalogue(category: np.ndarray, factors: np.ndarray, weight: np.ndarray, K:
     return Catalogue(category, factors, ids[order], shifted, ends)
 
 
-def write_days(spec: DailySpec, uri: str) -> dict:
+def write_days(spec: DailySpec, uri: str, overwrite: bool = False) -> dict:
     """Write every day's folder, the catalogue and the manifest (last); returns the manifest."""
     w = world(spec)
     rng = np.random.default_rng([spec.seed, 1])
     events = {d: day_events(spec, w, d, rng) for d in range(1, spec.days + 1)}
     counts = []
-    with lake.staged_dir(uri, marker="_manifest.json") as stage:
+    with lake.staged_dir(uri, overwrite=overwrite, marker="_manifest.json") as stage:
         for d in range(1, spec.days + 1):
             window = pl.concat([events[e] for e in range(max(1, d - spec.window + 1), d + 1)])
             folder = lake.join(stage, f"day-{d:02d}")

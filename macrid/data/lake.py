@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from macrid.errors import DataError
+from macrid.errors import DataError, from_os_error
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -73,8 +73,13 @@ def explained(uri: str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if isinstance(e, FileNotFoundError) or not is_s3(uri):
+        if isinstance(e, FileNotFoundError):
             raise
+        if not is_s3(uri):  # a local path the machine refused (permissions, a full or read-only disk, ...)
+            problem = from_os_error(e, uri)
+            if problem is None:
+                raise
+            raise problem from None
         text = str(e)
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
         if "NETWORK_CONNECTION" in text or "Could not connect" in text or "Couldn't resolve" in text:
@@ -136,7 +141,14 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def read_json(uri: str) -> dict[str, Any]:
-    return json.loads(read_bytes(uri).decode())
+    """A JSON record of the lake; a DataError that names it when it is damaged (truncated, not UTF-8, not JSON)."""
+    data = read_bytes(uri)
+    try:
+        return json.loads(data.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{uri}: damaged JSON record ({str(e).splitlines()[0][:160]}); restore it from a backup, "
+                        "or re-run the job that writes it (prepare for a dataset's _meta.json, train --resume or a "
+                        "new run for a run's records)") from None
 
 
 def write_json(uri: str, obj: Any) -> None:

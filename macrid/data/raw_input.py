@@ -240,6 +240,10 @@ def _polars(frag: Fragment, rb: pa.RecordBatch) -> pl.DataFrame:
 
 
 def _check_columns(frag: Fragment, wanted: list[str], names: list[str]) -> None:
+    twice = sorted({c for c in wanted if names.count(c) > 1})
+    if twice:  # which of the two would be read is the reader's choice: refuse rather than guess
+        raise DataError(f"{frag.uri}: column(s) {twice} appear more than once in its header {names}; rename the "
+                        "duplicates so that each column name is unique")
     missing = [c for c in wanted if c not in names]
     if missing:
         raise DataError(f"{frag.uri}: missing column(s) {missing}; it has {names}. "

@@ -65,6 +65,9 @@ def group_users(rows: pl.DataFrame, min_user_items: int) -> pl.DataFrame:
     return grouped.filter(pl.col("items").list.len() >= min_user_items).sort("user_id")
 
 
+MIN_SHARE_USERS = 2  # a held-out share must give at least this many users per split (one has no standard error)
+
+
 def order_users(users: pl.Series, protocol: Protocol, source: str) -> tuple[pl.Series, int, int]:
     """Every kept user's ID (any order) -> (IDs in user_idx order, n_train, n_heldout)."""
     n_users = users.len()
@@ -74,6 +77,11 @@ def order_users(users: pl.Series, protocol: Protocol, source: str) -> tuple[pl.S
             f"and users with >= {protocol.min_user_items} items; check --min-rating and the rating column"
         )
     n_out = protocol.n_heldout(n_users)
+    if protocol.heldout < 1 and 1 <= n_out < MIN_SHARE_USERS:  # a count below it is asked for; a share is not
+        raise DataError(
+            f"{source}: --heldout {protocol.heldout:g} of {n_users} users gives only {n_out} validation and {n_out} "
+            f"test user(s), too few to measure anything (one user has no standard error); pass a larger share or a "
+            f"count, e.g. --heldout {max(10, min(100, n_users // 10))}")
     if n_out < 1 or n_users - 2 * n_out < 1:
         raise DataError(
             f"{source}: {n_users} users after filtering cannot give {n_out} validation and {n_out} test "

@@ -163,7 +163,8 @@ def generate(spec: SyntheticSpec) -> RawData:
     return RawData(interactions, items_table(cat), _source(spec), "synthetic")
 
 
-def write_shards(spec: SyntheticSpec, uri: str, chunk_users: int = CHUNK_USERS, progress: bool = True) -> dict:
+def write_shards(spec: SyntheticSpec, uri: str, chunk_users: int = CHUNK_USERS, progress: bool = True,
+                 overwrite: bool = False) -> dict:
     """Stream the dataset to <uri>/interactions/part-*.parquet and <uri>/items/part-0.parquet.
 
     One chunk of users is in memory at a time. The folder is published atomically with a
@@ -175,7 +176,7 @@ def write_shards(spec: SyntheticSpec, uri: str, chunk_users: int = CHUNK_USERS, 
 
     n_inter, cat = 0, None
     bar = tqdm(total=spec.n_users, unit="user", unit_scale=True, disable=not progress, desc="generate")
-    with lake.staged_dir(uri, marker="_manifest.json") as stage:
+    with lake.staged_dir(uri, overwrite=overwrite, marker="_manifest.json") as stage:
         for i, (cat, part) in enumerate(chunks(spec, chunk_users)):
             lake.write_parquet(lake.join(stage, "interactions", f"part-{i:05d}.parquet"), part.to_arrow())
             n_inter += part.height

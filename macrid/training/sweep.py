@@ -101,6 +101,10 @@ def run_sweep(cfg: Config, space: dict, name: str, samples: int, concurrent: int
 
     from macrid.cluster import connect
 
+    # checked before Ray starts and before anything is written, so a typo neither waits on Ray nor takes the name
+    for flag, value in (("--samples", samples), ("--concurrent", concurrent), ("--grace-epochs", grace_epochs)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value} must be at least 1")
     root = sweep_uri(cfg, name)
     fs, path = lake.resolve(lake.join(root, "ray"))
     exists = lake.exists(lake.join(root, "ray", "tuner.pkl"))
