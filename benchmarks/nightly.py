@@ -50,13 +50,16 @@ from macrid.training.train import load_model, run_in_process  # noqa: E402
 from macrid.training.warm_start import INITIAL_FILE  # noqa: E402
 
 
+WARM_SETS: list[str] = []  # --warm-set: overrides for the warm runs only (variants in nightly.md)
+
+
 def config(lake, dataset, run, epochs, warm="", **model):
     sets = [f"data.lake={lake!r}", f"data.dataset={dataset!r}", f"run.name={run!r}", f"optim.epochs={epochs}",
             "run.progress=false", "model.K=5", "model.D=64", "optim.batch_size=500", "optim.lr=2e-3",
             "optim.beta=0.2", "optim.anneal_epochs=3", "model.proto_init_epoch=3", "model.proto_refine=true"]
     sets += [f"model.{k}={v!r}" for k, v in model.items()]
     if warm:
-        sets.append(f"run.warm_start={warm!r}")
+        sets += [f"run.warm_start={warm!r}", *WARM_SETS]
     return load_config(None, sets)
 
 
@@ -207,8 +210,11 @@ def main() -> int:
     p.add_argument("--windows", type=int, default=5, help="ml-1m time windows (default 5)")
     p.add_argument("--epochs", type=int, default=20, help="from-scratch epochs; the warm start runs a quarter")
     p.add_argument("--data", default=os.environ.get("MACRID_DATA", os.path.join(ROOT, "..", "shared", "data")))
+    p.add_argument("--warm-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a config override for the warm starts only (a variant), e.g. model.proto_refine=false")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "nightly.json"))
     args = p.parse_args()
+    WARM_SETS.extend(args.warm_set)
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()
     rows = []
@@ -220,7 +226,7 @@ def main() -> int:
     result = {"command": "python benchmarks/nightly.py " + " ".join(sys.argv[1:]),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
                          f"{torch.__version__}", "seconds": round(time.perf_counter() - t0, 1),
-              "epochs_scratch": args.epochs, "epochs_warm": max(1, args.epochs // 4), "rows": rows}
+              "warm_sets": args.warm_set, "epochs_scratch": args.epochs, "epochs_warm": max(1, args.epochs // 4), "rows": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(table(rows))

@@ -194,9 +194,12 @@ class RunConfig:
     # warm start (jobs/train.py --warm-start): the finished run of this lake whose model this run starts from,
     # items matched by ID across vocabularies (macrid/training/warm_start.py); "" = fresh weights
     warm_start: str = ""
-    # with warm_start: re-cluster the carried prototypes at model.proto_init_epoch anyway (concept k then loses
-    # its meaning from one night to the next); false keeps them
+    # with warm_start: re-cluster the carried prototypes at model.proto_init_epoch and refine them (model.proto_refine)
+    # anyway; concepts then drift from one night to the next. false keeps the prototypes where the parent left them
     warm_start_recluster: bool = False
+    # with warm_start: the learning rate is optim.lr times this (a fine-tune: 0.25 kept 90-93% of the carried items
+    # in their concept on the planted lake, 1.0 kept 73-89%, at the same NDCG; benchmarks/nightly.md)
+    warm_start_lr_scale: float = 0.25
     fail_at_step: int = -1  # fault injection for recovery tests: SIGKILL rank fail_rank once at this step
     fail_rank: int = 0  # the rank that fail_at_step kills
 
@@ -227,6 +230,8 @@ class RunConfig:
         if self.metrics_port + self.num_workers - 1 > 65535:
             raise ConfigError(f"run.metrics_port={self.metrics_port}: ranks serve on metrics_port + rank, and "
                               f"{self.num_workers} workers would pass 65535; pick a lower port")
+        if not (math.isfinite(self.warm_start_lr_scale) and self.warm_start_lr_scale > 0):
+            raise ConfigError(f"run.warm_start_lr_scale={self.warm_start_lr_scale} must be > 0 (1 = optim.lr as it is)")
         if self.name or self.warm_start:
             from macrid.data.layout import check_name
 

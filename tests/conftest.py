@@ -14,6 +14,11 @@ DATA = Path(os.environ.get("MACRID_DATA", ROOT.parent / "shared" / "data"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Under pytest-xdist each worker process runs its own Ray clusters: a Ray folder of its own (sessions, sockets,
+# and the address file `ray start` writes, which a job would otherwise join) keeps them apart. Short: Ray's
+# socket paths must stay under the 107-byte limit.
+if os.environ.get("PYTEST_XDIST_WORKER") and "RAY_TMPDIR" not in os.environ:
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=f"r{os.environ['PYTEST_XDIST_WORKER']}-", dir="/tmp")
 # sweeps sign Tune's state with a key kept outside the lake; the tests' key never lands in the user's home
 os.environ.setdefault("MACRID_STATE_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="macrid-key-"), "state.key"))
 

@@ -122,6 +122,8 @@ def test_a_warm_start_carries_rows_by_item_id_and_folds_new_items_in(world):
         for moment in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(adam_c[slot][moment][dst], adam_p[slot][moment][src]), (key, moment)
             assert not adam_c[slot][moment][torch.tensor(added)].any(), (key, moment)  # new rows: fresh moments
+    # a fine-tune: the child's optimizer runs at optim.lr x run.warm_start_lr_scale (0.25 by default)
+    assert {g["lr"] for part in child["optimizer"]["parts"] for g in part["param_groups"]} == {cfg.optim.lr * 0.25}
     for key in ("m", "f_nn.weight", "t_bias"):  # prototypes and the encoder carry over whole
         assert torch.equal(child["model"][key], parent["model"][key])
 

@@ -53,7 +53,8 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
     row_sparse = cfg.optim.negatives > 0 and cfg.optim.row_sparse
     model = build_model(cfg.model, data.n_items, row_sparse).to(device)
     tables = tables_of(model, row_sparse)  # exchanged row-wise, outside DDP
-    opt = Optimizers(model, tables, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay)
+    lr = warm_start.base_lr(cfg)  # optim.lr, scaled down for a warm start's fine-tune
+    opt = Optimizers(model, tables, cfg.optim.optimizer, lr, cfg.optim.weight_decay)
     # EMA weight averaging: evaluation, selection and export use the averaged weights (row-lazy on the tables)
     ema = WeightAverage(model, cfg.optim.ema, tables, opt.parts) if cfg.optim.ema > 0 else None
     eval_model = ema.module if ema is not None else model
@@ -126,7 +127,7 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
                 idx, off = to_device(idx, device), to_device(off, device)
                 beta = _beta(cfg, state["step"], steps)
                 if cfg.optim.lr_schedule != "constant":
-                    opt.set_lr(lr_at(state["step"], steps * cfg.optim.epochs, cfg.optim.lr, cfg.optim.lr_schedule))
+                    opt.set_lr(lr_at(state["step"], steps * cfg.optim.epochs, lr, cfg.optim.lr_schedule))
                 with tf32_scope(cfg.run.precision, device):
                     loss, parts, received = train_step(train_model, opt, tables, sampler, idx, off, beta, world,
                                                        per_user=cfg.optim.candidates == "user", autocast=autocast,
@@ -142,8 +143,8 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
         model.dropout = cfg.model.dropout
         if ema is not None:
             ema.flush()  # the table rows no step touched lately, brought up to date for evaluation and the checkpoint
-        recluster = epoch == cfg.model.proto_init_epoch and (not cfg.run.warm_start or cfg.run.warm_start_recluster)
-        if hasattr(model, "m") and (recluster or (cfg.model.proto_refine and 0 < cfg.model.proto_init_epoch < epoch)):
+        recentre = epoch == cfg.model.proto_init_epoch or (cfg.model.proto_refine and 0 < cfg.model.proto_init_epoch < epoch)
+        if hasattr(model, "m") and recentre and not warm_start.keeps_prototypes(cfg):
             _recentre_prototypes(model, cfg.run.seed, refine_only=epoch > cfg.model.proto_init_epoch, world=world)
         mean_loss, mean_nll, mean_kl = (sums / max(n_steps, 1)).tolist()  # one sync per epoch
         row = {"epoch": epoch, "step": state["step"], "beta": beta, "seconds": time.perf_counter() - t0,

@@ -18,8 +18,9 @@ averages and their optimizer moments; `item_params` of the model class):
 - an item that is no longer in the vocabulary drops out.
 
 Everything else (the prototypes m_k, f_nn, t_bias, deeper layers) carries over whole, so concept k keeps
-its meaning; the run does not re-cluster its prototypes at model.proto_init_epoch unless
-run.warm_start_recluster is set. Its β starts at its cap: the parent's posterior is already trained.
+its meaning; the run neither re-clusters its prototypes at model.proto_init_epoch nor refines them
+(model.proto_refine) unless run.warm_start_recluster is set. It fine-tunes: its learning rate is optim.lr x
+run.warm_start_lr_scale (0.25), and its β starts at its cap, since the parent's posterior is already trained.
 """
 
 from __future__ import annotations
@@ -147,6 +148,17 @@ def parent_checkpoint(lake_root: str, parent: str) -> dict:
         return checkpoint.from_bytes(f.read(), f"{best.path}/{checkpoint.FILE}")
 
 
+def base_lr(cfg: Config) -> float:
+    """The learning rate the run trains at: optim.lr, scaled by run.warm_start_lr_scale on a warm start."""
+    return cfg.optim.lr * (cfg.run.warm_start_lr_scale if cfg.run.warm_start else 1.0)
+
+
+def keeps_prototypes(cfg: Config) -> bool:
+    """Whether the run leaves its prototypes where training takes them (no k-means re-centring or refinement):
+    a warm start does, unless run.warm_start_recluster."""
+    return bool(cfg.run.warm_start) and not cfg.run.warm_start_recluster
+
+
 def build_initial(cfg: Config, parent_state: dict, items: ItemMap, bags: Iterable[CSR], fingerprint: str
                   ) -> dict:
     """The child's initial checkpoint (a dict in checkpoint.to_bytes's layout, step 0, epoch 0)."""
@@ -154,7 +166,7 @@ def build_initial(cfg: Config, parent_state: dict, items: ItemMap, bags: Iterabl
     torch.manual_seed(cfg.run.seed)  # the fresh rows: the same initial weights a run from scratch would draw
     row_sparse = cfg.optim.negatives > 0 and cfg.optim.row_sparse
     model = build_model(cfg.model, n_items, row_sparse)
-    opt = Optimizers(model, tables_of(model, row_sparse), cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay)
+    opt = Optimizers(model, tables_of(model, row_sparse), cfg.optim.optimizer, base_lr(cfg), cfg.optim.weight_decay)
     item_keys = [k for k in model.item_params if getattr(model, k, None) is not None]
     fresh = model.state_dict()
     parent_model = parent_state["model"]
