@@ -20,7 +20,7 @@ from macrid.output import delta
 from macrid.data.batches import load_dataset
 from macrid.config import load_config
 from macrid.errors import CheckpointError, ConfigError, DataError
-from macrid.output.export import ExportSpec, export, export_uri
+from macrid.output.export import TABLES, ExportSpec, export, export_uri
 from macrid.data.prepare import prepare
 from macrid.data.readers import read_raw
 from macrid.data.split import Protocol
@@ -194,6 +194,41 @@ def test_crash_halfway_leaves_the_previous_version_whole(local_run):
     assert sorted(os.listdir(f"{uri}/dt=2026-11-28")) == files_before
     staging = export_uri(local_run, "crash", "_staging")
     assert not os.path.exists(staging) or not os.listdir(staging)
+
+
+def test_a_schema_mismatch_in_any_table_commits_none_of_them(local_run):
+    """A paper-decoder run exports to "mixed"; then run r (an item bias: item_concepts gains a bias column)
+    exports to the same name. Refused before the first commit: no table gets a new version."""
+    train(local_run, run="plain", epochs=1)
+    spec = ExportSpec(lake=local_run, run="plain", input="ml-100k", name="mixed", date="2026-11-28", top_n=5,
+                      local=True)
+    export(spec, progress=False)
+    versions = {t: delta.open_table(export_uri(local_run, "mixed", t)).version() for t in TABLES}
+    with pytest.raises(DataError, match=r"item_concepts: the table's columns differ.*adds \['bias'\].*nothing was committed"):
+        export(ExportSpec(**(spec.__dict__ | {"run": "r"})), progress=False)
+    assert {t: delta.open_table(export_uri(local_run, "mixed", t)).version() for t in TABLES} == versions
+
+
+def test_a_commit_whose_answer_is_lost_keeps_its_files(local_run, monkeypatch):
+    """The log entry of user_components is written, then the call raises (an ambiguous S3 PUT): the export fails,
+    and the version it committed stays readable (its files are not sent to the uncommitted cleanup)."""
+    import deltalake
+
+    spec = ExportSpec(lake=local_run, run="r", input="ml-100k", name="lost", date="2026-11-28", top_n=5, local=True)
+    export(spec, progress=False)
+    original = deltalake.DeltaTable.create_write_transaction
+
+    def commit_then_fail(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        raise OSError("the answer to the commit's PUT was lost")
+
+    monkeypatch.setattr(deltalake.DeltaTable, "create_write_transaction", commit_then_fail)
+    with pytest.raises(OSError, match="answer to the commit"):
+        export(spec, progress=False)
+    monkeypatch.undo()
+    table = delta.open_table(export_uri(local_run, "lost", "user_components"))
+    assert table.version() == 1  # the lost answer's commit is in the log ...
+    assert table.to_pyarrow_table().num_rows == read(local_run, "lost", "user_components", 0).height  # ... and whole
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])

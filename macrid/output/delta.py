@@ -103,16 +103,44 @@ def commit(uri: str, schema: pa.Schema, files: list[dict], date: str, metadata: 
             create_table_with_add_actions(table_uri(uri), Schema.from_arrow(full), actions, mode="error", partition_by=[PARTITION],
                                           storage_options=storage_options(uri), commit_properties=props)
         else:
+            check_schema(uri, schema)
             if widens(pa.schema(table.schema().to_arrow()), pa.schema(_delta_arrow(full))):
                 widen(uri, full, metadata)
                 table = open_table(uri)
-            if table.schema().to_arrow() != _delta_arrow(full):
-                raise DataError(
-                    f"{uri}: the table's columns ({table.schema().to_arrow()}) differ from this export's; export "
-                    "to a new --name, or move the old table away")
             table.create_write_transaction(actions, "overwrite", full, partition_by=[PARTITION],
                                            partition_filters=[(PARTITION, "=", date)], commit_properties=props)
     return open_table(uri).version()
+
+
+def check_schema(uri: str, schema: pa.Schema) -> None:
+    """Refuse, before anything is committed anywhere, a table whose columns this export cannot write: the same
+    columns (or the same with narrower integers, which the commit widens) or a table that does not exist yet."""
+    table = open_table(uri)
+    if table is None:
+        return
+    current = pa.schema(table.schema().to_arrow())
+    target = pa.schema(_delta_arrow(schema.append(pa.field(PARTITION, pa.string()))))
+    if current != target and not widens(current, target):
+        added, missing = sorted(set(target.names) - set(current.names)), sorted(set(current.names) - set(target.names))
+        raise DataError(
+            f"{uri}: the table's columns differ from this export's (this export adds {added or 'none'}, lacks "
+            f"{missing or 'none'}; table: {current.names}); nothing was committed. Export to a new --name, or move "
+            "the old table away")
+
+
+def committed_by(uri: str, tag: str) -> bool:
+    """Whether a commit of export `tag` is in the table's log: after a commit whose answer was lost (an ambiguous
+    PUT, an error reading the version back), its files belong to a version and must never be deleted."""
+    table = open_table(uri)
+    if table is None:
+        return False
+    for entry in table.history():
+        try:
+            if json.loads(entry.get("macrid", "{}")).get("export_id") == tag:
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 def delete_files(uri: str, files: list[dict]) -> None:

@@ -97,13 +97,17 @@ def export(spec: ExportSpec, progress: bool = True) -> dict:
             "seconds": {"input": round(t_input - t0, 3), "users": round(t_users - t_input, 3),
                         "items": round(t_items - t_users, 3)},
         }
-        for table in TABLES:  # one commit per table; the summary's timings cover everything before the commits
+        schemas = {}
+        for table in TABLES:
             if table == "recommendations" and not spec.top_n:
                 continue
-            uri = export_uri(spec.lake, spec.name, table)
             schema = SCHEMAS[table](vocab["item_id"].to_arrow().type, source.user_type)
             if table == "item_concepts" and model.item_bias is not None:
                 schema = schema.append(pa.field("bias", pa.float32()))  # only then: older tables keep their columns
+            schemas[table] = schema
+            delta.check_schema(export_uri(spec.lake, spec.name, table), schema)  # every table before any commit
+        for table, schema in schemas.items():  # one commit per table; the summary's timings cover what came before
+            uri = export_uri(spec.lake, spec.name, table)
             version = delta.commit(uri, schema, files[table], spec.date, summary)
             committed.append(table)
             summary.setdefault("versions", {})[table] = version
@@ -112,13 +116,24 @@ def export(spec: ExportSpec, progress: bool = True) -> dict:
                 summary.setdefault("leftovers_removed", {})[table] = len(removed)
     except BaseException:
         for table in TABLES:
-            if table not in committed:
-                delta.delete_uncommitted(export_uri(spec.lake, spec.name, table), spec.date, tag)
+            uri = export_uri(spec.lake, spec.name, table)
+            # a table whose commit reached its log (even if what followed it raised) keeps its files
+            if table not in committed and not _committed_anyway(uri, tag):
+                delta.delete_uncommitted(uri, spec.date, tag)
         raise
     finally:
         _remove(stage)
     summary["seconds"]["total"] = round(time.time() - t0, 3)
     return summary
+
+
+def _committed_anyway(uri: str, tag: str) -> bool:
+    """Whether export `tag`'s commit is in the table's log; when the log cannot be read, assume it is (leaving a
+    stray file to the next export's leftover removal is safe; deleting a committed version's files is not)."""
+    try:
+        return delta.committed_by(uri, tag)
+    except Exception:  # noqa: BLE001 - any failure to read the log means "do not delete"
+        return True
 
 
 def _checked(spec: ExportSpec) -> ExportSpec:
