@@ -21,8 +21,8 @@ from the standard AWS environment variables or the instance role).
   ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
       python jobs/train.py --config configs/ml-1m.toml --lake "$PWD/lake"
 
-Ray: the job joins a running cluster (RAY_ADDRESS, `ray start`, `ray job submit`) and otherwise
-starts a local Ray sized to this machine. Under `ray job submit` the lake must be an absolute path
+Ray: the job joins a cluster started for it (RAY_ADDRESS, `ray start`, `ray job submit`) and otherwise
+starts a local Ray of its own sized to this machine (never another job's). Under `ray job submit` the lake must be an absolute path
 (a local head) or s3:// (any cluster): a relative one would resolve inside the uploaded folder.
 
 Resources: each worker reserves --cpus-per-worker CPUs (default: 1 on a cluster, this machine's
