@@ -309,3 +309,50 @@ def test_a_single_file_format_on_s3_is_refused_with_what_to_do(s3_endpoint, tmp_
                                             "Parquet or CSV"):
             prepare([Source("s3://lake/raw-ml", fmt)], str(tmp_path / "lake"), "ml", Protocol())
     assert_nothing_published(str(tmp_path / "lake"), "ml")
+
+
+def test_a_delta_table_on_s3_is_partitioned_by_its_real_file_sizes(s3_endpoint):
+    """Every file's size comes from the table's log (get_add_actions), the same as the object's on S3; a size of 1
+    per file made any Delta table on S3 one partition."""
+    import boto3
+    from deltalake import write_deltalake
+
+    from macrid.data.raw_input import fragments
+    from macrid.output.delta import storage_options
+
+    uri = "s3://lake/delta-input/events"
+    rng = np.random.default_rng(8)
+    for i in range(3):
+        frame = pl.DataFrame({"user_id": rng.integers(0, 500, 20000 * (i + 1)), "item_id": rng.integers(0, 900, 20000 * (i + 1))})
+        write_deltalake(uri, frame.to_arrow(), mode="append", storage_options=storage_options(uri))
+    frags = fragments([Source(uri)])
+    s3 = boto3.client("s3")
+    real = {f"s3://lake/{o['Key']}": o["Size"] for o in s3.list_objects_v2(Bucket="lake", Prefix="delta-input/events/")
+            ["Contents"] if o["Key"].endswith(".parquet")}
+    assert {f.uri: f.size for f in frags} == real and len(set(real.values())) == 3
+
+
+def test_a_delta_table_with_deletion_vectors_is_refused(tmp_path):
+    """A version that deletes rows through a deletion vector (written here into the log by hand, as Spark and
+    Databricks write it): its files still hold the deleted rows, so reading them would resurrect them."""
+    import json as jsonlib
+
+    from deltalake import write_deltalake
+
+    from macrid.data.raw_input import fragments
+
+    table = tmp_path / "events"
+    write_deltalake(str(table), pl.DataFrame({"user_id": [1, 2, 3], "item_id": [4, 5, 6]}).to_arrow())
+    name = next(f for f in os.listdir(table) if f.endswith(".parquet"))
+    size = os.path.getsize(table / name)
+    entries = [
+        {"protocol": {"minReaderVersion": 3, "minWriterVersion": 7, "readerFeatures": ["deletionVectors"],
+                      "writerFeatures": ["deletionVectors"]}},
+        {"remove": {"path": name, "deletionTimestamp": 1, "dataChange": True}},
+        {"add": {"path": name, "size": size, "partitionValues": {}, "modificationTime": 1, "dataChange": True,
+                 "deletionVector": {"storageType": "i", "pathOrInlineDv": "wi5b=000010000siXQKl0rr91000f55c8Xg0@@D72lkbi5=-{L",
+                                    "sizeInBytes": 40, "cardinality": 1}}},
+    ]
+    (table / "_delta_log" / "00000000000000000001.json").write_text("\n".join(jsonlib.dumps(e) for e in entries) + "\n")
+    with pytest.raises(DataError, match="deletion vectors"):
+        fragments([Source(str(table))])

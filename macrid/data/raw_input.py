@@ -143,23 +143,42 @@ def _table_kind(path: str) -> str:
 
 
 def _delta_files(uri: str) -> list[tuple[str, int]]:
-    """The data files of a Delta table's current version, from its log (what ray.data.read_delta reads)."""
+    """The data files of a Delta table's current version and their sizes, from its log (`get_add_actions`: what
+    ray.data.read_delta reads), so that its partitions follow the real sizes on S3 as on local disk. A table whose
+    current version deletes rows through deletion vectors is refused: its files still hold those rows."""
+    from urllib.parse import unquote
+
     from deltalake import DeltaTable
 
     from macrid.output.delta import storage_options
 
     try:
         table = DeltaTable(uri, storage_options=storage_options(uri))
-        files = sorted(table.file_uris())
+        actions = pa.table(table.get_add_actions(flatten=True))
     except Exception as e:  # deltalake raises its own TableNotFoundError, DeltaError, OSError
         raise DataError(f"{uri}: cannot be read as a Delta table ({type(e).__name__}: {e})") from None
-    fs, _ = lake.resolve(uri)
+    if _has_deletion_vectors(table):
+        raise DataError(f"{uri}: its current version deletes rows through deletion vectors, which macrid does not "
+                        "apply; rewrite the table without them (e.g. Spark: REORG TABLE ... APPLY (PURGE), or "
+                        "deltalake's optimize.compact) and prepare again")
+    root = lake.join(uri, "")  # add actions' paths are relative to the table's root
     out = []
-    for f in files:
-        local = f.removeprefix("file://")
-        size = fs.get_file_info(lake.resolve(local)[1]).size if not lake.is_s3(f) else 1
-        out.append((local, size or 1))
-    return out
+    for path, size in zip(actions["path"].to_pylist(), actions["size_bytes"].to_pylist()):
+        path = unquote(path)  # the log percent-encodes partition values (dt%3D2026-12-01)
+        full = path if "://" in path or path.startswith("/") else f"{root.rstrip('/')}/{path}"
+        out.append((full.removeprefix("file://"), int(size or 1)))
+    return sorted(out)
+
+
+def _has_deletion_vectors(table) -> bool:
+    """Whether the table's current version deletes any row through a deletion vector (one that cannot be read
+    counts as one: its rows cannot be known to be kept)."""
+    if "deletionVectors" not in (table.protocol().reader_features or []):
+        return False
+    try:
+        return any(batch.num_rows for batch in table.deletion_vectors())
+    except Exception:  # noqa: BLE001 - a vector deltalake cannot decode still deletes rows
+        return True
 
 
 def read_fragment(frag: Fragment, min_rating: float | None) -> Iterator[tuple[pl.DataFrame, dict]]:
