@@ -43,8 +43,12 @@ def s3_keys(prefix):
 
 
 def test_s3_prepare_train_two_workers_checkpoint_resume(s3_lake):
-    first = launch(cfg_for(s3_lake, "two", "optim.epochs=2", "run.num_workers=2", "run.data='ray'"))
-    assert first["epochs_run"] == 2
+    first = launch(cfg_for(s3_lake, "two", "optim.epochs=3", "run.num_workers=2", "run.data='ray'"))
+    assert first["epochs_run"] == 3
+    # when epoch e reported, Ray Train had registered epoch e - 1's checkpoint: a restart redoes at most the
+    # epoch in progress (uploads are asynchronous, but never more than one behind)
+    assert [h["registered_epoch"] for h in first["history"]] == [0, 1, 2]
+    assert all(h["checkpoint_wait_seconds"] >= 0 for h in first["history"])
     keys = s3_keys("ci/runs/two/")
     assert {"ci/runs/two/metrics.json", "ci/runs/two/model.pt", "ci/runs/two/learning_curve.png",
             "ci/runs/two/checkpoint_manager_snapshot.json"} <= keys
@@ -54,13 +58,13 @@ def test_s3_prepare_train_two_workers_checkpoint_resume(s3_lake):
     snapshot = json.loads(boto3.client("s3").get_object(
         Bucket="lake", Key="ci/runs/two/checkpoint_manager_snapshot.json")["Body"].read())
     assert "checkpoint" in json.dumps(snapshot)
-    resumed = launch(cfg_for(s3_lake, "two", "optim.epochs=3", "run.num_workers=2", "run.resume=true",
+    resumed = launch(cfg_for(s3_lake, "two", "optim.epochs=4", "run.num_workers=2", "run.resume=true",
                              "run.data='ray'"))
-    assert resumed["epochs_run"] == 3  # two restored epochs plus one new one, not three new ones
-    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
-    assert resumed["history"][:2] == first["history"]
+    assert resumed["epochs_run"] == 4  # three restored epochs plus one new one, not four new ones
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
+    assert resumed["history"][:3] == first["history"]
     body = boto3.client("s3").get_object(Bucket="lake", Key="ci/runs/two/metrics.json")["Body"].read()
-    assert json.loads(body)["epochs_run"] == 3
+    assert json.loads(body)["epochs_run"] == 4
     # a driver lost after training (a sweep trial's actor gone with its node): the run is finished from its
     # folder alone, to the same metrics as the driver's own finish (from Ray's Result object) wrote
     from macrid.training.launch import finish_stored
@@ -78,7 +82,7 @@ def test_s3_prepare_train_two_workers_checkpoint_resume(s3_lake):
                         .read())["latest_checkpoint_result"]["checkpoint_dir_name"]
     key = f"ci/runs/two/{latest}/train_state.json"
     state = json.loads(s3.get_object(Bucket="lake", Key=key)["Body"].read())
-    assert state["ended"] is True and state["epoch"] == 3
+    assert state["ended"] is True and state["epoch"] == 4
     s3.put_object(Bucket="lake", Key=key, Body=json.dumps(state | {"ended": False}).encode())
     s3.delete_object(Bucket="lake", Key="ci/runs/two/metrics.json")
     assert finish_stored(f"{s3_lake}/runs/two") is None

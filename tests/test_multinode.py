@@ -106,7 +106,7 @@ def test_losing_a_node_mid_run_resumes_from_the_s3_checkpoint_on_a_replacement(c
             if "multinode/runs/node-loss/checkpoint_manager_snapshot.json" in s3_keys("multinode/runs/node-loss/"):
                 node_id = s3_json("multinode/runs/node-loss/_workers/rank-1.json")["node_id"]
                 victim = next(n for n in cluster.worker_nodes if n.node_id == node_id)
-                removed.update(node=node_id, at=time.time())
+                removed.update(node=node_id, at=time.time(), on_storage=newest_on_storage(run))
                 cluster.remove_node(victim)
                 return
             time.sleep(0.2)
@@ -125,8 +125,14 @@ def test_losing_a_node_mid_run_resumes_from_the_s3_checkpoint_on_a_replacement(c
     assert removed["node"] not in {r["node_id"] for r in after} and len({r["node_id"] for r in after}) == 2
     assert removed["node"] not in worker_nodes(ray)
     restarted = min(r["started"] for r in after)
+    # what the restart redid beyond the epoch in progress: the newest checkpoint on storage at the loss against
+    # the epoch the new group resumed from (Ray Train resumes from the last registered one)
+    resumed_from = history[-1]["resumed_from"]
+    redone = removed["on_storage"] - resumed_from
+    assert 1 <= resumed_from and redone <= 1, (removed, resumed_from)
     print(f"[faults] node removed after epoch-1 checkpoint; ranks restarted {restarted - removed['at']:.1f} s later; "
-          f"final val ndcg@100 {history[-1].get('val_ndcg@100')}")
+          f"newest checkpoint on storage at the loss: epoch {removed['on_storage']}, resumed from epoch "
+          f"{resumed_from}: checkpointed epochs redone {redone}; final val ndcg@100 {history[-1].get('val_ndcg@100')}")
 
 
 def test_a_local_lake_is_refused_on_several_nodes(cluster, tmp_path):
@@ -384,7 +390,7 @@ def test_losing_the_whole_cluster_then_the_same_command_on_a_fresh_one_continues
     finally:
         first.kill()  # the head pod goes, and its driver with it
         first.communicate()
-    killed_at, done = time.time(), latest_epoch(run)
+    killed_at, done, on_storage = time.time(), latest_epoch(run), newest_on_storage(run)
     ray.shutdown()
     for node in list(cluster.worker_nodes):
         cluster.remove_node(node, allow_graceful=False)
@@ -406,9 +412,24 @@ def test_losing_the_whole_cluster_then_the_same_command_on_a_fresh_one_continues
     assert [h["step"] for h in history] == [steps_per_epoch * e for e in range(1, epochs + 1)]
     after = [s3_json(f"multinode/runs/{run}/_workers/rank-{r}.json") for r in range(2)]
     assert all(r["started"] > killed_at for r in after) and len({r["node_id"] for r in after}) == 2
+    resumed_from = history[-1]["resumed_from"]
+    assert resumed_from == done and on_storage - resumed_from <= 1, (on_storage, resumed_from)
     print(f"[faults] cluster loss after epoch {done}'s checkpoint; fresh cluster's ranks started "
-          f"{min(r['started'] for r in after) - killed_at:.1f} s after the kill; epochs redone: 0; "
-          f"final val ndcg@100 {history[-1].get('val_ndcg@100')}")
+          f"{min(r['started'] for r in after) - killed_at:.1f} s after the kill; newest checkpoint on storage at "
+          f"the kill: epoch {on_storage}, resumed from epoch {resumed_from}: checkpointed epochs redone "
+          f"{on_storage - resumed_from}; final val ndcg@100 {history[-1].get('val_ndcg@100')}")
+
+
+def newest_on_storage(run: str) -> int:
+    """The newest epoch among the run's checkpoint folders on S3 (uploaded, registered with Ray Train or not)."""
+    states = [k for k in s3_keys(f"multinode/runs/{run}/") if k.endswith("/train_state.json")]
+    epochs = []
+    for key in states:
+        try:
+            epochs.append(s3_json(key)["epoch"])
+        except Exception:  # noqa: BLE001 - deleted by Ray's checkpoint pruning between the listing and the read
+            continue
+    return max(epochs, default=0)
 
 
 def latest_epoch(run: str) -> int:

@@ -5,7 +5,8 @@ device, wraps the model for data parallelism, hands it the checkpoint to resume 
 report per epoch (metrics from every rank, the checkpoint from rank 0).
 
 - `RaySession` (Ray Train workers): `ray.train.report(metrics, checkpoint)` every epoch, uploaded
-  asynchronously so the other ranks do not wait on rank 0's upload; Ray's storage (the run folder)
+  asynchronously so the other ranks do not wait on rank 0's upload, but never more than one epoch behind:
+  rank 0 waits for the previous checkpoint to be registered before it reports the next; Ray's storage (the run folder)
   keeps the latest checkpoint and the best by validation NDCG@100; `ray.train.get_checkpoint()`
   resumes after a worker failure or a restart of the run with --resume.
 - `LocalSession` (in-process runs, sweeps' trials, tests): the same checkpoint file as
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable
 
 import torch
@@ -63,6 +65,9 @@ class LocalSession:
         self.best_score = state["extra"]["best"]
         return state
 
+    def settle(self, row: dict) -> None:
+        """Checkpoints are written synchronously here: nothing to wait for."""
+
     def report(self, row: dict, ckpt: bytes | None, history: list[dict], ended: bool = False) -> None:
         lake.write_bytes(f"{self.dir}/latest.pt", ckpt)
         if row[SCORE] > self.best_score:
@@ -103,16 +108,29 @@ class RaySession:
             with open(os.path.join(folder, checkpoint.FILE), "rb") as f:
                 return checkpoint.from_bytes(f.read(), f"{ckpt.path}/{checkpoint.FILE}", fingerprint)
 
+    def settle(self, row: dict) -> None:
+        """Rank 0, before it builds this epoch's checkpoint: wait until Ray Train has registered the previous one.
+
+        Its upload overlapped this epoch's training; a restart (node loss, resize, cluster loss) resumes from
+        it, so at most the epoch in progress is redone, and at most one upload is pending in this rank's /tmp.
+        Records the wait and the registered epoch in the row (and so in the history)."""
+        import ray.train
+
+        t_wait = time.perf_counter()
+        registered = ray.train.get_all_reported_checkpoints()
+        row["checkpoint_wait_seconds"] = time.perf_counter() - t_wait
+        row["registered_epoch"] = max((c.metrics.get("epoch", 0) for c in registered), default=0)
+
     def report(self, row: dict, ckpt: bytes | None, history: list[dict], ended: bool = False) -> None:
         """ended: training stops after this epoch (its last, or patience ran out); written beside the
         checkpoint so that a run whose driver was lost can tell a finished training from one stopped midway."""
         import ray.train
         from ray.train import Checkpoint, CheckpointUploadMode
 
-        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
         if ckpt is None:  # ranks other than 0: metrics only (every rank must call report, it is a barrier)
-            ray.train.report(metrics)
+            ray.train.report({k: v for k, v in row.items() if isinstance(v, (int, float))})
             return
+        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
         folder = tempfile.mkdtemp(prefix="macrid-ckpt-")  # Ray deletes it once uploaded
         with open(os.path.join(folder, checkpoint.FILE), "wb") as f:
             f.write(ckpt)

@@ -61,14 +61,15 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
     fingerprint = data.meta["vocabulary_fingerprint"]
     ckpt_meta = dict(config=cfg.to_dict(), n_items=data.n_items, fingerprint=fingerprint)
 
-    state = {"step": 0, "epoch": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "history": [], "stopped": False}
+    state = {"step": 0, "epoch": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "history": [], "stopped": False,
+             "resumed_from": 0}  # the epoch this worker group started from: what a restart redid is measured by it
     saved = session.restore(fingerprint)
     if saved is not None:
-        state = _restore(saved, model, opt, ema)
+        state = _restore(saved, model, opt, ema) | {"resumed_from": saved["epoch"]}
         if rank == 0:
             log.info("resumed %s at epoch %d, step %d", cfg.run.name, state["epoch"], state["step"])
     elif cfg.run.warm_start:  # the driver's initial checkpoint: the parent's rows carried by item ID
-        state = _restore(warm_start.load_initial(cfg, fingerprint), model, opt, ema)
+        state = _restore(warm_start.load_initial(cfg, fingerprint), model, opt, ema) | {"resumed_from": 0}
         if rank == 0:
             log.info("warm start of %s from run %s", cfg.run.name, cfg.run.warm_start)
     if world > 1 and tables:
@@ -148,7 +149,7 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
             _recentre_prototypes(model, cfg.run.seed, refine_only=epoch > cfg.model.proto_init_epoch, world=world)
         mean_loss, mean_nll, mean_kl = (sums / max(n_steps, 1)).tolist()  # one sync per epoch
         row = {"epoch": epoch, "step": state["step"], "beta": beta, "seconds": time.perf_counter() - t0,
-               "users": n_users * world // len(passes), "workers": world, "loss": mean_loss, "nll": mean_nll, "kl": mean_kl, "input_seconds": waited}
+               "users": n_users * world // len(passes), "workers": world, "resumed_from": state["resumed_from"], "loss": mean_loss, "nll": mean_nll, "kl": mean_kl, "input_seconds": waited}
         if tables and world > 1:
             row["row_exchange_mb_per_step"] = exchanged / max(n_steps, 1) / 1e6
         stop = _validate(cfg, data, eval_model, epoch, row, state) if rank == 0 else False
@@ -159,6 +160,7 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
         state["history"].append(row)
         ckpt = None
         if rank == 0:
+            session.settle(row)  # Ray Train: the previous checkpoint registered, so a restart redoes one epoch at most
             ckpt = checkpoint.to_bytes(
                 model=model, optimizer=opt, step=state["step"], epoch=epoch,
                 extra={k: state[k] for k in ("best", "best_epoch", "bad_evals", "history")}
