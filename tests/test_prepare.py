@@ -356,3 +356,54 @@ def test_a_delta_table_with_deletion_vectors_is_refused(tmp_path):
     (table / "_delta_log" / "00000000000000000001.json").write_text("\n".join(jsonlib.dumps(e) for e in entries) + "\n")
     with pytest.raises(DataError, match="deletion vectors"):
         fragments([Source(str(table))])
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_of_two_prepares_of_one_name_only_one_publishes(where, tmp_path, s3_endpoint, monkeypatch):
+    """Prepare A reads the pointer (none yet), prepare B publishes meanwhile, then A would switch the pointer:
+    A is refused with the cause (the conditional PUT on S3, the lock and compare locally), its version folder is
+    removed, and B's version stays current. Before, both exited 0 and the last switch won."""
+    import pyarrow.fs as pafs
+
+    from macrid.data import prepare as prepare_module
+    from macrid.data.layout import load_meta
+
+    root = str(tmp_path / "lake") if where == "local" else f"s3://lake/race-{os.getpid()}"
+    rng = np.random.default_rng(9)
+    raw = lambda: read_raw_frame(rng)  # noqa: E731
+    b = prepare(raw(), root, "d", Protocol(heldout=5, min_rating=None))  # B, published while A ran
+    monkeypatch.setattr(prepare_module.lake, "pointer_token", lambda uri: None)  # A read the pointer before B
+    with pytest.raises(DataError, match=r"another prepare of 'd' published version .* while this one ran.*--overwrite"):
+        prepare(raw(), root, "d", Protocol(heldout=5, min_rating=None))
+    monkeypatch.undo()
+    assert load_meta(root, "d")["version"] == b["version"]
+    fs, path = lake.resolve(f"{root}/datasets/d/versions")
+    versions = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory]
+    assert versions == [b["version"]]  # A's unpublished version is gone
+
+
+def read_raw_frame(rng):
+    from macrid.data.readers import RawData
+
+    df = pl.DataFrame({"user_id": rng.integers(0, 60, 900), "item_id": rng.integers(0, 80, 900),
+                       "rating": pl.Series([None] * 900, dtype=pl.Float64)})
+    return RawData(df, None, "test", "table")
+
+
+def test_a_killed_prepares_scratch_folder_is_removed_by_the_next(tmp_path):
+    """A prepare SIGKILLed mid-run leaves <lake>/_scratch/prepare-<id>/; the next prepare removes it (its owner's
+    process is gone) and leaves a running job's alone."""
+    import json as jsonlib
+    import socket
+    import subprocess
+
+    lake_root = tmp_path / "lake"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for name, pid in (("prepare-deadbeef0000", dead.pid), ("prepare-a11ve0000000", os.getpid())):
+        folder = lake_root / "_scratch" / name
+        (folder / "read").mkdir(parents=True)
+        (folder / "read" / "x.parquet").write_bytes(b"0" * 1000)
+        (folder / "_owner.json").write_text(jsonlib.dumps({"host": socket.gethostname(), "pid": pid, "started": 0}))
+    prepare(read_raw_frame(np.random.default_rng(3)), str(lake_root), "d", Protocol(heldout=5, min_rating=None))
+    assert sorted(os.listdir(lake_root / "_scratch")) == ["prepare-a11ve0000000"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import uuid
@@ -153,6 +154,77 @@ def read_json(uri: str) -> dict[str, Any]:
 
 def write_json(uri: str, obj: Any) -> None:
     write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def pointer_token(uri: str) -> str | None:
+    """What `switch_pointer` later checks a pointer file against: its S3 ETag, or locally a hash of its bytes;
+    None when it does not exist."""
+    return _token(uri)
+
+
+def _token(uri: str) -> str | None:
+    if is_s3(uri):
+        import botocore.exceptions
+
+        bucket, key = _bucket_key(uri)
+        try:
+            with explained(uri):
+                return _s3_client().head_object(Bucket=bucket, Key=key)["ETag"]
+        except botocore.exceptions.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise DataError(f"{uri}: cannot read it ({e})") from None
+    if not exists(uri):
+        return None
+    return hashlib.sha256(read_bytes(uri)).hexdigest()
+
+
+def switch_pointer(uri: str, obj: Any, expected: str | None) -> None:
+    """Write the JSON pointer `uri` only if it is still what `pointer_token` returned (`expected`; None: it must
+    not exist): a compare-and-swap, so of two jobs racing to publish only one wins, and the other learns it.
+    S3: a conditional PUT (If-Match / If-None-Match); locally: under an exclusive lock beside the file."""
+    data = json.dumps(obj, indent=2, sort_keys=True).encode()
+    if is_s3(uri):
+        import botocore.exceptions
+
+        bucket, key = _bucket_key(uri)
+        condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
+        try:
+            _s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
+        except botocore.exceptions.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                raise PointerMoved(uri) from None
+            raise DataError(f"{uri}: cannot write it ({e})") from None
+        return
+    import fcntl
+
+    fs, path = resolve(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with open(f"{path.rsplit('/', 1)[0]}/.{path.rsplit('/', 1)[1]}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+        if _token(uri) != expected:
+            raise PointerMoved(uri)
+        write_bytes(uri, data)
+
+
+class PointerMoved(DataError):
+    """Another job switched the pointer since this one read it."""
+
+    def __init__(self, uri: str):
+        super().__init__(f"{uri}: another job changed it while this one ran")
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def _s3_client():
+    import boto3
+
+    # the standard variables (AWS_ENDPOINT_URL, credentials, region), as pyarrow's S3 file system reads them
+    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                        or None)
 
 
 def write_parquet(uri: str, table: pa.Table, scratch: bool = False) -> None:

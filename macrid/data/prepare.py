@@ -41,13 +41,13 @@ import polars as pl
 import pyarrow.fs as pafs
 
 from macrid.data import lake
-from macrid.data.layout import KEEP_VERSIONS, dataset_uri, is_version  # noqa: F401  (KEEP_VERSIONS re-exported)
+from macrid.data.layout import KEEP_VERSIONS, dataset_uri, is_version, load_meta  # noqa: F401  (KEEP_VERSIONS re-exported)
 from macrid.data.by_user import read_by_user
 from macrid.data.raw_input import Fragment, Source
 from macrid.data.readers import RawData
 from macrid.data.split import (Protocol, foldin_split, group_users, item_firsts, merge_item_firsts, order_users,
                                to_item_idx, vocabulary)
-from macrid.data.stages import Scratch, Stages, partition_of, read_frame
+from macrid.data.stages import Scratch, Stages, partition_of, read_frame, remove_dead_scratch
 from macrid.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,10 @@ def prepare(raw: RawData | list[Source], lake_root: str, name: str, protocol: Pr
     (item_id, title, genres), e.g. from --items. partitions: user partitions (default: from the input's
     size). runner: "ray" (Ray Data tasks on the cluster) or "local" (this process). Returns _meta.json."""
     root = dataset_uri(lake_root, name)
-    if lake.exists(f"{root}/_meta.json") and not overwrite:
+    pointer = lake.pointer_token(f"{root}/_meta.json")  # what the publication at the end switches from
+    if pointer is not None and not overwrite:
         raise DataError(f"{root} already exists; pass --overwrite to publish a new version of it")
+    remove_dead_scratch(lake_root, "prepare")  # a killed earlier prepare's intermediate files
     stages = stages or Stages(runner, "prepare")
     stages.require_shared([lake_root] + ([s.uri for s in raw] if not isinstance(raw, RawData) else []))
     scratch = Scratch(lake_root, "prepare")
@@ -86,7 +88,8 @@ def prepare(raw: RawData | list[Source], lake_root: str, name: str, protocol: Pr
         else:
             sources, fmt = raw, raw[0].format if len(raw) == 1 else "union"
             source_name = " + ".join(s.uri for s in raw)
-        return _prepare(sources, source_name, fmt, items, lake_root, name, protocol, partitions, stages, scratch)
+        return _prepare(sources, source_name, fmt, items, lake_root, name, protocol, partitions, stages, scratch,
+                        pointer)
     finally:
         scratch.delete()
 
@@ -99,7 +102,8 @@ def _frame_source(raw: RawData, scratch: Scratch) -> list[Source]:
 
 
 def _prepare(sources: list[Source], source_name: str, fmt: str, items: pl.DataFrame | None, lake_root: str,
-             name: str, protocol: Protocol, partitions: int | None, stages: Stages, scratch: Scratch) -> dict:
+             name: str, protocol: Protocol, partitions: int | None, stages: Stages, scratch: Scratch,
+             pointer: str | None) -> dict:
     frags, P, read = read_by_user(sources, protocol.min_rating, partitions, stages, scratch)
     if items is None:
         items = _small_format_items(sources, frags, read)
@@ -161,7 +165,15 @@ def _prepare(sources: list[Source], source_name: str, fmt: str, items: pl.DataFr
             "version": version,
         }
         lake.write_json(f"{stage}/_meta.json", meta)
-    lake.write_json(f"{dataset_uri(lake_root, name)}/_meta.json", meta)  # the switch: one atomic write
+    try:  # the switch: one atomic write, and only from the version this job started from
+        lake.switch_pointer(f"{dataset_uri(lake_root, name)}/_meta.json", meta, pointer)
+    except lake.PointerMoved:
+        _remove_version(uri)
+        now = load_meta(lake_root, name).get("version", "?")
+        raise DataError(f"{dataset_uri(lake_root, name)}: another prepare of {name!r} published version {now} while "
+                        f"this one ran; this one's version was not published (and is removed). Run one prepare of "
+                        f"a dataset at a time; to publish this input on top of {now}, run it again with --overwrite"
+                        ) from None
     _prune_versions(dataset_uri(lake_root, name))
     log.info("wrote %s: %d users, %d items (%d input rows, %d without a rating dropped)", uri, meta["n_users"],
              meta["n_items"], counts["rows"], counts["ratings_missing"])
@@ -256,6 +268,14 @@ def _heldout_counts(df: pl.DataFrame) -> dict:
 
 def _sum(results: list[dict], keys: tuple[str, ...]) -> dict:
     return {k: sum(r[k] for r in results) for k in keys}
+
+
+def _remove_version(uri: str) -> None:
+    """A version folder that was written but lost the race to be published: nobody can point at it."""
+    fs, path = lake.resolve(uri)
+    with lake.explained(uri):
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)  # on S3 also the folder's marker object
 
 
 def _prune_versions(root: str) -> None:
