@@ -16,8 +16,8 @@ from the standard AWS environment variables or the instance role).
       (sampled softmax for large catalogues: S negatives per batch, docs/sampled_softmax.md)
   python jobs/train.py --config configs/ml-1m.toml --num-workers 4 --use-gpu --precision bf16
   python jobs/train.py --config configs/ml-1m.toml --lake s3://bucket/lake --num-workers 2-4 \
-      --set run.name=spot --resume      (elastic on a spot cluster: 2 to 4 workers; the same command after a
-                                         lost cluster continues the run from its last checkpoint)
+      --set run.name=spot --resume if-any   (elastic on a spot cluster: 2 to 4 workers; the same command
+                                         after a lost cluster continues the run from its last checkpoint)
   ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
       python jobs/train.py --config configs/ml-1m.toml --lake "$PWD/lake"
 
@@ -71,7 +71,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=float, help="GPUs each worker reserves with --use-gpu (default 1)")
     p.add_argument("--precision", choices=("fp32", "tf32", "bf16"),
                    help="matmul precision (run.precision; default fp32); the loss and evaluation stay fp32")
-    p.add_argument("--resume", action="store_true", help="continue run.name from its latest checkpoint")
+    p.add_argument("--resume", nargs="?", const="required", choices=("required", "if-any"),
+                   help="continue run.name from its latest checkpoint (refused when it has none); `--resume if-any`: "
+                        "continue it when it has one, else start it (a RayJob that retries the same command)")
     p.add_argument("--warm-start", metavar="RUN_OR_MODEL",
                    help="start from a finished run of this lake, or from the run a model alias (jobs/promote.py) "
                         "points to, on this run's dataset: items matched by ID, new items folded in from the items "
@@ -111,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append("run.resume=true")
     try:
         cfg = load_config(path, overrides)
+        if args.resume == "required":
+            from macrid.training.run_folder import require_resumable
+
+            require_resumable(cfg)
         if args.warm_start:
             from macrid.training.registry import resolve
 

@@ -250,3 +250,16 @@ def test_every_option_an_error_advises_exists(tmp_path, capsys):
     assert generate(["--out", out, "--users", "60", "--items", "40"]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
     assert generate(["--out", out, "--users", "60", "--items", "40", "--overwrite"]) == 0
+
+
+def test_resume_of_a_run_that_never_existed_is_refused(tmp_path, capsys):
+    """--resume of a misspelled or missing run: exit 2 with the path, nothing written; `--resume if-any` (a retried
+    RayJob's first attempt) starts it."""
+    args = ["--lake", str(tmp_path / "lake"), "--in-process", "--set", "run.name='nightly'", "--set",
+            "optim.epochs=1", "--set", "model.D=8", "--set", "run.progress=false"]
+    assert _job("train")(args + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "runs/nightly: no run to resume there" in err and "--resume if-any" in err
+    assert not (tmp_path / "lake" / "runs").exists()
+    assert _job("train")(args + ["--resume", "if-any"]) == 0
+    assert _job("train")(args + ["--set", "optim.epochs=2", "--resume"]) == 0  # now it exists: continued

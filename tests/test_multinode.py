@@ -150,7 +150,7 @@ def test_a_local_lake_is_refused_on_several_nodes(cluster, tmp_path):
 def submit(address: str, run: str, *sets: str, env: dict | None = None) -> subprocess.Popen:
     """jobs/train.py as a job driver joined to the cluster, as `ray job submit` runs it (its own process, so that
     this test's main thread stays free to add and remove nodes)."""
-    args = [sys.executable, TRAIN, "--lake", LAKE, "--resume"]
+    args = [sys.executable, TRAIN, "--lake", LAKE, "--resume", "if-any"]  # the spot RayJob's retry command
     for kv in (*COMMON, f"run.name={run!r}", *sets):
         args += ["--set", kv]
     return subprocess.Popen(args, env=os.environ | {"RAY_ADDRESS": address} | (env or {}), stdout=subprocess.PIPE,

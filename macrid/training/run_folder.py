@@ -31,6 +31,17 @@ def holds_checkpoint(cfg: Config) -> bool:
     return lake.exists(f"{run}/{RAY_SNAPSHOT}") or lake.exists(f"{run}/checkpoints/latest.pt")
 
 
+def require_resumable(cfg: Config) -> None:
+    """--resume: the run must exist and hold a checkpoint; resuming a run that never existed would quietly start a
+    new one under a name the user believes holds their earlier training."""
+    if not cfg.run.name:
+        raise ConfigError("--resume needs the run's name: add --set run.name=<the run to continue>")
+    if not holds_checkpoint(cfg):
+        raise ConfigError(f"{run_uri(cfg)}: no run to resume there (no checkpoint); check the name and --lake "
+                          f"(ls {layout.runs_uri(cfg.data.lake)}), start it without --resume, or pass --resume if-any "
+                          "to start it when it has none yet")
+
+
 def has_run(cfg: Config) -> bool:
     """Whether the run folder already holds a run (Ray's or in-process); refused unless run.resume is set."""
     run = run_uri(cfg)
