@@ -15,7 +15,8 @@ through the range where the starting concept stays the nearest prototype, and li
 subrange (equal numbers of that concept's items in each), chosen by beam search so the other
 dimensions stay close to the start (gamma weighs the items' closeness to one another).
 steer: a user's top-N before and after setting dimension j of component k (--set k:j=value) or the
-weight of concept k (--weight k=w; 0 removes a concept, 2 doubles it), with the concept of each item.
+weight of concept k (--weight k=w: the items whose concept, the mode argmax_k c_ik, is k have their A_ui
+multiplied by w; 0 removes every one of them, 2 doubles their score's A), with the concept of each item.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("steer", help="a user's top-N after editing a component or a concept's weight")
     s.add_argument("--user", required=True, help="the user ID")
     s.add_argument("--set", action="append", default=[], metavar="K:J=VALUE", help="set dimension J of component K")
-    s.add_argument("--weight", action="append", default=[], metavar="K=W", help="weight of concept K (default 1)")
+    s.add_argument("--weight", action="append", default=[], metavar="K=W", help="weight of concept K (default 1): 0 removes the items of concept K, 2 doubles their A_ui")
     s.add_argument("--top-n", type=int, default=10, help="items listed (default 10)")
     sub.add_parser("report", help="write <lake>/runs/<run>/report.html: concepts, genre alignment, item map, "
                                   "traversals, learning curve (one self-contained file)")

@@ -52,6 +52,9 @@ def test_steering_a_concept_away_removes_it_from_the_list(run_lake, capsys):
     s = json.loads(out)
     assert len(s["before"]) == len(s["after"]) == 10
     assert all(x["concept"] not in (0, 1) for x in s["after"])
+    # and what stays keeps its order: the unsteered list without concepts 0 and 1, then items further down
+    kept = [x["item"] for x in s["before"] if x["concept"] not in (0, 1)]
+    assert [x["item"] for x in s["after"]][:len(kept)] == kept
 
 
 @pytest.mark.parametrize("argv,words", [

@@ -69,7 +69,9 @@ def test_beam_search_finds_the_brute_force_optimum_on_a_tiny_instance(gamma):
     assert greedy_value <= value + 1e-9 and greedy_value == pytest.approx(objective(greedy, h, h_star, j, tau, gamma))
 
 
-def test_steering_a_concept_weight_to_zero_removes_it_and_ranks_by_the_restated_score():
+def test_steering_a_concept_weight_to_zero_removes_its_items_and_ranks_by_the_restated_score():
+    """Issue 31: an item's concept is the mode of c_i; weight w_k multiplies the A_ui of concept k's items, so 0
+    removes every one of them, whatever share of its probability the other concepts hold."""
     from macrid.model.vae import MacridVAE
 
     torch.manual_seed(0)
@@ -77,15 +79,19 @@ def test_steering_a_concept_weight_to_zero_removes_it_and_ranks_by_the_restated_
     mu = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
     own = torch.tensor([0, 1, 2])
     weights = torch.tensor([1.0, 0.0, 2.0])
-    items, scores, concepts = steer(model.h.detach(), model.concepts().detach(), model.tau, mu, own, 10, weights)
+    items, scores, concepts = steer(model.h.detach(), model.concepts().detach(), model.tau, mu, own, 60, weights)
     h = model.h.detach()
     hn, mn = h / h.norm(dim=1, keepdim=True), model.m.detach() / model.m.detach().norm(dim=1, keepdim=True)
     c = torch.softmax(hn @ mn.T / model.tau, dim=1)
-    A = (weights * c * torch.exp(hn @ mu.T / model.tau)).sum(1)  # restated: sum_k w_k c_ik exp(cos/tau)
+    mode = c.argmax(1)  # restated: each item's concept
+    A = (c * torch.exp(hn @ mu.T / model.tau)).sum(1) * weights[mode]  # restated: w_{k(i)} sum_k c_ik exp(cos/tau)
     A[own] = 0.0
-    assert items.tolist() == torch.argsort(A, descending=True)[:10].tolist()
+    kept = int((A > 0).sum())
+    assert 0 < kept < 47 and len(items) == kept  # asked for 60: every item of concept 1 is gone, not filled in
+    assert items.tolist() == torch.argsort(A, descending=True)[:kept].tolist()
     assert torch.allclose(scores, A[items].log(), atol=1e-5)
-    assert 1 not in concepts.tolist()
+    assert concepts.tolist() == mode[items].tolist() and 1 not in concepts.tolist()
+    assert (mode == 1).sum() > 0 and not set(torch.nonzero(mode == 1).flatten().tolist()) & set(items.tolist())
 
 
 def test_steering_adds_the_item_bias_to_the_restated_score():

@@ -175,6 +175,12 @@ class MacridVAE(nn.Module):
         return log_scores if b is None else log_scores + b  # (B, C)
 
 
+def item_concept(c: torch.Tensor) -> torch.Tensor:
+    """An item's concept: the mode of p(C | i), argmax_k c_ik (Sec. 2.2: "we use the mode of p_theta(C) as C").
+    c (..., K) -> (...). The one definition that steering, the export's `concept` columns and explanations share."""
+    return c.argmax(-1)
+
+
 def _log_normal(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     """Elementwise log N(x; mean, var)."""
     return -0.5 * (math.log(2 * math.pi) + var.log() + (x - mean).square() / var)

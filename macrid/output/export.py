@@ -33,7 +33,7 @@ from macrid.data import lake, layout
 from macrid.data.batches import snapshot_uri
 from macrid.errors import ClusterError, ConfigError, DataError, lost_to_the_cluster
 from macrid.output.export_input import Source, is_dataset, merge_heldout, prepared, raw
-from macrid.model.vae import MacridVAE
+from macrid.model.vae import MacridVAE, item_concept
 from macrid.output.published import published_run
 from macrid.training.run_folder import MODEL_FILE
 from macrid.training.train import load_model
@@ -350,8 +350,8 @@ def _items(spec: ExportSpec, model: MacridVAE, vocab: pl.DataFrame, tag: str) ->
     for lo in range(0, len(vocab), ITEM_CHUNK):
         hi = min(lo + ITEM_CHUNK, len(vocab))
         c, h, bias = represent.items(model, lo, hi)  # (C, K), (C, D), (C,) or None
+        concept = item_concept(c).cpu().numpy()  # (C,) the mode, as steering and recommendations have it
         c, h = c.float().cpu().numpy(), h.float().cpu().numpy()
-        concept = c.argmax(1)
         per_concept += np.bincount(concept, minlength=model.K)
         table = pa.table({
             "item_id": ids.slice(lo, hi - lo), "title": titles.slice(lo, hi - lo),

@@ -22,6 +22,7 @@ from macrid.data import lake, layout
 from macrid.data.batches import snapshot_uri
 from macrid.output.explain import Run, traversal
 from macrid.output.alignment import genre_alignment
+from macrid.model.vae import item_concept
 from macrid.training.run_folder import METRICS_FILE
 
 TOP_ITEMS = 8
@@ -34,7 +35,7 @@ def build(lake_root: str, run_name: str, traversals: int = 2) -> str:
     items = pl.from_arrow(lake.read_table(lake.join(snap, "items"))).sort("item_idx")
     hn = run.h / np.linalg.norm(run.h, axis=1, keepdims=True)  # (M, D)
     c = run.c.numpy()  # (M, K) Eq. 6, computed once by Run
-    concept = c.argmax(1)
+    concept = item_concept(run.c).numpy()  # (M,) the mode, as steering and the export have it
     genres = items["genres"].to_list()
     genre = [g[0] if g is not None and len(g) else None for g in genres]
     metrics = lake.read_json(lake.join(layout.run_uri(lake_root, run_name), METRICS_FILE))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from macrid.data.bags import bag_rows, to_device
 from macrid.training.evaluate import chunked_top_k
-from macrid.model.vae import MacridVAE
+from macrid.model.vae import MacridVAE, item_concept
 
 
 @dataclass
@@ -56,7 +56,8 @@ def users(model: MacridVAE, indices: torch.Tensor, offsets: torch.Tensor, top_n:
     rows = bag_rows(offsets, len(indices))  # (N_nz,)
     own = torch.isin(torch.arange(B, device=device)[:, None] * n_items + top,  # (B, N) key of each slot
                      rows * n_items + indices)  # the users' own (user, item) keys
-    return Users(mu, share, top, scores, terms.argmax(-1), ~own)
+    return Users(mu, share, top, scores, item_concept(model.concepts(model.h[top].reshape(-1, model.D)))
+                 .view(top.shape), ~own)  # each recommendation's concept: the item's (the mode of c_i)
 
 
 @torch.no_grad()

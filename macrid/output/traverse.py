@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from macrid.model.vae import item_concept
+
 SEARCH_STEPS = 60  # bisection steps per end of (a, b): far below float32 resolution at any span
 
 
@@ -122,19 +124,23 @@ def traverse(h_star: np.ndarray, j: int, h: np.ndarray, m: np.ndarray, tau: floa
 def steer(h: torch.Tensor, c: torch.Tensor, tau: float, mu: torch.Tensor, own_items: torch.Tensor, top_n: int,
           weights: torch.Tensor | None = None, bias: torch.Tensor | None = None
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A user's top-N under edited components mu (K, D) and concept weights (K,) (default all 1).
+    """A user's top-N under edited components mu (K, D) and concept weights w (K,) (default all 1).
 
+    The ranking score is log A_ui (+ b_i), A_ui = sum_k c_ik exp(cos(mu_k, h_i) / tau) (the decoder); a weight
+    acts on the items whose concept (the mode, `item_concept`) is k: their A_ui is multiplied by w_k, so
+    w_k = 0 removes every item of concept k from the list, and w_k = 2 doubles their A (adds log 2).
     h (M, D) item vectors, c (M, K) their concepts (Eq. 6, the softmax), tau the model's temperature,
-    bias (M,) the items' b_i (model.item_bias), added to the log-scores; None for the paper's decoder.
-    Returns (items (N,), log-scores (N,), the concept each comes from (N,)); own_items are never returned."""
+    bias (M,) the items' b_i (model.item_bias), or None for the paper's decoder.
+    Returns (items (N,), log-scores (N,), each item's concept (N,)); own_items are never returned, nor removed ones
+    (so N may be below top_n)."""
     w = torch.ones(c.shape[1], device=h.device) if weights is None else weights.to(h.device)
     cos = F.normalize(h, dim=1) @ F.normalize(mu.to(h.device), dim=1).T  # (M, K)
-    terms = w * c * torch.exp(cos / tau)  # (M, K)
-    scores = terms.sum(1).log()  # (M,)
+    concept = item_concept(c)  # (M,)
+    scores = (c * torch.exp(cos / tau)).sum(1).log() + w[concept].log()  # (M,) -inf where w = 0
     if bias is not None:
         scores = scores + bias.to(h.device)
     scores[own_items.to(h.device)] = -torch.inf
-    # at most the items the user does not have: past them topk would return its own (-inf) items
-    available = len(scores) - int(torch.unique(own_items).numel())
+    # only items still in the list: past them topk would return the user's own or the removed (-inf) ones
+    available = int(torch.isfinite(scores).sum())
     top = torch.topk(scores, max(0, min(top_n, available))).indices  # (N,)
-    return top, scores[top], terms[top].argmax(1)
+    return top, scores[top], concept[top]

@@ -203,28 +203,29 @@ def _finish_in_a_gpu_task(cfg: Config, best: dict, history: list[dict]) -> dict:
 
 
 def finish_stored(run: str) -> dict | None:
-    """Finish a run from what Ray Train stored in its folder (the snapshot, the best and the latest
-    checkpoints), when its driver was lost after training: a sweep trial's actor that went with its node while
-    its Ray Train controller went on. Returns metrics.json, or None when the folder holds no checkpoint or its
-    training did not end (a trial its scheduler stopped early)."""
+    """Finish a run from what Ray Train stored in its folder (read back with ray.train.Result.from_path: its best
+    and latest checkpoints), when its driver was lost after training: a sweep trial's actor that went with its
+    node while its Ray Train controller went on. Returns metrics.json, or None when the folder holds no checkpoint
+    or its training did not end (a trial its scheduler stopped early)."""
+    import ray.train
+
     from macrid.training import checkpoint
     from macrid.training.run_folder import RAY_SNAPSHOT
 
     if not lake.exists(lake.join(run, RAY_SNAPSHOT)):
         return None
-    snap = lake.read_json(lake.join(run, RAY_SNAPSHOT))
-    latest = snap.get("latest_checkpoint_result")
-    if not latest:
+    fs, path = lake.resolve(run)
+    result = ray.train.Result.from_path(path, storage_filesystem=fs)
+    if result.checkpoint is None:
         return None
-    # the best by selection score, as Result.get_best_checkpoint(SCORE, "max") picks it; the latest on a tie
-    best = max(snap.get("checkpoint_results") or [latest], key=lambda r: r["metrics"].get(SCORE, -1.0))
-    path = lake.join(run, best["checkpoint_dir_name"], checkpoint.FILE)
-    saved = checkpoint.from_bytes(lake.read_bytes(path), path)
-    stored = json.loads(lake.read_bytes(lake.join(run, latest["checkpoint_dir_name"], STATE_FILE)))
+    best = result.get_best_checkpoint(SCORE, "max") or result.checkpoint
+    with best.filesystem.open_input_stream(f"{best.path}/{checkpoint.FILE}") as f:
+        saved = checkpoint.from_bytes(f.read(), f"{best.path}/{checkpoint.FILE}")
+    with result.checkpoint.filesystem.open_input_stream(f"{result.checkpoint.path}/{STATE_FILE}") as f:
+        stored = json.loads(f.read())
     if not stored.get("ended"):  # stopped midway (a sweep's scheduler stopped it): nothing to finish
         return None
-    history = stored["history"]
-    return finish_on_the_training_device(Config.from_dict(saved["config"], source=path), saved, history)
+    return finish_on_the_training_device(Config.from_dict(saved["config"], source=best.path), saved, stored["history"])
 
 
 def input_mode(cfg: Config, meta: dict) -> str:
