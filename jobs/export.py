@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0, summary, status = time.time(), None, 1
     try:
-        run = args.run or _alias(args.lake, args.model)
+        run = args.run if args.model is None else _alias(args.lake, args.model)
     except (MacridError, OSError) as e:
         if user_error(e) is None:  # a fault of the program, not of the input
             raise

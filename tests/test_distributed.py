@@ -207,7 +207,7 @@ def test_overwrite_during_a_streamed_run_does_not_change_what_it_reads(s3_lake):
 
 
 def test_a_warm_start_on_ray_train_workers_from_a_ray_train_parent_records_its_lineage(s3_lake):
-    """Parent and child both trained by Ray Train on the S3 lake; the child's dataset retires items, renames
+    """Parent (run "two") and child both trained by Ray Train on the S3 lake; the child's dataset retires items, renames
     others (new IDs) and so numbers its vocabulary differently. The driver builds the initial checkpoint from
     the parent's best Ray checkpoint (ray.train.Result.from_path), both workers start from it."""
     import dataclasses
@@ -216,19 +216,20 @@ def test_a_warm_start_on_ray_train_workers_from_a_ray_train_parent_records_its_l
 
     from macrid.training.run_folder import read_vocabulary
 
-    launch(cfg_for(s3_lake, "ws-parent", "optim.epochs=2", "run.data='memory'"))
+    # the parent: run "two" of the first test (Ray Train, two workers, S3), as test_resume_on_another_vocabulary does
     raw = generate(SyntheticSpec(n_users=600, n_items=200, K=4, seed=1))
     moved = raw.interactions.filter(pl.col("item_id") >= 10).with_columns(
         item_id=pl.when(pl.col("item_id") >= 180).then(pl.col("item_id") + 1000).otherwise(pl.col("item_id")))
     prepare(dataclasses.replace(raw, interactions=moved, items=None), s3_lake, "syn-moved", Protocol())
     m = launch(cfg_for(s3_lake, "ws-child", "data.dataset='syn-moved'", "optim.epochs=1", "run.num_workers=2",
-                       "run.data='memory'", "run.warm_start='ws-parent'"))
+                       "run.data='memory'", "run.warm_start='two'"))
     record = json.loads(boto3.client("s3").get_object(Bucket="lake", Key="ci/runs/ws-child/run.json")["Body"].read())
-    old = {str(i) for i in read_vocabulary(s3_lake, "ws-parent")["item_id"].to_pylist()}
+    old = {str(i) for i in read_vocabulary(s3_lake, "two")["item_id"].to_pylist()}
     new = {str(i) for i in read_vocabulary(s3_lake, "ws-child")["item_id"].to_pylist()}
-    parent = json.loads(boto3.client("s3").get_object(Bucket="lake", Key="ci/runs/ws-parent/metrics.json")["Body"].read())
-    assert record["parent"]["run"] == "ws-parent" and record["parent"]["epoch"] == parent["best_epoch"]
-    assert record["parent"]["vocabulary_fingerprint"] == parent["vocabulary_fingerprint"]
+    from macrid.data.layout import load_meta
+
+    assert record["parent"]["run"] == "two" and 1 <= record["parent"]["epoch"] <= 4  # its best of 4 epochs
+    assert record["parent"]["vocabulary_fingerprint"] == load_meta(s3_lake, "syn")["vocabulary_fingerprint"]
     assert (record["parent"]["items"]["carried"], record["parent"]["items"]["added"],
             record["parent"]["items"]["dropped"]) == (len(old & new), len(new - old), len(old - new))
     assert len(new - old) > 0 and len(old - new) > 0
