@@ -163,19 +163,19 @@ def pointer_token(uri: str) -> str | None:
 
 
 def _token(uri: str) -> str | None:
+    if not exists(uri):  # through pyarrow first: its errors name what to check (endpoint, bucket, credentials)
+        return None
     if is_s3(uri):
         import botocore.exceptions
 
         bucket, key = _bucket_key(uri)
-        try:
-            with explained(uri):
+        with _boto_explained(uri):
+            try:
                 return _s3_client().head_object(Bucket=bucket, Key=key)["ETag"]
-        except botocore.exceptions.ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise DataError(f"{uri}: cannot read it ({e})") from None
-    if not exists(uri):
-        return None
+            except botocore.exceptions.ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
     return hashlib.sha256(read_bytes(uri)).hexdigest()
 
 
@@ -189,12 +189,13 @@ def switch_pointer(uri: str, obj: Any, expected: str | None) -> None:
 
         bucket, key = _bucket_key(uri)
         condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
-        try:
-            _s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
-        except botocore.exceptions.ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                raise PointerMoved(uri) from None
-            raise DataError(f"{uri}: cannot write it ({e})") from None
+        with _boto_explained(uri):
+            try:
+                _s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
+            except botocore.exceptions.ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                    raise PointerMoved(uri) from None
+                raise
         return
     import fcntl
 
@@ -217,6 +218,20 @@ class PointerMoved(DataError):
 def _bucket_key(uri: str) -> tuple[str, str]:
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     return bucket, key
+
+
+@contextlib.contextmanager
+def _boto_explained(uri: str) -> Iterator[None]:
+    """boto3's errors (no endpoint, no credentials, a refused request) as a DataError that names the URI; a
+    MacridError's text hides the credentials an endpoint URL may carry."""
+    import botocore.exceptions
+
+    try:
+        yield
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
+        raise DataError(f"{uri}: S3 request to {endpoint} failed ({str(e).splitlines()[0][:200]}); check "
+                        "AWS_ENDPOINT_URL, the credentials and the bucket") from None
 
 
 def _s3_client():

@@ -56,10 +56,15 @@ class Scratch:
 
     def __init__(self, lake_root: str, job: str) -> None:
         self.root = layout.scratch_uri(lake_root, f"{job}-{uuid.uuid4().hex[:12]}")
-        # who owns it: a later job removes the folder of a job that died without deleting it (remove_dead_scratch)
-        lake.write_json(self.uri(OWNER_FILE), {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()})
+        self._claimed = False
 
     def uri(self, *parts: str) -> str:
+        """A path in the folder. The first use records who owns the folder (a later job removes the folder of one
+        that died without deleting it: remove_dead_scratch); nothing is written before a job uses its scratch."""
+        if not self._claimed:
+            self._claimed = True
+            lake.write_json(lake.join(self.root, OWNER_FILE),
+                            {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()})
         return lake.join(self.root, *parts)
 
     def write(self, uri: str, df: pl.DataFrame) -> None:
