@@ -4,9 +4,9 @@
 device, wraps the model for data parallelism, hands it the checkpoint to resume from, and takes one
 report per epoch (metrics from every rank, the checkpoint from rank 0).
 
-- `RaySession` (Ray Train workers): `ray.train.report(metrics, checkpoint)` every epoch, uploaded
-  asynchronously so the other ranks do not wait on rank 0's upload, but never more than one epoch behind:
-  rank 0 waits for the previous checkpoint to be registered before it reports the next; Ray's storage (the run folder)
+- `RaySession` (Ray Train workers): `ray.train.report(metrics, checkpoint)` every epoch; rank 0 waits until
+  Ray Train has registered its checkpoint before the next epoch (a restart then redoes at most the epoch in
+  progress), the other ranks do not wait on its upload; Ray's storage (the run folder)
   keeps the latest checkpoint and the best by validation NDCG@100; `ray.train.get_checkpoint()`
   resumes after a worker failure or a restart of the run with --resume.
 - `LocalSession` (in-process runs, sweeps' trials, tests): the same checkpoint file as
@@ -89,6 +89,7 @@ class RaySession:
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self._waited = 0.0  # seconds the last report waited for its checkpoint to be registered
         self.device = ray.train.torch.get_device()
         _quiet_report_log()
 
@@ -109,16 +110,13 @@ class RaySession:
                 return checkpoint.from_bytes(f.read(), f"{ckpt.path}/{checkpoint.FILE}", fingerprint)
 
     def settle(self, row: dict) -> None:
-        """Rank 0, before it builds this epoch's checkpoint: wait until Ray Train has registered the previous one.
-
-        Its upload overlapped this epoch's training; a restart (node loss, resize, cluster loss) resumes from
-        it, so at most the epoch in progress is redone, and at most one upload is pending in this rank's /tmp.
-        Records the wait and the registered epoch in the row (and so in the history)."""
+        """Rank 0, before it builds this epoch's checkpoint: record in the row (and so in the history) how long the
+        previous epoch's checkpoint took to be uploaded and registered after its report (`report` waits for it),
+        and the epoch Ray Train has registered: the previous one, always."""
         import ray.train
 
-        t_wait = time.perf_counter()
-        registered = ray.train.get_all_reported_checkpoints()
-        row["checkpoint_wait_seconds"] = time.perf_counter() - t_wait
+        registered = ray.train.get_all_reported_checkpoints()  # nothing in flight: returns at once
+        row["checkpoint_wait_seconds"] = self._waited
         row["registered_epoch"] = max((c.metrics.get("epoch", 0) for c in registered), default=0)
 
     def report(self, row: dict, ckpt: bytes | None, history: list[dict], ended: bool = False) -> None:
@@ -138,6 +136,13 @@ class RaySession:
             json.dump({k: row[k] for k in ("epoch", "step")} | {"history": history, "ended": ended}, f)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+        # The next epoch starts only once Ray Train has registered this checkpoint: a restart (node loss, resize,
+        # cluster loss) resumes from the last registered one, so it redoes the epoch in progress and nothing more,
+        # and no upload is left pending in this rank's /tmp. The other ranks do not wait here (they meet rank 0 at
+        # the next epoch's first collective); the cost is the upload's time, recorded in the next epoch's row.
+        t_wait = time.perf_counter()
+        ray.train.get_all_reported_checkpoints()
+        self._waited = time.perf_counter() - t_wait
 
 
 def _quiet_report_log() -> None:
