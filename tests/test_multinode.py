@@ -122,7 +122,9 @@ def test_losing_a_node_mid_run_resumes_from_the_s3_checkpoint_on_a_replacement(c
     assert [h["step"] for h in history] == [steps_per_epoch * e for e in range(1, epochs + 1)]
     after = [s3_json(f"multinode/runs/{run}/_workers/rank-{r}.json") for r in range(2)]
     assert all(r["started"] > removed["at"] for r in after), "the group was not restarted after the loss"
-    assert removed["node"] not in {r["node_id"] for r in after} and len({r["node_id"] for r in after}) == 2
+    # SPREAD is best effort: the restarted ranks may share a node when the spare one is busy (seen under a
+    # loaded CI machine); what must hold is that none runs on the removed node
+    assert removed["node"] not in {r["node_id"] for r in after}
     assert removed["node"] not in worker_nodes(ray)
     restarted = min(r["started"] for r in after)
     # what the restart redid beyond the epoch in progress: the newest checkpoint on storage at the loss against
