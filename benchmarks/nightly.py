@@ -41,7 +41,6 @@ from macrid.data.prepare import prepare  # noqa: E402
 from macrid.data.raw_input import Source  # noqa: E402
 from macrid.data.readers import read_items  # noqa: E402
 from macrid.data.split import Protocol  # noqa: E402
-from macrid.model.vae import build_model  # noqa: E402
 from macrid.training.launch import prepare_config  # noqa: E402
 from macrid.training.metrics import ndcg_at_k, nmi, targets_mask  # noqa: E402
 from macrid.training.promote import ranked_by_id  # noqa: E402
