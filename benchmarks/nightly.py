@@ -74,7 +74,7 @@ def score(lake, run, ids, split, new_mask) -> dict:
     M = len(ids)
     idx, ptr = split.heldout.indices, split.heldout.indptr
     n_targets = np.diff(ptr)
-    hits = targets_mask(torch.from_numpy(ranked), torch.from_numpy(idx), torch.from_numpy(ptr), M + 1)
+    hits = targets_mask(torch.from_numpy(ranked), torch.as_tensor(idx.copy()), torch.as_tensor(ptr.copy()), M + 1)
     ndcg = ndcg_at_k(hits, torch.from_numpy(n_targets), 100).numpy()
     # Recall@50 on held-out interactions with today's new items: users with at least one such target
     is_new = np.append(new_mask, False)

@@ -127,8 +127,9 @@ def promote(lake_root: str, name: str, candidate: str, rule: GateRule = GateRule
 def _ndcg_by_id(lake_root: str, run: str, ids, split: HeldOut, device: str) -> np.ndarray:
     """(U,) NDCG@100 of one run on users whose items are candidate-vocabulary indices into `ids`."""
     ranked = ranked_by_id(lake_root, run, ids, split.foldin, K, device)  # (U, K)
-    hits = targets_mask(torch.from_numpy(ranked), *map(torch.from_numpy, (split.heldout.indices,
-                                                                          split.heldout.indptr)), len(ids) + 1)
+    # as_tensor copies the CSR's read-only arrays (Arrow-backed) instead of wrapping them
+    hits = targets_mask(torch.from_numpy(ranked), torch.as_tensor(split.heldout.indices.copy()),
+                        torch.as_tensor(split.heldout.indptr.copy()), len(ids) + 1)
     return ndcg_at_k(hits, torch.from_numpy(np.diff(split.heldout.indptr)), K).numpy()
 
 
