@@ -49,8 +49,8 @@ def _started_cluster() -> str | None:
 
 
 def _forget_dead_local_cluster() -> None:
-    """A local Ray killed with SIGKILL (an OOM kill, a crash) leaves /tmp/ray/ray_current_cluster naming its
-    dead GCS, and ray.init("auto") would wait on it for minutes. When nothing answers there, remove the
+    """A `ray start` head killed with SIGKILL (an OOM kill, a crash) leaves /tmp/ray/ray_current_cluster naming
+    its dead GCS, and ray.init at that address would wait on it for minutes. When nothing answers there, remove the
     stale record (logged) so that this job starts a local Ray."""
     from ray._private.utils import get_ray_address_file, read_ray_address
 

@@ -90,6 +90,7 @@ class RaySession:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self._waited = 0.0  # seconds the last report waited for its checkpoint to be registered
+        self._registered_epoch = 0  # the newest epoch Ray Train had registered after that wait
         self.device = ray.train.torch.get_device()
         _quiet_report_log()
 
@@ -112,12 +113,8 @@ class RaySession:
     def settle(self, row: dict) -> None:
         """Rank 0, before it builds this epoch's checkpoint: record in the row (and so in the history) how long the
         previous epoch's checkpoint took to be uploaded and registered after its report (`report` waits for it),
-        and the epoch Ray Train has registered: the previous one, always."""
-        import ray.train
-
-        registered = ray.train.get_all_reported_checkpoints()  # nothing in flight: returns at once
-        row["checkpoint_wait_seconds"] = self._waited
-        row["registered_epoch"] = max((c.metrics.get("epoch", 0) for c in registered), default=0)
+        and the epoch Ray Train had registered then: the previous one, always."""
+        row["checkpoint_wait_seconds"], row["registered_epoch"] = self._waited, self._registered_epoch
 
     def report(self, row: dict, ckpt: bytes | None, history: list[dict], ended: bool = False) -> None:
         """ended: training stops after this epoch (its last, or patience ran out); written beside the
@@ -141,8 +138,9 @@ class RaySession:
         # and no upload is left pending in this rank's /tmp. The other ranks do not wait here (they meet rank 0 at
         # the next epoch's first collective); the cost is the upload's time, recorded in the next epoch's row.
         t_wait = time.perf_counter()
-        ray.train.get_all_reported_checkpoints()
+        registered = ray.train.get_all_reported_checkpoints()
         self._waited = time.perf_counter() - t_wait
+        self._registered_epoch = max((c.metrics.get("epoch", 0) for c in registered), default=0)
 
 
 def _quiet_report_log() -> None:

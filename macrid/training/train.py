@@ -62,14 +62,14 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
     ckpt_meta = dict(config=cfg.to_dict(), n_items=data.n_items, fingerprint=fingerprint)
 
     state = {"step": 0, "epoch": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "history": [], "stopped": False,
-             "resumed_from": 0}  # the epoch this worker group started from: what a restart redid is measured by it
+             "resumed_from": 0}
     saved = session.restore(fingerprint)
     if saved is not None:
-        state = _restore(saved, model, opt, ema) | {"resumed_from": saved["epoch"]}
+        state = _restore(saved, model, opt, ema)
         if rank == 0:
             log.info("resumed %s at epoch %d, step %d", cfg.run.name, state["epoch"], state["step"])
     elif cfg.run.warm_start:  # the driver's initial checkpoint: the parent's rows carried by item ID
-        state = _restore(warm_start.load_initial(cfg, fingerprint), model, opt, ema) | {"resumed_from": 0}
+        state = _restore(warm_start.load_initial(cfg, fingerprint), model, opt, ema)  # epoch 0
         if rank == 0:
             log.info("warm start of %s from run %s", cfg.run.name, cfg.run.warm_start)
     if world > 1 and tables:
@@ -95,7 +95,8 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
     bar = _progress(cfg.optim.epochs, state["epoch"], enabled=cfg.run.progress and rank == 0, desc=cfg.run.name)
     if state["stopped"] and rank == 0:  # a RayJob retry or a --resume of a run that had stopped on patience
         log.info("%s stopped on patience at epoch %d: nothing to resume", cfg.run.name, state["epoch"])
-    for epoch in range(state["epoch"] + 1, cfg.optim.epochs + 1 if not state["stopped"] else 0):
+    last = state["epoch"] if state["stopped"] else cfg.optim.epochs
+    for epoch in range(state["epoch"] + 1, last + 1):
         t0 = time.perf_counter()
         # dropout, Gumbel, z and negative draws seeded per epoch: a run resumed at epoch e draws what an
         # uninterrupted one draws from e + 1 on, so a lost node or cluster does not change the result
@@ -149,7 +150,8 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
             _recentre_prototypes(model, cfg.run.seed, refine_only=epoch > cfg.model.proto_init_epoch, world=world)
         mean_loss, mean_nll, mean_kl = (sums / max(n_steps, 1)).tolist()  # one sync per epoch
         row = {"epoch": epoch, "step": state["step"], "beta": beta, "seconds": time.perf_counter() - t0,
-               "users": n_users * world // len(passes), "workers": world, "resumed_from": state["resumed_from"], "loss": mean_loss, "nll": mean_nll, "kl": mean_kl, "input_seconds": waited}
+               "users": n_users * world // len(passes), "workers": world, "resumed_from": state["resumed_from"],
+               "loss": mean_loss, "nll": mean_nll, "kl": mean_kl, "input_seconds": waited}
         if tables and world > 1:
             row["row_exchange_mb_per_step"] = exchanged / max(n_steps, 1) / 1e6
         stop = _validate(cfg, data, eval_model, epoch, row, state) if rank == 0 else False
@@ -231,7 +233,9 @@ def _restore(saved: dict, model, opt, ema) -> dict:
     extra = saved["extra"]
     if ema is not None and extra.get("ema") is not None:
         ema.load_state_dict(extra["ema"])
-    return {"step": saved["step"], "epoch": saved["epoch"], "stopped": bool(extra.get("stopped", False)),
+    # resumed_from: the epoch this worker group starts from (what a restart redid is measured by it)
+    return {"step": saved["step"], "epoch": saved["epoch"], "resumed_from": saved["epoch"],
+            "stopped": bool(extra.get("stopped", False)),
             **{k: extra[k] for k in ("best", "best_epoch", "bad_evals", "history")}}
 
 
