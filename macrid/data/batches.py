@@ -89,20 +89,32 @@ def load_train_share(lake_root: str, name: str, rank: int, world: int, version: 
     Reads record batch by record batch, so a rank holds its 1/W share plus one batch, never the
     whole training set. A shard that cannot be read is named in the error.
     """
+    parts, seen = [], 0
+    for batch in _train_batches(lake_root, name, version, 65_536):
+        first = (rank - seen) % world  # the first row of this batch that belongs to this rank
+        parts.append(batch.column(0).take(pa.array(np.arange(first, batch.num_rows, world))))
+        seen += batch.num_rows
+    return CSR.from_lists(pa.chunked_array(parts) if parts else pa.chunked_array([], pa.list_(pa.int32())))
+
+
+def train_chunks(lake_root: str, name: str, version: str = "", rows: int = 65_536) -> Iterator[CSR]:
+    """All the training bags, `rows` users at a time (memory: one chunk at any size)."""
+    for batch in _train_batches(lake_root, name, version, rows):
+        yield CSR.from_lists(pa.chunked_array([batch.column(0)]))
+
+
+def _train_batches(lake_root: str, name: str, version: str, rows: int) -> Iterator[pa.RecordBatch]:
+    """The train table's `items` column, shard by shard in name order, `rows` rows at a time; checksums verified,
+    and a shard that cannot be read named."""
     uri = f"{snapshot_uri(lake_root, name, version)}/train"
     fs, _ = lake.resolve(uri)
     files = lake.list_parquet(uri)
     if not files:
         raise DataError(f"{uri}: no Parquet files found; run jobs/prepare.py to build the dataset")
-    parts, seen = [], 0
     for path in files:
         with lake.explained(uri), unreadable_shard(lake.join(uri, path.rsplit("/", 1)[-1])):
             shard = pq.ParquetFile(path, filesystem=fs, page_checksum_verification=True)
-            for batch in shard.iter_batches(batch_size=65_536, columns=["items"]):
-                first = (rank - seen) % world  # the first row of this batch that belongs to this rank
-                parts.append(batch.column(0).take(pa.array(np.arange(first, batch.num_rows, world))))
-                seen += batch.num_rows
-    return CSR.from_lists(pa.chunked_array(parts) if parts else pa.chunked_array([], pa.list_(pa.int32())))
+            yield from shard.iter_batches(batch_size=rows, columns=["items"])
 
 
 @contextlib.contextmanager

@@ -64,6 +64,13 @@ def from_bytes(data: bytes, source: str, fingerprint: str | None = None) -> dict
     return state
 
 
+def from_ray(ckpt, fingerprint: str | None = None) -> dict:
+    """The checkpoint file inside a Ray Train Checkpoint (local or S3), read like `load`."""
+    source = f"{ckpt.path}/{FILE}"
+    with ckpt.filesystem.open_input_stream(source) as f:
+        return from_bytes(f.read(), source, fingerprint)
+
+
 def load(path: str, fingerprint: str | None = None) -> dict:
     """Load a checkpoint; refuse it when `fingerprint` (the dataset's) differs from the one it was trained on."""
     try:

@@ -168,9 +168,8 @@ def launch(cfg: Config, callbacks: list | None = None) -> dict:
         raise _user_error(e) or e from None
     if result.checkpoint is None:
         raise RuntimeError(f"{run_uri(cfg)}: Ray Train finished without a checkpoint; see the log above")
-    best_ckpt = result.get_best_checkpoint(SCORE, "max") or result.checkpoint
-    with best_ckpt.filesystem.open_input_stream(f"{best_ckpt.path}/{checkpoint.FILE}") as f:
-        best = checkpoint.from_bytes(f.read(), f"{best_ckpt.path}/{checkpoint.FILE}", meta["vocabulary_fingerprint"])
+    best = checkpoint.from_ray(result.get_best_checkpoint(SCORE, "max") or result.checkpoint,
+                               meta["vocabulary_fingerprint"])
     with result.checkpoint.filesystem.open_input_stream(f"{result.checkpoint.path}/{STATE_FILE}") as f:
         history = json.loads(f.read())["history"]
     return finish_on_the_training_device(cfg, best, history)
@@ -219,8 +218,7 @@ def finish_stored(run: str) -> dict | None:
     if result.checkpoint is None:
         return None
     best = result.get_best_checkpoint(SCORE, "max") or result.checkpoint
-    with best.filesystem.open_input_stream(f"{best.path}/{checkpoint.FILE}") as f:
-        saved = checkpoint.from_bytes(f.read(), f"{best.path}/{checkpoint.FILE}")
+    saved = checkpoint.from_ray(best)
     with result.checkpoint.filesystem.open_input_stream(f"{result.checkpoint.path}/{STATE_FILE}") as f:
         stored = json.loads(f.read())
     if not stored.get("ended"):  # stopped midway (a sweep's scheduler stopped it): nothing to finish

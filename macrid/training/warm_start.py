@@ -28,16 +28,15 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from macrid.config import Config
 from macrid.data import lake, layout
-from macrid.data.batches import CSR, unreadable_shard
+from macrid.data.batches import CSR, train_chunks
 from macrid.errors import CheckpointError, ConfigError
 from macrid.model.row_sparse import Optimizers, tables_of
 from macrid.model.vae import build_model
@@ -113,16 +112,6 @@ def fold_in_new_rows(table: torch.Tensor, sums: torch.Tensor, counts: torch.Tens
     return out
 
 
-def train_bags(lake_root: str, dataset: str, version: str, rows_per_chunk: int = 65_536) -> Iterator[CSR]:
-    """The dataset's training bags, one chunk of users at a time (bounded memory at any size)."""
-    uri = lake.join(layout.snapshot_uri(lake_root, dataset, version), "train")
-    fs, _ = lake.resolve(uri)
-    for path in lake.list_parquet(uri):
-        with lake.explained(uri), unreadable_shard(lake.join(uri, path.rsplit("/", 1)[-1])):
-            for batch in pq.ParquetFile(path, filesystem=fs).iter_batches(batch_size=rows_per_chunk, columns=["items"]):
-                yield CSR.from_lists(pa.chunked_array([batch.column(0)]))
-
-
 def parent_checkpoint(lake_root: str, parent: str) -> dict:
     """The parent run's best full checkpoint (weights, optimizer, EMA): in-process runs keep it as
     checkpoints/best.pt, Ray Train runs among Ray's checkpoints (ray.train.Result.from_path)."""
@@ -136,16 +125,15 @@ def parent_checkpoint(lake_root: str, parent: str) -> dict:
 
     if not lake.exists(lake.join(run, RAY_SNAPSHOT)):
         raise CheckpointError(f"{run}: no checkpoint to warm-start from (neither checkpoints/best.pt nor Ray "
-                              f"Train's {RAY_SNAPSHOT}); pass a finished run of this lake, or --from-scratch")
+                              f"Train's {RAY_SNAPSHOT}); pass a finished run of this lake, or train without --warm-start")
     import ray.train
 
     fs, path = lake.resolve(run)
     result = ray.train.Result.from_path(path, storage_filesystem=fs)
     best = result.get_best_checkpoint(SCORE, "max") or result.checkpoint
     if best is None:
-        raise CheckpointError(f"{run}: Ray Train recorded no checkpoint; pass a finished run, or --from-scratch")
-    with best.filesystem.open_input_stream(f"{best.path}/{checkpoint.FILE}") as f:
-        return checkpoint.from_bytes(f.read(), f"{best.path}/{checkpoint.FILE}")
+        raise CheckpointError(f"{run}: Ray Train recorded no checkpoint; pass a finished run, or train without --warm-start")
+    return checkpoint.from_ray(best)
 
 
 def base_lr(cfg: Config) -> float:
@@ -206,11 +194,11 @@ def _same_architecture(fresh: dict, parent: dict, item_keys: list[str], n_parent
             found = "missing" if p is None else f"shape {tuple(p.shape)}"
             raise ConfigError(f"warm start: the parent's weight {k!r} is {found}, the child's config needs "
                               f"{expected}; warm-start with the parent's model section (model.name, K, D, "
-                              "encoder_layers, item_bias), or train --from-scratch")
+                              "encoder_layers, item_bias), or train without --warm-start")
     extra = sorted(set(parent) - set(fresh))
     if extra:
         raise ConfigError(f"warm start: the parent has weights the child's config lacks ({extra[:5]}); use the "
-                          "parent's model section, or train --from-scratch")
+                          "parent's model section, or train without --warm-start")
 
 
 def _parent_ema(cfg: Config, parent_state: dict) -> dict | None:
@@ -235,7 +223,7 @@ def _carry_optimizer(parent: dict | None, opt: Optimizers, model: torch.nn.Modul
     if [[len(g) for g in part] for part in layout_child] != [[len(g) for g in part] for part in layout_parent]:
         raise ConfigError("warm start: the parent's optimizer holds its parameters differently from the child's "
                           "(optim.optimizer, optim.negatives or optim.row_sparse differ); use the parent's optim "
-                          "settings, or train --from-scratch")
+                          "settings, or train without --warm-start")
     out = []
     for part_state, part_names, child_part in zip(parts, layout_child, child["parts"]):
         order = [n for group in part_names for n in group]
@@ -279,7 +267,7 @@ def prepare_warm_start(cfg: Config, meta: dict) -> dict | None:
                               f"items but its checkpoint {state['n_items']}; the run folder is damaged")
     items = match_items(parent_vocab["item_id"].combine_chunks(), child_vocab["item_id"].combine_chunks())
     initial = build_initial(cfg, state, items,
-                            train_bags(cfg.data.lake, cfg.data.dataset, cfg.data.version),
+                            train_chunks(cfg.data.lake, cfg.data.dataset, cfg.data.version),
                             meta["vocabulary_fingerprint"])
     buf = io.BytesIO()
     torch.save(initial, buf)
