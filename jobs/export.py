@@ -109,18 +109,7 @@ def _push(gateway: str, name: str, summary: dict | None, seconds: float) -> None
                      "not monitored for this run"), file=sys.stderr)
 
 
-def exit_with(status: int) -> None:
-    """Exit with the export's own status. The interpreter's teardown is skipped: there pyarrow and deltalake can
-    abort the process after a successful commit (apache/arrow#34314, delta-io/delta-rs#2184), which the CronJob
-    would report as a failed export. Ray is shut down first, output flushed."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
-
-
 if __name__ == "__main__":
-    exit_with(main())
+    from macrid.cluster import exit_now
+
+    exit_now(main())

@@ -107,17 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def exit_with(status: int) -> None:
-    """Exit with the night's status, skipping the interpreter's teardown, where pyarrow and deltalake can abort a
-    process after a successful commit (as jobs/export.py does); Ray is shut down first, output flushed."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
-
-
 if __name__ == "__main__":
-    exit_with(main())
+    from macrid.cluster import exit_now
+
+    exit_now(main())

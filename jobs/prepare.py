@@ -26,9 +26,9 @@ import logging
 import sys
 
 from macrid.cluster import connect
-from macrid.errors import ConfigError, DataError, MacridError, user_error
+from macrid.errors import ConfigError, MacridError, user_error
 from macrid.data.prepare import prepare
-from macrid.data.raw_input import Source
+from macrid.data.raw_input import sources_of
 from macrid.data.readers import FORMATS, read_items
 from macrid.data.split import Protocol
 from macrid.data.synthetic import SyntheticSpec, generate
@@ -85,12 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = SyntheticSpec(**{k: getattr(args, f"syn_{k}") for k in SyntheticSpec.__dataclass_fields__})
             raw = generate(spec)
         else:
-            names = [i.rstrip("/").rsplit("/", 1)[-1] for i in args.input]
-            if len(names) > 1 and len(set(names)) != len(names):
-                raise DataError(f"the --input sources need distinct folder names to tell their ids apart; "
-                                f"got {names}")
-            raw = [Source(i, args.format, args.user_col, args.item_col, args.rating_col,
-                          prefix=f"{n}:" if len(names) > 1 else "") for i, n in zip(args.input, names)]
+            raw = sources_of(args.input, args.format, args.user_col, args.item_col, args.rating_col)
         if not args.local:
             connect(dashboard=False)
         meta = prepare(raw, args.lake, args.name, protocol, overwrite=args.overwrite, items=items,

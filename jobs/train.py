@@ -118,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
 
             require_resumable(cfg)
         if args.warm_start:
-            from macrid.training.registry import resolve
+            from macrid.training.registry import with_parent
 
-            cfg = load_config(path, overrides + [f"run.warm_start={json.dumps(resolve(cfg.data.lake, args.warm_start))}"])
+            cfg = with_parent(cfg, args.warm_start)
         if args.print_config:
             print(to_toml(cfg, header=f"{path}{' with ' + ' '.join(overrides) if overrides else ''}, "
                                       "every key written out", explain=True), end="")

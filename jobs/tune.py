@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.set) + ([f"data.lake={args.lake!r}"] if args.lake else [])
         cfg = load_config(args.config, overrides)
         if args.warm_start:
-            from macrid.training.registry import resolve
+            from macrid.training.registry import with_parent
 
-            cfg = load_config(args.config, overrides + [f"run.warm_start={json.dumps(resolve(cfg.data.lake, args.warm_start))}"])
+            cfg = with_parent(cfg, args.warm_start)
         space = load_space(args.space or os.path.join(here, "configs", "search", f"{cfg.model.name}.toml"), cfg)
         from macrid.training.launch import prepare_lake
         from macrid.training.sweep import run_sweep

@@ -95,13 +95,11 @@ def run_night(spec: NightlySpec) -> Night:
 
 def _prepare(spec: NightlySpec) -> dict:
     from macrid.data.prepare import prepare
-    from macrid.data.raw_input import Source
+    from macrid.data.raw_input import sources_of
     from macrid.data.readers import read_items
     from macrid.data.split import Protocol
 
-    names = [i.rstrip("/").rsplit("/", 1)[-1] for i in spec.inputs]
-    sources = [Source(i, "auto", spec.user_col, spec.item_col, spec.rating_col,
-                      prefix=f"{n}:" if len(spec.inputs) > 1 else "") for i, n in zip(spec.inputs, names)]
+    sources = sources_of(list(spec.inputs), "auto", spec.user_col, spec.item_col, spec.rating_col)
     items = read_items(spec.items, spec.item_col) if spec.items else None
     if not spec.local:
         from macrid.cluster import connect

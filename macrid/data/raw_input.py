@@ -68,6 +68,16 @@ class Fragment:
         return asdict(self)
 
 
+def sources_of(inputs: list[str], fmt: str = "auto", user_col: str = "user_id", item_col: str = "item_id",
+               rating_col: str | None = None) -> list[Source]:
+    """--input values -> Sources; a union of several prefixes each ID with its folder's name, so they must differ."""
+    names = [i.rstrip("/").rsplit("/", 1)[-1] for i in inputs]
+    if len(names) > 1 and len(set(names)) != len(names):
+        raise DataError(f"the --input sources need distinct folder names to tell their ids apart; got {names}")
+    return [Source(i, fmt, user_col, item_col, rating_col, prefix=f"{n}:" if len(names) > 1 else "")
+            for i, n in zip(inputs, names)]
+
+
 def fragments(sources: list[Source]) -> list[Fragment]:
     """Every file to read, in input order (sources in order, each folder's files in name order)."""
     out: list[Fragment] = []

@@ -48,6 +48,14 @@ def resolve(lake_root: str, ref: str) -> str:
                       f"({layout.run_uri(lake_root, ref)}) of lake {lake_root}")
 
 
+def with_parent(cfg, ref: str):
+    """The config with run.warm_start set to the run `ref` names now (a run, or what a model alias points to),
+    resolved once, so that a resumed run keeps its parent when the alias moves on."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, warm_start=resolve(cfg.data.lake, ref)))
+
+
 def record(lake_root: str, name: str, event: dict) -> dict:
     """Write one history record (event: promoted, refused, rolled_back, with its details); returns it."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.6f}"[2:] + "Z"
