@@ -77,26 +77,16 @@ def s3_endpoint():
     wait for the server, so a server thread in the same process could never answer them.
     The variables are set before any Ray cluster starts, so Ray workers inherit them.
     """
-    import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     import boto3
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            time.sleep(0.05)
+    wait_for_http(endpoint)
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                             "AWS_DEFAULT_REGION", "AWS_REGION")}
     os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
@@ -110,6 +100,45 @@ def s3_endpoint():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, tries: int = 200) -> None:
+    """Until a server just started answers at url (any HTTP status), 50 ms apart."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    for _ in range(tries):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def pushgateway():
+    """A real Prometheus Pushgateway (Debian's) on loopback; its URL."""
+    import subprocess
+
+    binary = system_binary("prometheus-pushgateway", "prometheus-pushgateway")
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen([binary, f"--web.listen-address={url.removeprefix('http://')}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_for_http(f"{url}/-/ready")
+    yield url
+    proc.terminate()
+    proc.wait()
 
 
 @pytest.fixture(scope="module")

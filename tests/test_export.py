@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from macrid.data.split import Protocol
 from macrid.data.synthetic import SyntheticSpec, generate
 from macrid.training.train import load_model, run_in_process
 
-from conftest import ROOT, real_data, system_binary
+from conftest import ROOT, real_data
 
 pytestmark = pytest.mark.timeout(600)
 TOP_N = 20
@@ -286,30 +285,6 @@ def test_bad_input_is_named_and_writes_nothing(local_run, tmp_path, case):
         assert w in str(e.value), (w, str(e.value))
     root = export_uri(local_run, name)
     assert not os.path.exists(root) or not [p for p in os.listdir(root) if p != "_staging"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def pushgateway():
-    binary = system_binary("prometheus-pushgateway", "prometheus-pushgateway")
-    port = free_port()
-    proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"{url}/-/ready", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait()
 
 
 def gateway_metrics(url):
