@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 
 from macrid.data import lake
-from macrid.data.synthetic import Catalogue, draw_segments
+from macrid.data.synthetic import Catalogue, catalogue_of, draw_segments
 from macrid.errors import ConfigError
 
 
@@ -126,17 +126,11 @@ def day_events(spec: DailySpec, w: World, day: int, rng: np.random.Generator) ->
 
 
 def _catalogue(category: np.ndarray, factors: np.ndarray, weight: np.ndarray, K: int, ids: np.ndarray) -> Catalogue:
-    """synthetic.Catalogue over the given items (global ids `ids`) with popularity weights `weight`."""
+    """synthetic.Catalogue over the live items `ids` (their categories `category`), drawn with `weight`."""
     order = np.lexsort((-weight, category))  # by category, most popular first
-    cat_sorted, w_sorted = category[order], weight[order]
-    counts = np.bincount(cat_sorted, minlength=K)
-    ends = np.cumsum(counts)
-    starts = ends - counts
-    csum = np.cumsum(w_sorted)
-    before = np.concatenate([[0.0], csum])[starts]
-    total = np.concatenate([[0.0], csum])[ends] - before
-    shifted = cat_sorted + (csum - before[cat_sorted]) / np.maximum(total[cat_sorted], 1e-300)
-    return Catalogue(category, factors, ids[order], shifted, ends)
+    full = np.full(len(factors), -1)
+    full[ids] = category  # catalogue_of reads each member's category by its global id
+    return catalogue_of(full, factors, ids[order], weight[order], K)
 
 
 def write_days(spec: DailySpec, uri: str, overwrite: bool = False) -> dict:

@@ -78,11 +78,19 @@ def catalogue(spec: SyntheticSpec, rng: np.random.Generator) -> Catalogue:
     factors = rng.standard_normal((M, spec.factors)).astype(np.float32)
     members = np.lexsort((rng.random(M), category))  # by category, random popularity order inside
     counts = np.bincount(category, minlength=K)
-    ends = np.cumsum(counts)
-    starts = ends - counts
+    starts = np.cumsum(counts) - counts
     cat_sorted = category[members]
     rank = np.arange(M) - starts[cat_sorted] + 1
-    weight = rank.astype(np.float64) ** -spec.zipf
+    return catalogue_of(category, factors, members, rank.astype(np.float64) ** -spec.zipf, K)
+
+
+def catalogue_of(category: np.ndarray, factors: np.ndarray, members: np.ndarray, weight: np.ndarray, K: int
+                 ) -> Catalogue:
+    """A Catalogue over `members` (item ids grouped by category), each drawn with its `weight` (aligned with
+    members) within its category: the shifted CDF that `draw_segments` searches."""
+    cat_sorted = category[members]
+    ends = np.cumsum(np.bincount(cat_sorted, minlength=K))
+    starts = ends - np.bincount(cat_sorted, minlength=K)
     csum = np.cumsum(weight)
     before = np.concatenate([[0.0], csum])[starts]  # cumulative weight before each category
     total = np.concatenate([[0.0], csum])[ends] - before

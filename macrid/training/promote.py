@@ -127,9 +127,8 @@ def promote(lake_root: str, name: str, candidate: str, rule: GateRule = GateRule
 def _ndcg_by_id(lake_root: str, run: str, ids, split: HeldOut, device: str) -> np.ndarray:
     """(U,) NDCG@100 of one run on users whose items are candidate-vocabulary indices into `ids`."""
     ranked = ranked_by_id(lake_root, run, ids, split.foldin, K, device)  # (U, K)
-    # as_tensor copies the CSR's read-only arrays (Arrow-backed) instead of wrapping them
-    hits = targets_mask(torch.from_numpy(ranked), torch.as_tensor(split.heldout.indices.copy()),
-                        torch.as_tensor(split.heldout.indptr.copy()), len(ids) + 1)
+    hits = targets_mask(torch.from_numpy(ranked), torch.from_numpy(split.heldout.indices),
+                        torch.from_numpy(split.heldout.indptr), len(ids) + 1)
     return ndcg_at_k(hits, torch.from_numpy(np.diff(split.heldout.indptr)), K).numpy()
 
 
@@ -168,16 +167,12 @@ def _mapped(bags: CSR, rows: np.ndarray, to_model: np.ndarray) -> CSR:
 
 def _sample(split: HeldOut, max_users: int) -> HeldOut:
     """All users with a held-out item, or a fixed sample of max_users of them."""
-    n_targets = np.diff(split.heldout.indptr)
-    users = np.flatnonzero(n_targets > 0)
+    users = np.flatnonzero(np.diff(split.heldout.indptr) > 0)
     if 0 < max_users < len(users):
         users = np.sort(np.random.default_rng(0).choice(users, max_users, replace=False))
-    take = lambda csr: CSR.from_lists(_as_lists(csr, users))  # noqa: E731
-    return HeldOut(split.user_idx[users], take(split.foldin), take(split.heldout))
+    return HeldOut(split.user_idx[users], _rows(split.foldin, users), _rows(split.heldout, users))
 
 
-def _as_lists(csr: CSR, rows: np.ndarray):
-    import pyarrow as pa
-
+def _rows(csr: CSR, rows: np.ndarray) -> CSR:
     idx, off = csr.take(rows)
-    return pa.chunked_array([pa.ListArray.from_arrays(pa.array(off.numpy().astype(np.int32)), pa.array(idx.numpy()))])
+    return CSR(off.numpy(), idx.numpy())

@@ -10,7 +10,7 @@ before the pointer moves, and listing the folder in name order gives them in tim
 
 from __future__ import annotations
 
-import time
+import datetime
 import uuid
 
 from macrid.data import lake, layout
@@ -58,11 +58,16 @@ def with_parent(cfg, ref: str):
 
 def record(lake_root: str, name: str, event: dict) -> dict:
     """Write one history record (event: promoted, refused, rolled_back, with its details); returns it."""
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.6f}"[2:] + "Z"
-    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": name} | event
+    now = datetime.datetime.now(datetime.timezone.utc)
+    entry = {"time": now.isoformat(timespec="seconds"), "model": name} | event
+    stamp = f"{now:%Y%m%dT%H%M%S%fZ}"  # names sort in time order
     lake.write_json(lake.join(layout.model_uri(lake_root, name), "history", f"{stamp}-{uuid.uuid4().hex[:8]}.json"),
                     entry)
     return entry
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def history(lake_root: str, name: str) -> list[dict]:
@@ -80,7 +85,7 @@ def point(lake_root: str, name: str, run: str, details: dict) -> dict:
     """Move NAME to `run` (the run it pointed to goes on the rollback stack); returns the new pointer."""
     old = current(lake_root, name)
     stack = ([*old.get("stack", []), old["run"]] if old else [])[-STACK_DEPTH:]
-    pointer = {"run": run, "stack": stack, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | details
+    pointer = {"run": run, "stack": stack, "time": _now()} | details
     lake.write_json(lake.join(layout.model_uri(lake_root, name), CURRENT), pointer)
     return pointer
 
@@ -93,7 +98,6 @@ def rollback(lake_root: str, name: str) -> dict:
                           f"({'never promoted' if old is None else 'only one promotion so far'})")
     *rest, previous = old["stack"]
     record(lake_root, name, {"event": "rolled_back", "from": old["run"], "to": previous})
-    pointer = {"run": previous, "stack": rest, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "rolled_back_from": old["run"]}
+    pointer = {"run": previous, "stack": rest, "time": _now(), "rolled_back_from": old["run"]}
     lake.write_json(lake.join(layout.model_uri(lake_root, name), CURRENT), pointer)
     return pointer
