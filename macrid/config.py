@@ -197,8 +197,8 @@ class RunConfig:
     # with warm_start: re-cluster the carried prototypes at model.proto_init_epoch and refine them (model.proto_refine)
     # anyway; concepts then drift from one night to the next. false keeps the prototypes where the parent left them
     warm_start_recluster: bool = False
-    # with warm_start: the learning rate is optim.lr times this (a fine-tune: 0.25 kept 90-93% of the carried items
-    # in their concept on the planted lake, 1.0 kept 73-89%, at the same NDCG; benchmarks/nightly.md)
+    # with warm_start: the learning rate is optim.lr times this (a fine-tune: on the planted lake 0.25 kept 90-93% of
+    # the carried items in their concept, 1.0 with refinement 73-89%; benchmarks/nightly.md)
     warm_start_lr_scale: float = 0.25
     fail_at_step: int = -1  # fault injection for recovery tests: SIGKILL rank fail_rank once at this step
     fail_rank: int = 0  # the rank that fail_at_step kills
