@@ -35,8 +35,9 @@ def connect(dashboard: bool = True) -> bool:
     # error line on every run (ray-project/ray#53727). Clusters the job joins keep it.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # The dashboard also serves Ray's State API, which Ray Train polls; without it every poll logs a warning.
-    ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-             configure_logging=False)
+    # address "local": always a new Ray of this job's own, never one Ray would find on the machine by itself
+    ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
+             object_store_memory=LOCAL_OBJECT_STORE_BYTES, configure_logging=False)
     return True
 
 
