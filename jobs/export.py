@@ -9,7 +9,10 @@ written to the lake as Delta tables partitioned by date.
 --input is a dataset of the lake (all its users) or raw interactions in any format `prepare` reads
 (a file, a folder or an s3:// prefix). The tables land in <lake>/exports/<name>/{user_components,
 item_concepts,recommendations,prototypes}; each is committed once, and a re-run for the same --date
-replaces that date's partition. Columns and example queries: docs/export-schema.md.
+replaces that date's partition. A fifth table, manifest, committed last, names the version of each table
+that holds the date, so readers get one whole export (macrid.output.manifest.read). One export of a name
+runs at a time: a second one is refused while the first holds <lake>/exports/<name>/_lease.json.
+Columns and example queries: docs/export-schema.md.
 
 Monitoring: with --pushgateway URL (or PUSHGATEWAY_URL), every run pushes its users, dropped items,
 duration and last success (or failure) time to a Prometheus Pushgateway, job "macrid_export".
@@ -55,6 +58,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true",
                    help="compute in this process without Ray (same files and tables): for small exports, where "
                         "starting Ray and its actors takes longer than the work")
+    p.add_argument("--retention-hours", type=int, default=168,
+                   help="after committing, vacuum each table: delete files that no version of the last this many "
+                        "hours uses (older versions, a killed export's files). Readers pinned to an earlier "
+                        "export (time travel, the manifest) need it to cover them (default: 168, one week)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -75,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                       top_n=args.top_n, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                       gpus_per_worker=args.gpus_per_worker, batch_size=args.batch_size, format=args.format,
                       user_col=args.user_col, item_col=args.item_col, rating_col=args.rating_col,
-                      local=args.local)
+                      local=args.local, retention_hours=args.retention_hours)
     try:
         summary = export(spec, progress=not args.quiet)
         status = 0

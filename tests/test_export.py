@@ -284,7 +284,8 @@ def test_bad_input_is_named_and_writes_nothing(local_run, tmp_path, case):
     for w in words:
         assert w in str(e.value), (w, str(e.value))
     root = export_uri(local_run, name)
-    assert not os.path.exists(root) or not [p for p in os.listdir(root) if p != "_staging"]
+    # nothing but the (empty) staging folder and the lease's lock file, which holds no data
+    assert not os.path.exists(root) or not [p for p in os.listdir(root) if p not in ("_staging", "._lease.json.lock")]
 
 
 def gateway_metrics(url):
@@ -416,9 +417,11 @@ export(ExportSpec(lake=sys.argv[1], run="r", input="ml-100k", name="killed", dat
 """
 
 
-def test_a_killed_export_leaves_nothing_visible_and_the_next_export_removes_its_files(local_run):
-    """SIGKILL at the worst moment (all files written, nothing committed): readers see the previous version;
-    the next export of that date deletes the dead export's files and keeps those of committed versions."""
+def test_a_killed_export_leaves_nothing_visible_and_the_vacuum_removes_its_files_once_they_age(local_run):
+    """SIGKILL at the worst moment (all files written, nothing committed, the lease held): readers see the previous
+    version; the next export takes the dead process's lease over at once, and leaves the dead export's files
+    alone while they are younger than the retention window (a writer that is still at work would lose them);
+    once older, the vacuum removes them and keeps the files of every version in the window."""
     import signal
 
     spec = ExportSpec(lake=local_run, run="r", input="ml-100k", name="killed", date="2026-11-28", top_n=3,
@@ -430,23 +433,112 @@ def test_a_killed_export_leaves_nothing_visible_and_the_next_export_removes_its_
     victim = subprocess.Popen([sys.executable, "-c", KILLED_EXPORT, local_run], stdout=subprocess.PIPE, text=True,
                               cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert victim.stdout.readline().strip() == "WRITTEN"
+    assert json.loads(open(f"{export_uri(local_run, 'killed')}/_lease.json").read())["pid"] == victim.pid
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     orphans = set(os.listdir(f"{uri}/dt=2026-11-28")) - committed_files
     assert orphans, "the killed export wrote no file"
     assert read(local_run, "killed", "user_components").equals(before)  # nothing of it is visible
+    export(spec, progress=False)  # the dead holder's lease does not block it
+    second = set(os.listdir(f"{uri}/dt=2026-11-28"))
+    assert orphans <= second  # young: for all this export can tell, a writer still at work owns them
+    aged = time.time() - 8 * 24 * 3600  # older than the default window (168 h)
+    for name in orphans:
+        os.utime(f"{uri}/dt=2026-11-28/{name}", (aged, aged))
     summary = export(spec, progress=False)
     left = set(os.listdir(f"{uri}/dt=2026-11-28"))
     assert not (left & orphans)  # the dead export's files are gone
-    assert committed_files <= left  # version 0's files stay: time travel still reads it
+    assert committed_files <= left and second - orphans <= left  # every version in the window stays readable
     assert read(local_run, "killed", "user_components", version=0).equals(before)
-    assert summary["leftovers_removed"]["user_components"] == len(orphans)
+    assert summary["vacuumed"]["user_components"] == len(orphans)
+    assert not os.path.exists(f"{export_uri(local_run, 'killed')}/_lease.json")  # released at the end
+
+
+def test_a_second_export_of_the_name_is_refused_while_the_first_holds_the_lease(local_run):
+    """Two exports of one name at once: the second stops before writing anything, names the holder and what to
+    do, and the first's files and the tables are untouched. The lease is the same object on S3 (below)."""
+    from macrid.data.lease import Lease, LeaseHeld
+
+    spec = ExportSpec(lake=local_run, run="r", input="ml-100k", name="busy", date="2026-11-28", top_n=3,
+                      local=True)
+    export(spec, progress=False)
+    uri = export_uri(local_run, "busy", "user_components")
+    files = set(os.listdir(f"{uri}/dt=2026-11-28"))
+    version = delta.open_table(uri).version()
+    with Lease(export_uri(local_run, "busy"), owner="the-first-export", what="export busy"):
+        with pytest.raises(LeaseHeld, match=r"the-first-export.*is writing here.*Wait for that job to end"):
+            export(spec, progress=False)
+        done = subprocess.run([sys.executable, str(ROOT / "jobs" / "export.py"), "--lake", local_run, "--run", "r",
+                               "--input", "ml-100k", "--name", "busy", "--date", "2026-11-28", "--local", "--quiet"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and "_lease.json" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert set(os.listdir(f"{uri}/dt=2026-11-28")) == files and delta.open_table(uri).version() == version
+    export(spec, progress=False)  # released: the next one runs
+    assert delta.open_table(uri).version() == version + 1
+
+
+def test_the_lease_on_s3_admits_one_holder_and_is_taken_over_once_expired(s3_endpoint):
+    """The conditional PUT on the S3 server: of two jobs only one holds the lease; a holder that stops renewing
+    (ttl passed) loses it to the next, and then must not commit (check raises)."""
+    from macrid.data.lease import Lease, LeaseHeld, LeaseLost
+
+    folder = "s3://lake/leases/nightly"
+    first = Lease(folder, owner="first", what="export nightly", ttl_s=2.0).acquire()
+    first._stop.set()  # a holder that stalls: it stops renewing
+    with pytest.raises(LeaseHeld, match="first"):
+        Lease(folder, owner="second", what="export nightly").acquire()
+    time.sleep(2.5)
+    second = Lease(folder, owner="second", what="export nightly").acquire()
+    with pytest.raises(LeaseLost, match="taken over"):
+        first.check()
+    second.check()
+    second.release()
+    assert not lake.exists(f"{folder}/_lease.json")
+
+
+def test_readers_of_the_manifest_never_see_half_an_export(local_run, monkeypatch):
+    """The manifest, committed last, pins each table's version for the date. An export that fails between two
+    tables' commits leaves the latest user_components and recommendations new and item_concepts old; the
+    manifest still names the previous export's versions, so reading through it gives that export whole."""
+    from macrid.output import manifest
+
+    name, date = "whole", "2026-11-28"
+    first = export(ExportSpec(lake=local_run, run="r", input="ml-100k", name=name, date=date, top_n=3, local=True),
+                   progress=False)
+    pinned = manifest.versions(local_run, name, date)
+    assert pinned == {t: first["versions"][t] for t in TABLES}
+    real_commit = delta.commit
+
+    def fail_at_items(uri, *args, **kwargs):
+        if uri.endswith("item_concepts"):
+            raise OSError("the store went away")
+        return real_commit(uri, *args, **kwargs)
+
+    monkeypatch.setattr(delta, "commit", fail_at_items)
+    with pytest.raises(OSError):
+        export(ExportSpec(lake=local_run, run="r", input="ml-100k", name=name, date=date, top_n=5, local=True),
+               progress=False)
+    latest = read(local_run, name, "recommendations").filter(pl.col("dt") == date)
+    assert latest.group_by("user_id").len()["len"].max() == 5  # tonight's rows are the latest version ...
+    assert manifest.versions(local_run, name, date) == pinned  # ... but the manifest still names last night's
+    through = manifest.read(local_run, name, "recommendations", date)
+    assert through.group_by("user_id").len()["len"].max() == 3
+    assert through.sort("user_id", "rank").equals(
+        read(local_run, name, "recommendations", pinned["recommendations"]).filter(pl.col("dt") == date)
+        .sort("user_id", "rank"))
+    monkeypatch.setattr(delta, "commit", real_commit)
+    again = export(ExportSpec(lake=local_run, run="r", input="ml-100k", name=name, date=date, top_n=5, local=True),
+                   progress=False)
+    assert manifest.versions(local_run, name, date) == {t: again["versions"][t] for t in TABLES}
+    assert manifest.read(local_run, name, "recommendations", date).group_by("user_id").len()["len"].max() == 5
+    with pytest.raises(DataError, match="no completed export for 2026-11-29"):
+        manifest.versions(local_run, name, "2026-11-29")
 
 
 def test_the_uncommitted_files_of_the_committing_export_are_removed_too(local_run):
     """A batch whose actor died with its node is computed again by another actor, so the export that commits
     may have written files that its commit does not hold. After the commit they are removed; the files of an
-    earlier committed export stay (time travel)."""
+    earlier committed export, and of any other export, stay."""
     import shutil
 
     spec = ExportSpec(lake=local_run, run="r", input="ml-100k", name="lost-actor", date="2026-11-28", top_n=3,
@@ -460,10 +552,12 @@ def test_the_uncommitted_files_of_the_committing_export_are_removed_too(local_ru
     committed = {f for f in os.listdir(folder) if tag in f}
     # what a dead actor of this export leaves: a data file named by this export's ID that its commit lacks
     dead = f"part-{tag}-{'ab' * 6}.parquet"
+    other = f"part-20261128T000000-{'cd' * 3}-{'ef' * 6}.parquet"  # another export's, never committed
     shutil.copy(f"{folder}/{sorted(committed)[0]}", f"{folder}/{dead}")
-    removed = delta.remove_leftovers(uri, "2026-11-28", tag)
+    shutil.copy(f"{folder}/{sorted(committed)[0]}", f"{folder}/{other}")
+    removed = delta.remove_unheld(uri, "2026-11-28", tag)
     assert removed == [f"dt=2026-11-28/{dead}"]
-    assert set(os.listdir(folder)) == first | committed  # the earlier export's files stay for time travel
+    assert set(os.listdir(folder)) == first | committed | {other}  # the earlier export's files stay for time travel
     assert read(local_run, "lost-actor", "user_components").height == \
         read(local_run, "lost-actor", "user_components", version=0).height
 

@@ -359,7 +359,7 @@ def test_an_export_that_loses_a_node_commits_nothing_and_its_rerun_commits_each_
     assert delta.open_table(comps_uri).version() == 1  # one commit per export that succeeded
     print(f"[faults] export: a node (with one of the 2 actors) removed after {written} of date B's files; the "
           f"export {outcome} {b_comps.height} component rows once each; commit: "
-          f"{json.loads(summary.get('macrid', '{}')).get('leftovers_removed', {})} leftovers removed")
+          f"{json.loads(summary.get('macrid', '{}')).get('unheld_removed', {})} unheld files of the re-run removed")
     ensure_worker_nodes(cluster, ray, 2)
 
 

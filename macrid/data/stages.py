@@ -28,6 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from macrid.data import lake, layout
+from macrid.data.lease import process_alive
 from macrid.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def remove_dead_scratch(lake_root: str, job: str) -> list[str]:
         except DataError:
             owner = {}
         here = owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int)
-        dead = (here and not _alive(owner["pid"])) or \
+        dead = (here and not process_alive(owner["pid"])) or \
             (not here and time.time() - owner.get("started", (info.mtime.timestamp() if info.mtime else time.time()))
              > DEAD_AFTER_S)
         if dead:
@@ -124,16 +125,6 @@ def remove_dead_scratch(lake_root: str, job: str) -> list[str]:
         logging.getLogger(__name__).warning("removed %d scratch folder(s) of %s jobs that died without cleaning up: %s",
                                             len(removed), job, removed)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 class Stages:

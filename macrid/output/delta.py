@@ -6,8 +6,9 @@ says, not what its folder holds. The driver then commits all files of a table as
 that replaces the date's partition (`mode="overwrite"` with a `dt` partition filter). So:
 
 - a crash before the commit leaves the previous version as it was, and the files it wrote are
-  orphans that no reader sees: a failed export deletes its own (`delete_uncommitted`), and the next
-  successful export of the date removes those of a killed one (`remove_leftovers`, by export ID);
+  orphans that no reader sees: a failed export deletes its own (`delete_uncommitted`), and those of a
+  killed one go with the vacuum once older than its retention window (never another export's files
+  by name: one that is still writing them would lose them);
 - a table written under an older schema whose columns only need widening (rank int16 -> int32) is
   rewritten once, in one commit, before the new partition (`widen`); earlier versions stay readable;
 - a re-run for the same date replaces that date's partition and nothing else;
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 import uuid
 
@@ -154,12 +154,14 @@ def delete_files(uri: str, files: list[dict]) -> None:
 
 
 def last_commit(uri: str) -> dict:
-    """Our metadata of the table's latest commit ({} if the table or the metadata is missing)."""
+    """Our metadata of the table's latest commit that has it (a vacuum's commits do not); {} if none."""
     table = open_table(uri)
     if table is None:
         return {}
-    entry = table.history(1)[0]
-    return json.loads(entry.get("macrid", "{}"))
+    for entry in table.history():
+        if "macrid" in entry:
+            return json.loads(entry["macrid"])
+    return {}
 
 
 def _delta_arrow(schema: pa.Schema) -> pa.Schema:
@@ -214,40 +216,21 @@ def widen(uri: str, full: pa.Schema, metadata: dict) -> int:
     return open_table(uri).version()
 
 
-_DATA_FILE = re.compile(r"part-(\d{8}T\d{6}-[0-9a-f]{6})-[0-9a-f]{12}\.parquet")
-
-
-def remove_leftovers(uri: str, date: str, keep_tag: str) -> list[str]:
-    """Delete the data files in `dt=date` that a killed export left, or a lost worker of this one: files not in
-    the current version and named either by an export ID that no commit in the table's history carries, or by
-    `keep_tag`, the export that just committed (a batch whose actor died with its node is computed again by
-    another, and the dead one's files were never committed). Files of earlier committed exports stay (time
-    travel needs them until `vacuum`). Returns the removed paths. Call it after `keep_tag`'s commit. Assumes
-    one writer per table at a time, which docs/export-schema.md asks for and the CronJob's
-    concurrencyPolicy enforces."""
+def remove_unheld(uri: str, date: str, tag: str) -> list[str]:
+    """Delete the data files in `dt=date` named by export `tag` that its version does not hold: a batch whose
+    actor died with its node is computed again by another, and the dead one's files were never committed. Call
+    it after `tag`'s commit. Only this export's own files are touched: another export's files, in flight or
+    left by a killed one, are the vacuum's (by age), never this cleanup's. Returns the removed paths."""
     import pyarrow.fs as pafs
 
     table = open_table(uri)
     if table is None:
         return []
-    committed = set()
-    for entry in table.history():
-        try:
-            committed.add(json.loads(entry.get("macrid", "{}")).get("export_id"))
-        except ValueError:
-            continue
-    current = set(table.file_uris())
+    current = {u.rsplit("/", 1)[-1] for u in table.file_uris()}
     fs, root = lake.resolve(uri)
-    folder = f"{root}/{PARTITION}={date}"
     with lake.explained(uri):
-        infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-    stale = []
-    for i in infos:
-        m = _DATA_FILE.fullmatch(i.base_name)
-        if i.type != pafs.FileType.File or m is None or (m.group(1) in committed and m.group(1) != keep_tag):
-            continue
-        if any(u.endswith(f"{PARTITION}={date}/{i.base_name}") for u in current):
-            continue
-        stale.append(f"{PARTITION}={date}/{i.base_name}")
-    delete_files(uri, [{"path": p} for p in stale])
-    return stale
+        infos = fs.get_file_info(pafs.FileSelector(f"{root}/{PARTITION}={date}", allow_not_found=True))
+    unheld = [f"{PARTITION}={date}/{i.base_name}" for i in infos
+              if i.type == pafs.FileType.File and i.base_name.startswith(f"part-{tag}-") and i.base_name not in current]
+    delete_files(uri, [{"path": p} for p in unheld])
+    return unheld

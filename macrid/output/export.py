@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from macrid.output import delta
+from macrid.data.lease import Lease
+from macrid.output import delta, manifest
 from macrid.data import lake, layout
 from macrid.data.batches import snapshot_uri
 from macrid.errors import ClusterError, ConfigError, DataError, lost_to_the_cluster
@@ -61,6 +62,7 @@ class ExportSpec:
     rating_col: str | None = None
     fail_after_batches: int = 0  # fault injection (tests): each actor raises after this many batches
     local: bool = False  # compute in this process, no Ray: for small exports, where Ray's start-up dominates
+    retention_hours: int = 168  # vacuum: files no version of this window uses are deleted (Delta's default week)
 
 
 MAX_TOP_N = 2**31 - 1  # the rank column is int32
@@ -76,6 +78,22 @@ def export(spec: ExportSpec, progress: bool = True) -> dict:
     spec = _checked(spec)
     tag = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     model, saved, vocab, run_record = published_run(spec.lake, spec.run)
+    with Lease(export_uri(spec.lake, spec.name), owner=tag, what=f"export {spec.name}") as lease:
+        summary = _export_held(spec, tag, model, saved, vocab, run_record, lease, progress)
+    vacuumed = {table: removed for table in (*TABLES, manifest.TABLE)
+                if (removed := _vacuum(export_uri(spec.lake, spec.name, table), spec.retention_hours))}
+    if vacuumed:
+        summary["vacuumed"] = vacuumed
+    summary["seconds"]["total"] = round(time.time() - t0, 3)
+    return summary
+
+
+def _export_held(spec: ExportSpec, tag: str, model: MacridVAE, saved: dict, vocab: pl.DataFrame, run_record: dict,
+                 lease: Lease, progress: bool) -> dict:
+    """The export proper, under the name's lease: compute and write every file, check every table's columns,
+    commit the tables one by one, then the manifest that makes them one export. On failure, delete this
+    export's uncommitted files and no committed one."""
+    t0 = time.time()
     stage = export_uri(spec.lake, spec.name, f"_staging/{tag}")
     committed: list[str] = []
     try:
@@ -105,17 +123,30 @@ def export(spec: ExportSpec, progress: bool = True) -> dict:
             if table == "item_concepts" and model.item_bias is not None:
                 schema = schema.append(pa.field("bias", pa.float32()))  # only then: older tables keep their columns
             schemas[table] = schema
-            delta.check_schema(export_uri(spec.lake, spec.name, table), schema)  # every table before any commit
+        schemas[manifest.TABLE] = manifest.SCHEMA
+        for table, schema in schemas.items():  # every table before any commit
+            delta.check_schema(export_uri(spec.lake, spec.name, table), schema)
+        versions: dict[str, int] = {}
         for table, schema in schemas.items():  # one commit per table; the summary's timings cover what came before
+            if table == manifest.TABLE:
+                continue
             uri = export_uri(spec.lake, spec.name, table)
-            version = delta.commit(uri, schema, files[table], spec.date, summary)
+            lease.check()  # a writer that lost its lease (it stalled past the expiry) must not commit
+            versions[table] = delta.commit(uri, schema, files[table], spec.date, summary)
             committed.append(table)
-            summary.setdefault("versions", {})[table] = version
-            removed = delta.remove_leftovers(uri, spec.date, tag)  # a killed earlier export's files of this date
+            removed = delta.remove_unheld(uri, spec.date, tag)  # this export's files its commit lacks (a lost actor's)
             if removed:
-                summary.setdefault("leftovers_removed", {})[table] = len(removed)
+                summary.setdefault("unheld_removed", {})[table] = len(removed)
+        summary["versions"] = dict(versions)
+        # last: the manifest that makes the date's tables one export for readers (docs/export-schema.md)
+        uri = export_uri(spec.lake, spec.name, manifest.TABLE)
+        listing = manifest.rows(versions, {t: sum(f["rows"] for f in files[t]) for t in versions}, summary)
+        lease.check()
+        summary["versions"][manifest.TABLE] = delta.commit(
+            uri, manifest.SCHEMA, [delta.write_file(uri, spec.date, listing, tag)], spec.date, summary)
+        committed.append(manifest.TABLE)
     except BaseException:
-        for table in TABLES:
+        for table in (*TABLES, manifest.TABLE):
             uri = export_uri(spec.lake, spec.name, table)
             # a table whose commit reached its log (even if what followed it raised) keeps its files
             if table not in committed and not _committed_anyway(uri, tag):
@@ -123,8 +154,25 @@ def export(spec: ExportSpec, progress: bool = True) -> dict:
         raise
     finally:
         _remove(stage)
-    summary["seconds"]["total"] = round(time.time() - t0, 3)
     return summary
+
+
+def _vacuum(uri: str, retention_hours: int) -> int:
+    """Delete the files no version of the last `retention_hours` uses (a killed export's, older versions' that
+    time travel no longer reaches); returns how many. A failure is logged, not raised: the export has
+    committed, and the next export's vacuum removes what this one could not."""
+    table = delta.open_table(uri)
+    if table is None:
+        return 0
+    try:
+        with lake.explained(uri):
+            if not table.vacuum(retention_hours, dry_run=True, enforce_retention_duration=False, full=True):
+                return 0  # a vacuum that deletes nothing would still add two commits to the log
+            return len(table.vacuum(retention_hours, dry_run=False, enforce_retention_duration=False, full=True))
+    except Exception as e:  # noqa: BLE001 - the export's outcome stands either way
+        logging.getLogger(__name__).warning("%s: vacuum failed (%s); the export is committed, and the next export "
+                                            "vacuums again", uri, str(e).splitlines()[0][:200])
+        return 0
 
 
 def _committed_anyway(uri: str, tag: str) -> bool:
@@ -148,6 +196,9 @@ def _checked(spec: ExportSpec) -> ExportSpec:
     layout.check_name("run", spec.run)
     if spec.top_n < 0 or spec.workers < 1 or spec.batch_size < 1:
         raise ConfigError("--top-n must be >= 0, --workers and --batch-size >= 1")
+    if spec.retention_hours < 1:
+        raise ConfigError(f"--retention-hours {spec.retention_hours}: pass at least 1; time travel to earlier exports "
+                          "(and readers pinned by the manifest) need their files for that long")
     if spec.top_n > MAX_TOP_N:
         raise ConfigError(f"--top-n {spec.top_n} is more than the recommendations table's int32 rank holds "
                           f"({MAX_TOP_N}); pass at most {MAX_TOP_N}")
