@@ -235,3 +235,27 @@ def test_a_warm_start_on_ray_train_workers_from_a_ray_train_parent_records_its_l
             record["parent"]["items"]["dropped"]) == (len(old & new), len(new - old), len(old - new))
     assert len(new - old) > 0 and len(old - new) > 0
     assert m["parent"] == record["parent"] and m["epochs_run"] == 1
+
+
+def test_a_sweep_waits_for_a_trial_whose_ray_train_run_goes_on_after_tune_lost_it(s3_lake):
+    """Tune heard the trial's epoch 0 (its actor was lost); its Ray Train run trains on. The sweep's driver waits
+    for that training to end and returns only once the run is finished (metrics.json, model.pt), instead of
+    skipping it as it did."""
+    from types import SimpleNamespace
+
+    from macrid.training.launch import stored_progress
+    from macrid.training.sweep import _finish_orphaned_trials
+
+    cfg = cfg_for(s3_lake, "orphan-t1", "optim.epochs=4", "run.data='memory'")
+    run = f"{s3_lake}/runs/orphan-t1"
+    thread = threading.Thread(target=launch, args=(cfg,), daemon=True)
+    thread.start()
+    deadline = time.time() + 300
+    while (stored_progress(run) is None or stored_progress(run).epoch < 1) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not stored_progress(run).ended, "the run ended before the sweep looked: the test proves nothing"
+    lost = SimpleNamespace(metrics={"trial_id": "t1", "epoch": 0}, error=None)  # what Tune last heard
+    assert _finish_orphaned_trials(cfg, "orphan", [lost]) == []
+    assert {"ci/runs/orphan-t1/metrics.json", "ci/runs/orphan-t1/model.pt"} <= s3_keys("ci/runs/orphan-t1/")
+    assert stored_progress(run).ended and stored_progress(run).epoch == 4
+    thread.join(timeout=120)

@@ -241,7 +241,7 @@ def test_a_checkpoint_declaring_a_huge_catalogue_is_refused_before_allocating(tm
     assert load_model(str(run))[0].h.shape == (50, cfg.model.D)  # the honest file loads
 
 
-def test_sweep_state_signatures_bind_name_content_and_key(tmp_path, monkeypatch):
+def test_sweep_state_signatures_bind_name_sweep_content_and_key_in_one_write(tmp_path, monkeypatch):
     """Signed through the filesystem Tune is given; any change of byte, name or key is refused; pickled, the
     filesystem carries no key; the key file is made once, readable by its owner only."""
     import hashlib
@@ -257,22 +257,34 @@ def test_sweep_state_signatures_bind_name_content_and_key(tmp_path, monkeypatch)
     monkeypatch.setenv("MACRID_STATE_KEY_FILE", str(tmp_path / "keys" / "state.key"))
     key = state_key()
     assert key == state_key() and oct(os.stat(tmp_path / "keys" / "state.key").st_mode & 0o777) == "0o600"
-    exp = str(tmp_path / "ray")
+    exp = str(tmp_path / "runs" / "my-sweep" / "ray")
     fs = signing_filesystem(pafs.LocalFileSystem(), exp, key)
     fs.create_dir(exp)
     with fs.open_output_stream(f"{exp}/tuner.pkl") as f:
         f.write(b"state")
-    record = json.loads(open(f"{exp}/tuner.pkl.sig").read())
-    # restated: HMAC-SHA256(key, name NUL sha256(content))
-    assert record["hmac"] == hmac.new(key, b"tuner.pkl\0" + hashlib.sha256(b"state").digest(), "sha256").hexdigest()
+    stored = open(f"{exp}/tuner.pkl", "rb").read()
+    assert os.listdir(exp) == ["tuner.pkl"]  # one file: data and signature in the same write, no temporary left
+    head, _, data = stored.partition(b"\n")
+    assert data == b"state" and head.startswith(b"MACRID-SIGNED-1 ")
+    # restated: HMAC-SHA256(key, name NUL sweep NUL sha256(content))
+    assert json.loads(head.split(b" ", 1)[1])["hmac"] == hmac.new(
+        key, b"tuner.pkl\0my-sweep\0" + hashlib.sha256(b"state").digest(), "sha256").hexdigest()
     assert verify_experiment(pafs.LocalFileSystem(), exp, key) == ["tuner.pkl"]
-    assert b"state" == fs.open_input_file(f"{exp}/tuner.pkl").read()
+    assert b"state" == fs.open_input_file(f"{exp}/tuner.pkl").read()  # Tune reads its own bytes back
     assert key not in pickle.dumps(fs) and pickle.loads(pickle.dumps(fs)).handler.key is None
     with pytest.raises(ConfigError, match="does not match"):
         verify_experiment(pafs.LocalFileSystem(), exp, b"another key")
-    os.rename(f"{exp}/tuner.pkl.sig", f"{exp}/trainable.pkl.sig")  # a signature moved to another name
-    open(f"{exp}/trainable.pkl", "wb").write(b"state")
+    other = tmp_path / "runs" / "other-sweep" / "ray"  # a signed file copied from another sweep of the same key
+    other.mkdir(parents=True)
+    open(other / "tuner.pkl", "wb").write(stored)
+    with pytest.raises(ConfigError, match="tuner.pkl.*does not match its content, name or sweep"):
+        verify_experiment(pafs.LocalFileSystem(), str(other), key)
+    open(f"{exp}/trainable.pkl", "wb").write(stored)  # a signed file copied to another name
     with pytest.raises(ConfigError, match="trainable.pkl.*does not match"):
         verify_experiment(pafs.LocalFileSystem(), exp, key)
-    with pytest.raises(ConfigError, match="tuner.pkl.sig is missing"):
+    os.remove(f"{exp}/trainable.pkl")
+    fs.move(f"{exp}/tuner.pkl", f"{exp}/trainable.pkl")  # Tune's own rename is re-signed under the new name
+    assert verify_experiment(pafs.LocalFileSystem(), exp, key) == ["trainable.pkl"]
+    open(f"{exp}/tuner.pkl", "wb").write(b"state")  # data without a signature
+    with pytest.raises(ConfigError, match="tuner.pkl.*carries no signature"):
         fs.open_input_file(f"{exp}/tuner.pkl")

@@ -188,11 +188,15 @@ def test_an_interrupted_sweep_on_s3_resumes_without_rerunning_finished_trials(s3
     table = pl.read_parquet(boto3.client("s3").get_object(Bucket="lake", Key="sweep/runs/cut/trials.parquet")["Body"])
     assert table.height == 2
     assert "best.toml" in " ".join(keys("sweep/runs/cut/"))
-    # every file Tune keeps at the top of its experiment folder was signed by the driver as it was written
+    # every file Tune keeps at the top of its experiment folder is one signed envelope, written by the driver
     listed = keys("sweep/runs/cut/ray/")
-    state = [k for k in listed if k.count("/") == 4 and not k.endswith((".sig", "/"))]
+    state = [k for k in listed if k.count("/") == 4 and not k.endswith("/")]
     assert {"tuner.pkl"} <= {k.rsplit("/", 1)[1] for k in state}
-    assert [k for k in state if k + ".sig" not in listed] == []
+    assert [k for k in state if not s3.get_object(Bucket="lake", Key=k)["Body"].read().startswith(b"MACRID-SIGNED-1 ")] == []
+    # the state the resumed driver wrote resumes again: a second --resume finds every trial done and trains nothing
+    again = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {k: v for k, v in keys("sweep/runs/cut-").items() if k.endswith("/metrics.json")} == after
     _tampered_state_is_refused(s3, args, tmp_path)
 
 
@@ -207,24 +211,24 @@ class _Payload:
 
 
 def _tampered_state_is_refused(s3, args, tmp_path):
-    """A planted tuner.pkl or experiment state, or a removed signature, stops --resume before anything runs."""
+    """A planted tuner.pkl or experiment state, unsigned or under another file's signature, stops --resume before
+    anything runs."""
     import pickle
 
     planted = tmp_path / "payload-ran"
     prefix = "sweep/runs/cut/ray/"
     state = next(o["Key"] for o in s3.list_objects_v2(Bucket="lake", Prefix=prefix)["Contents"]
                  if o["Key"].rsplit("/", 1)[1].startswith("experiment_state") and o["Key"].endswith(".json"))
-    original = {k: s3.get_object(Bucket="lake", Key=k)["Body"].read()
-                for k in (prefix + "tuner.pkl", prefix + "tuner.pkl.sig", state)}
+    original = {k: s3.get_object(Bucket="lake", Key=k)["Body"].read() for k in (prefix + "tuner.pkl", state)}
+    header, _, _ = original[prefix + "tuner.pkl"].partition(b"\n")
     evil_state = json.dumps({"trial_data": [[json.dumps({"_type": "CLOUDPICKLE_FALLBACK", "value": pickle.dumps(
         _Payload(planted)).hex()}), "{}"]], "runner_data": {}}).encode()
-    for key, body, words in ((prefix + "tuner.pkl", pickle.dumps(_Payload(planted)), "does not match its content"),
-                             (state, evil_state, "does not match its content"),
-                             (prefix + "tuner.pkl.sig", None, "tuner.pkl.sig is missing")):
-        if body is None:
-            s3.delete_object(Bucket="lake", Key=key)
-        else:
-            s3.put_object(Bucket="lake", Key=key, Body=body)
+    for key, body, words in ((prefix + "tuner.pkl", pickle.dumps(_Payload(planted)), "carries no signature"),
+                             (state, evil_state, "carries no signature"),
+                             # a genuine header over other bytes
+                             (prefix + "tuner.pkl", header + b"\n" + pickle.dumps(_Payload(planted)),
+                              "does not match its content")):
+        s3.put_object(Bucket="lake", Key=key, Body=body)
         out = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=120,
                              env=dict(os.environ, RAY_ADDRESS=""))
         assert out.returncode == 2, out.stderr[-2000:]

@@ -201,6 +201,34 @@ def _finish_in_a_gpu_task(cfg: Config, best: dict, history: list[dict]) -> dict:
     return finish(cfg, best, history, device, ray_task_gpus=ray.get_gpu_ids())
 
 
+@dataclasses.dataclass(frozen=True)
+class StoredProgress:
+    """How far a run's training got, by what Ray Train stored in its folder."""
+    epoch: int  # the newest registered checkpoint's epoch
+    ended: bool  # its training ended there (the last epoch, or patience)
+    seconds_per_epoch: float  # the mean of the stored history's epochs (0 when unknown)
+
+
+def stored_progress(run: str) -> StoredProgress | None:
+    """Read back, with ray.train.Result.from_path, how far the run's training got; None without a checkpoint."""
+    import ray.train
+
+    from macrid.training.run_folder import RAY_SNAPSHOT
+
+    if not lake.exists(lake.join(run, RAY_SNAPSHOT)):
+        return None
+    fs, path = lake.resolve(run)
+    latest = ray.train.Result.from_path(path, storage_filesystem=fs).checkpoint
+    if latest is None:
+        return None
+    with latest.filesystem.open_input_stream(f"{latest.path}/{STATE_FILE}") as f:
+        stored = json.loads(f.read())
+    history = stored.get("history") or []
+    seconds = [float(h["seconds"]) for h in history if isinstance(h.get("seconds"), (int, float))]
+    return StoredProgress(epoch=int(history[-1]["epoch"]) if history else 0, ended=bool(stored.get("ended")),
+                          seconds_per_epoch=sum(seconds) / len(seconds) if seconds else 0.0)
+
+
 def finish_stored(run: str) -> dict | None:
     """Finish a run from what Ray Train stored in its folder (read back with ray.train.Result.from_path: its best
     and latest checkpoints), when its driver was lost after training: a sweep trial's actor that went with its
@@ -209,21 +237,17 @@ def finish_stored(run: str) -> dict | None:
     import ray.train
 
     from macrid.training import checkpoint
-    from macrid.training.run_folder import RAY_SNAPSHOT
 
-    if not lake.exists(lake.join(run, RAY_SNAPSHOT)):
+    progress = stored_progress(run)
+    if progress is None or not progress.ended:  # none, or stopped midway (a sweep's scheduler stopped it)
         return None
     fs, path = lake.resolve(run)
     result = ray.train.Result.from_path(path, storage_filesystem=fs)
-    if result.checkpoint is None:
-        return None
     best = result.get_best_checkpoint(SCORE, "max") or result.checkpoint
     saved = checkpoint.from_ray(best)
     with result.checkpoint.filesystem.open_input_stream(f"{result.checkpoint.path}/{STATE_FILE}") as f:
-        stored = json.loads(f.read())
-    if not stored.get("ended"):  # stopped midway (a sweep's scheduler stopped it): nothing to finish
-        return None
-    return finish_on_the_training_device(Config.from_dict(saved["config"], source=best.path), saved, stored["history"])
+        history = json.loads(f.read())["history"]
+    return finish_on_the_training_device(Config.from_dict(saved["config"], source=best.path), saved, history)
 
 
 def input_mode(cfg: Config, meta: dict) -> str:

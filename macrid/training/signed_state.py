@@ -5,9 +5,15 @@ with cloudpickle blobs inside (experiment_state-*.json). `Tuner.restore` loads t
 bucket could run code on the driver of the next resume. The trust boundary is therefore the key, not the lake:
 
     write   the sweep's driver hands Tune `signing_filesystem(fs, experiment_dir)`: every file it writes at the
-            top of the experiment folder gets `<file>.sig` beside it, HMAC-SHA256(key, name + sha256(bytes))
+            top of the experiment folder is stored as one signed envelope, a header line then Tune's bytes:
+                MACRID-SIGNED-1 {"name", "sweep", "sha256", "hmac"}\n<bytes>
+            with hmac = HMAC-SHA256(key, name NUL sweep NUL sha256(bytes)): bound to the file's name and to the
+            sweep (the experiment folder's sweep name), written in the one PUT (S3) or rename (local) that
+            writes the data, so a driver killed at any moment leaves each file either old and signed or new and
+            signed, never data without its signature
     resume  `verify_experiment` checks every such file before `Tuner.restore` is called, and the same
-            filesystem checks each one again as Tune reads it (no window between the check and the load)
+            filesystem checks each one again as Tune reads it, handing Tune the bytes without the header (no
+            window between the check and the load)
 
 The key is MACRID_STATE_KEY (any string; on Kubernetes, from a Secret), or else a random key in a file outside
 the lake (MACRID_STATE_KEY_FILE, default ~/.config/macrid/state.key, mode 0600) created on first use. Only the
@@ -30,7 +36,7 @@ import pyarrow.fs as pafs
 
 from macrid.errors import ConfigError
 
-SIGNATURE_SUFFIX = ".sig"
+MAGIC = b"MACRID-SIGNED-1 "
 KEY_ENV = "MACRID_STATE_KEY"
 KEY_FILE_ENV = "MACRID_STATE_KEY_FILE"
 
@@ -61,34 +67,48 @@ def state_key() -> bytes:
     return key.encode()
 
 
-def signature(key: bytes, name: str, data: bytes) -> str:
-    """HMAC-SHA256 over the file's name in the experiment folder and its content's SHA-256."""
-    return hmac.new(key, name.encode() + b"\0" + hashlib.sha256(data).digest(), hashlib.sha256).hexdigest()
+def signature(key: bytes, name: str, sweep: str, data: bytes) -> str:
+    """HMAC-SHA256 over the file's name in the experiment folder, the sweep's name and its content's SHA-256."""
+    return hmac.new(key, name.encode() + b"\0" + sweep.encode() + b"\0" + hashlib.sha256(data).digest(),
+                    hashlib.sha256).hexdigest()
+
+
+def sweep_of(experiment: str) -> str:
+    """The sweep an experiment folder belongs to: <lake>/runs/<sweep>/ray -> <sweep>."""
+    return experiment.rstrip("/").rsplit("/", 2)[-2]
+
+
+def envelope(key: bytes, name: str, sweep: str, data: bytes) -> bytes:
+    """One stored file: the signature header line, then the data."""
+    header = {"name": name, "sweep": sweep, "sha256": hashlib.sha256(data).hexdigest(),
+              "hmac": signature(key, name, sweep, data)}
+    return MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + data
 
 
 def _signed_name(experiment: str, path: str) -> str | None:
     """The name a file at `path` is signed under, or None when it is not a top-level state file."""
     head, _, name = path.rstrip("/").rpartition("/")
-    if head.rstrip("/") != experiment.rstrip("/") or name.endswith(SIGNATURE_SUFFIX):
+    if head.rstrip("/") != experiment.rstrip("/"):
         return None
     return name
 
 
-def verify(key: bytes, experiment: str, name: str, data: bytes, sig_text: str | None) -> None:
+def opened(key: bytes, experiment: str, name: str, stored: bytes) -> bytes:
+    """The data inside a stored envelope, once its signature is checked against this key, name and sweep."""
     where = f"{experiment}/{name}"
-    what = (f"refusing to resume: Ray Tune would unpickle {where}, which this project did not write with "
-            f"this key")
+    what = f"refusing to resume: Ray Tune would unpickle {where}, which this project did not write with this key"
     todo = (f"if the sweep ran on another machine, set {KEY_ENV} to the key its driver used; if someone else changed "
-            f"the lake, start a new sweep under another --name")
-    if sig_text is None:
-        raise ConfigError(f"{what} ({name}{SIGNATURE_SUFFIX} is missing); {todo}")
+            f"the lake (or the sweep was started before macrid 0.4), start a new sweep under another --name")
+    if not stored.startswith(MAGIC) or b"\n" not in stored:
+        raise ConfigError(f"{what} (it carries no signature); {todo}")
+    line, _, data = stored[len(MAGIC):].partition(b"\n")
     try:
-        record = json.loads(sig_text)
-        expected = record["hmac"]
+        expected = json.loads(line)["hmac"]
     except (ValueError, KeyError, TypeError):
-        raise ConfigError(f"{what} ({name}{SIGNATURE_SUFFIX} is not a signature record); {todo}") from None
-    if not hmac.compare_digest(str(expected), signature(key, name, data)):
-        raise ConfigError(f"{what} (its signature does not match its content); {todo}")
+        raise ConfigError(f"{what} (its signature header is damaged); {todo}") from None
+    if not hmac.compare_digest(str(expected), signature(key, name, sweep_of(experiment), data)):
+        raise ConfigError(f"{what} (its signature does not match its content, name or sweep); {todo}")
+    return data
 
 
 def _read(fs: pafs.FileSystem, path: str) -> bytes:
@@ -99,12 +119,9 @@ def _read(fs: pafs.FileSystem, path: str) -> bytes:
 def verify_experiment(fs: pafs.FileSystem, experiment: str, key: bytes) -> list[str]:
     """Check every top-level file of Tune's experiment folder against its signature; returns the names checked."""
     infos = fs.get_file_info(pafs.FileSelector(experiment, recursive=False))
-    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File
-                   and not i.base_name.endswith(SIGNATURE_SUFFIX))
-    sigs = {i.base_name for i in infos if i.base_name.endswith(SIGNATURE_SUFFIX)}
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith("."))
     for name in names:
-        sig = _read(fs, f"{experiment}/{name}{SIGNATURE_SUFFIX}").decode() if name + SIGNATURE_SUFFIX in sigs else None
-        verify(key, experiment, name, _read(fs, f"{experiment}/{name}"), sig)
+        opened(key, experiment, name, _read(fs, f"{experiment}/{name}"))
     return names
 
 
@@ -134,23 +151,24 @@ class SigningHandler(pafs.FileSystemHandler):
         return SigningHandler, (self.inner, self.experiment, None)
 
     def write_signed(self, path: str, name: str, data: bytes) -> None:
-        with self.inner.open_output_stream(path) as f:
-            f.write(data)
-        record = {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "hmac": signature(self.key, name, data)}
-        with self.inner.open_output_stream(path + SIGNATURE_SUFFIX) as f:
-            f.write(json.dumps(record).encode())
+        """Data and signature in one write: one PUT on an object store; locally a temporary file renamed over
+        the old one, so a killed driver leaves the old file or the new one, each whole."""
+        stored = envelope(self.key, name, sweep_of(self.experiment), data)
+        if not isinstance(self.inner, pafs.LocalFileSystem):
+            with self.inner.open_output_stream(path) as f:
+                f.write(stored)
+            return
+        head, _, base = path.rpartition("/")
+        temporary = f"{head}/.{base}.{secrets.token_hex(6)}.partial"  # dot-named: verify_experiment skips it
+        with self.inner.open_output_stream(temporary) as f:
+            f.write(stored)
+        self.inner.move(temporary, path)
 
     def _checked(self, path: str) -> pa.NativeFile | None:
         name = _signed_name(self.experiment, path)
-        if self.key is None or name is None:
+        if self.key is None or name is None or name.startswith("."):
             return None
-        data = _read(self.inner, path)
-        try:
-            sig = _read(self.inner, path + SIGNATURE_SUFFIX).decode()
-        except FileNotFoundError:
-            sig = None
-        verify(self.key, self.experiment, name, data, sig)
-        return pa.BufferReader(data)
+        return pa.BufferReader(opened(self.key, self.experiment, name, _read(self.inner, path)))
 
     # -- reads: state files are checked --
     def open_input_stream(self, path):
@@ -172,17 +190,26 @@ class SigningHandler(pafs.FileSystemHandler):
         return self.inner.open_append_stream(path, metadata=metadata)
 
     def copy_file(self, src, dest):
-        self.inner.copy_file(src, dest)
-        self._resign(dest)
+        self._relocate(src, dest, keep=True)
 
     def move(self, src, dest):
-        self.inner.move(src, dest)
-        self._resign(dest)
+        self._relocate(src, dest, keep=False)
 
-    def _resign(self, dest: str) -> None:
-        name = _signed_name(self.experiment, dest)
-        if self.key is not None and name is not None:
-            self.write_signed(dest, name, _read(self.inner, dest))
+    def _relocate(self, src: str, dest: str, keep: bool) -> None:
+        """A state file's signature names the file, so a copy or move into or out of the top level is re-signed:
+        the data is read as Tune sees it (checked when it was signed) and written as one new envelope."""
+        old, new = _signed_name(self.experiment, src), _signed_name(self.experiment, dest)
+        if self.key is None or (old is None and new is None):
+            (self.inner.copy_file if keep else self.inner.move)(src, dest)
+            return
+        data = _read(self, src)
+        if new is not None:
+            self.write_signed(dest, new, data)
+        else:
+            with self.inner.open_output_stream(dest) as f:
+                f.write(data)
+        if not keep:
+            self.inner.delete_file(src)
 
     # -- everything else passes through --
     def get_type_name(self):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tempfile
+import time
 
 from macrid.data import lake, layout
 from macrid.config import Config, to_toml
@@ -143,29 +144,72 @@ def run_sweep(cfg: Config, space: dict, name: str, samples: int, concurrent: int
                                       failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures)),
         )
     results = tuner.fit()
-    _finish_orphaned_trials(cfg, name, results)
-    return _outputs(cfg, name, results, samples)
+    unfinished = _finish_orphaned_trials(cfg, name, results)
+    return _outputs(cfg, name, results, samples) | {"unfinished_trials": unfinished}
 
 
-def _finish_orphaned_trials(cfg: Config, name: str, results) -> None:
-    """A trial whose actor died with its node while its Ray Train controller trained on ends as done in Tune,
-    but nothing wrote its metrics.json and model.pt: finish those runs here, from their stored checkpoints.
-    A trial the scheduler stopped early has no metrics.json either; its training did not end, so it is left."""
+ORPHAN_POLL_S = 5.0
+ORPHAN_MIN_STALL_S = 120.0  # an orphan's training counts as gone after max(this, 3 epochs) without a new epoch
+
+
+def _finish_orphaned_trials(cfg: Config, name: str, results) -> list[str]:
+    """Finish, or name, every trial whose run Tune saw end without its metrics.json and model.pt.
+
+    A trial whose actor died with its node can end as done in Tune while its Ray Train controller is still
+    training (the stored checkpoints go past the last epoch Tune heard of): wait while it advances, then finish
+    its run from its checkpoints, as for one whose controller had already ended. A trial the scheduler stopped
+    early (nothing stored past its last report) has nothing to finish. Any other is returned, and logged with
+    what to do: never skipped in silence."""
     import logging
 
-    from macrid.training.launch import finish_stored
+    from macrid.training.launch import finish_stored, stored_progress
     from macrid.training.run_folder import METRICS_FILE, MODEL_FILE
 
+    log = logging.getLogger(__name__)
+    unfinished = []
     for r in results:
         trial_id = (r.metrics or {}).get("trial_id")
         if r.error is not None or not trial_id:
             continue
         run = layout.run_uri(cfg.data.lake, f"{name}-{trial_id}")
-        if lake.exists(lake.join(run, METRICS_FILE)) and lake.exists(lake.join(run, MODEL_FILE)):
+        done = lambda: lake.exists(lake.join(run, METRICS_FILE)) and lake.exists(lake.join(run, MODEL_FILE))  # noqa: E731
+        progress = stored_progress(run)
+        if done() or progress is None:
             continue
-        if finish_stored(run) is not None:
-            logging.getLogger(__name__).warning("trial %s's training ended but its actor was lost before it finished "
-                                                "the run; finished %s from its checkpoints", trial_id, run)
+        reported = int((r.metrics or {}).get("epoch", 0))
+        if not progress.ended and progress.epoch > reported:
+            log.warning("trial %s: Tune stopped hearing from it at epoch %d, but its Ray Train run is at epoch %d; "
+                        "waiting for that training to end", trial_id, reported, progress.epoch)
+            progress = _wait_for_stored_training(run, progress, done)
+        if done():
+            continue
+        if progress.ended:
+            if finish_stored(run) is not None:
+                log.warning("trial %s's training ended but its actor was lost before it finished the run; "
+                            "finished %s from its checkpoints", trial_id, run)
+            continue
+        if progress.epoch > reported:  # it trained past what Tune saw, then stopped: lost, not stopped early
+            unfinished.append(run)
+            log.warning("trial %s: its training was lost at epoch %d of %d and its run has no model.pt; finish it "
+                        "with: python jobs/train.py --config <its run.json's config> --set run.name='%s-%s' "
+                        "--resume", trial_id, progress.epoch, cfg.optim.epochs, name, trial_id)
+    return unfinished
+
+
+def _wait_for_stored_training(run: str, progress, done):
+    """Poll the run's stored progress until its training ends, its run is finished, or no new epoch comes for
+    max(ORPHAN_MIN_STALL_S, 3 epochs)."""
+    from macrid.training.launch import stored_progress
+
+    stall_s = max(ORPHAN_MIN_STALL_S, 3 * progress.seconds_per_epoch)
+    last_change = time.monotonic()
+    while not progress.ended and not done() and time.monotonic() - last_change < stall_s:
+        time.sleep(ORPHAN_POLL_S)
+        now = stored_progress(run) or progress
+        if now.epoch != progress.epoch or now.ended != progress.ended:
+            last_change = time.monotonic()
+        progress = now
+    return progress
 
 
 def _outputs(cfg: Config, name: str, results, samples: int) -> dict:
