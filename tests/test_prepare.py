@@ -68,12 +68,17 @@ def ml1m_shards(ml1m, tmp_path_factory):
     return str(folder), pl.concat(shards)
 
 
-@pytest.mark.parametrize("partitions,runner,seed", [(1, "local", 98765), (3, "ray", 98765), (8, "local", 98765),
-                                                     (3, "local", 1)])
+@pytest.mark.parametrize("partitions,runner,seed,chunk", [(1, "local", 98765, 50_000), (3, "ray", 98765, 50_000),
+                                                           (8, "local", 98765, 97), (3, "local", 1, 250)])
 def test_identical_to_the_in_memory_protocol_on_ml1m(request, ml1m, ml1m_shards, tmp_path, partitions, runner,
-                                                     seed):
+                                                     seed, chunk, monkeypatch):
+    """chunk: held-out users split at once. 97 and 250 stream each 604-user split in 7 and 3 chunks of user IDs
+    (one generator across them) and 7 and 3 sorted parts: the tables are still the reference's, row for row."""
     if runner == "ray":
         request.getfixturevalue("ray_cluster")
+    import macrid.data.prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "HELDOUT_CHUNK_USERS", chunk)
     folder, concatenated = ml1m_shards
     _, items = ml1m
     protocol = Protocol(seed=seed)
@@ -82,6 +87,7 @@ def test_identical_to_the_in_memory_protocol_on_ml1m(request, ml1m, ml1m_shards,
     meta = prepare([Source(folder, rating_col="rating")], str(tmp_path), "ml-1m", protocol, items=items,
                    partitions=partitions, stages=stages)
     assert_same_tables(written(str(tmp_path), "ml-1m"), ref)
+    assert len(lake.list_parquet(f"{snapshot_uri(str(tmp_path), 'ml-1m')}/val")) == -(-604 // chunk)
     assert meta["n_interactions_filtered"] == ref["n_interactions"]
     assert meta["input"] == meta["input"] | {"files": 5, "partitions": partitions, "rows": concatenated.height,
                                              "ratings_missing": 0}

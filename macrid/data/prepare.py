@@ -16,10 +16,11 @@ The stages (stages.py runs each as parallel tasks; they meet only through files 
   assign   each user partition: user_idx; training rows to their output shard; per-item first position
            and count, partitioned by item; held-out users' rows
   items    each item partition: an item's first position and training count over all user partitions
-  (driver) the vocabulary (items by first position), the held-out users' 80/20 split, items and users tables
+  (driver) the vocabulary (items by first position); the held-out users' 80/20 split, streamed in chunks of
+           50,000 users in user-ID order (one generator across the chunks); items and users tables
   write    each output shard of 100,000 training users: item IDs -> item_idx, sorted, one Parquet file
 
-The driver holds the users' IDs, the vocabulary and the held-out users' rows (a fixed count at scale),
+The driver holds the users' IDs and the vocabulary, and of the held-out users' rows one chunk at a time,
 never the interactions. A prepare writes a new version folder (staged: a failed prepare leaves nothing a
 reader could take as complete), then switches the pointer with one atomic write. Nothing is ever
 rewritten in place, so a run that pinned a version at its start reads that version to its last epoch
@@ -37,7 +38,9 @@ import logging
 import math
 import uuid
 
+import numpy as np
 import polars as pl
+import pyarrow.dataset as pds
 import pyarrow.fs as pafs
 
 from macrid.data import lake
@@ -135,10 +138,10 @@ def _prepare(sources: list[Source], source_name: str, fmt: str, items: pl.DataFr
     vocab = vocabulary(scratch.read(scratch.uri("vocab")), protocol, source_name,
                        catalogue=items["item_id"] if items is not None else None)
     scratch.write(scratch.uri("vocabulary.parquet"), vocab.select("item_id", "item_idx"))
-    heldout = scratch.read(scratch.uri("heldout"))
-    val = foldin_split(heldout.filter(pl.col("user_idx") < n_train + n_out), vocab, protocol)
-    test = foldin_split(heldout.filter(pl.col("user_idx") >= n_train + n_out), vocab, protocol)
-    del heldout, firsts
+    heldout_ids = index.filter(pl.col("user_idx") >= n_train)  # (2 n_out, 2): IDs only; their rows stay on the lake
+    val = _split_heldout(scratch, heldout_ids, vocab, protocol, "val", n_train, n_train + n_out)
+    test = _split_heldout(scratch, heldout_ids, vocab, protocol, "test", n_train + n_out, n_train + 2 * n_out)
+    del heldout_ids, firsts
 
     version = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex[:8]}"
     uri = dataset_uri(lake_root, name, version)
@@ -149,8 +152,9 @@ def _prepare(sources: list[Source], source_name: str, fmt: str, items: pl.DataFr
         lake.write_parquet(f"{stage}/items/part-0.parquet", _items_table(vocab, items).to_arrow())
         labels = pl.Series(["train"] * n_train + ["val"] * n_out + ["test"] * n_out)
         lake.write_parquet(f"{stage}/users/part-0.parquet", index.select("user_idx", "user_id").with_columns(split=labels).to_arrow())
-        lake.write_parquet(f"{stage}/val/part-0.parquet", val.to_arrow())
-        lake.write_parquet(f"{stage}/test/part-0.parquet", test.to_arrow())
+        for split, parts in (("val", val), ("test", test)):
+            for r, part in enumerate(parts):  # each part sorted by user_idx, the parts in user_idx order
+                lake.write_parquet(f"{stage}/{split}/part-{r:05d}.parquet", read_frame(part).to_arrow())
         counts = _sum(read, ("rows", "ratings_missing", "below_min_rating", "kept"))
         meta = {
             "schema_version": SCHEMA_VERSION, "name": name, "source": source_name, "format": fmt,
@@ -261,9 +265,52 @@ def _items_table(vocab: pl.DataFrame, items: pl.DataFrame | None) -> pl.DataFram
     return table.with_columns(train_count=vocab["train_count"])
 
 
-def _heldout_counts(df: pl.DataFrame) -> dict:
-    return {"users": df.height, "foldin": int(df["foldin"].list.len().sum()),
-            "heldout": int(df["heldout"].list.len().sum())}
+HELDOUT_CHUNK_USERS = 50_000  # held-out users the driver splits at once; the split's parts hold this many each
+
+
+def _split_heldout(scratch: Scratch, heldout_ids: pl.DataFrame, vocab: pl.DataFrame, protocol: Protocol, split: str,
+                   lo: int, hi: int) -> list[str]:
+    """The fold-in split of the users with user_idx in [lo, hi), with the driver's memory bounded by a chunk.
+
+    The draws must be those of one RandomState over all the split's users in user-ID order (the reference), so
+    the users are taken in consecutive user-ID chunks, each read from the scratch by its ID range and split with
+    the generator where the previous chunk left it. Each chunk's rows go to user_idx-range buckets; each bucket
+    is then sorted alone. Returns the buckets' sorted files, in user_idx order (the split's part files)."""
+    ids = heldout_ids.filter((pl.col("user_idx") >= lo) & (pl.col("user_idx") < hi)).sort("user_id")["user_id"]
+    rng = np.random.RandomState(protocol.seed)
+    buckets = max(1, math.ceil((hi - lo) / HELDOUT_CHUNK_USERS))
+    for c, start in enumerate(range(0, ids.len(), HELDOUT_CHUNK_USERS)):
+        first, last = ids[start], ids[min(start + HELDOUT_CHUNK_USERS, ids.len()) - 1]
+        rows = read_frame(scratch.uri("heldout"), filters=(pds.field("user_idx") >= lo) & (pds.field("user_idx") < hi)
+                          & (pds.field("user_id") >= first) & (pds.field("user_id") <= last))
+        part = foldin_split(rows, vocab, protocol, rng).with_columns(
+            bucket=((pl.col("user_idx") - lo) // HELDOUT_CHUNK_USERS).cast(pl.Int32))
+        scratch.write_partitions(f"split-{split}", c, part, "bucket", buckets)
+        del rows, part
+    parts = []
+    for r in range(buckets):
+        rows = read_frame(scratch.uri(f"split-{split}", f"p{r:05d}"))
+        if rows is None:
+            continue
+        uri = scratch.uri(f"split-{split}-sorted", f"part-{r:05d}.parquet")
+        scratch.write(uri, rows.sort("user_idx"))
+        parts.append(uri)
+    if not parts:  # every user of the split lost all their items to the vocabulary: an empty split, as before
+        uri = scratch.uri(f"split-{split}-sorted", "part-00000.parquet")
+        scratch.write(uri, pl.DataFrame(schema={"user_idx": pl.Int64, "foldin": pl.List(pl.Int32),
+                                                "heldout": pl.List(pl.Int32)}))
+        parts.append(uri)
+    return parts
+
+
+def _heldout_counts(parts: list[str]) -> dict:
+    counts = {"users": 0, "foldin": 0, "heldout": 0}
+    for part in parts:
+        df = read_frame(part)
+        counts["users"] += df.height
+        counts["foldin"] += int(df["foldin"].list.len().sum() or 0)
+        counts["heldout"] += int(df["heldout"].list.len().sum() or 0)
+    return counts
 
 
 def _sum(results: list[dict], keys: tuple[str, ...]) -> dict:

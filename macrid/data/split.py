@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from macrid.errors import DataError
 
@@ -134,25 +135,37 @@ def to_item_idx(rows: pl.DataFrame, vocab: pl.DataFrame, key: str = "user_idx") 
             .group_by(key, maintain_order=True).agg(pl.col("item_idx").alias("items")))
 
 
-def foldin_split(heldout: pl.DataFrame, vocab: pl.DataFrame, protocol: Protocol) -> pl.DataFrame:
+def foldin_split(heldout: pl.DataFrame, vocab: pl.DataFrame, protocol: Protocol,
+                 rng: np.random.RandomState | None = None) -> pl.DataFrame:
     """Held-out users (user_id, user_idx, items: list of item IDs in input order) -> (user_idx, foldin,
     heldout: list<int32>): 20% of each user's items as targets, drawn in user-ID order by a fresh
     RandomState(seed), as the reference notebook re-seeds for each split. Users with no item left in
-    the vocabulary are dropped; those with fewer than 5 keep all as fold-in."""
+    the vocabulary are dropped; those with fewer than 5 keep all as fold-in.
+
+    rng: the split's generator where an earlier call left it, to split a sorted run of users in chunks of
+    consecutive user IDs (prepare streams a split this way) with the draws of one call over all of them."""
     mapped = to_item_idx(heldout.select("user_id", "items"), vocab, key="user_id").sort("user_id")
     index = heldout.select("user_id", "user_idx")
     mapped = mapped.join(index, on="user_id", how="left", maintain_order="left")
-    rng = np.random.RandomState(protocol.seed)
-    foldin, targets = [], []
-    for items in mapped["items"].to_list():
-        items = np.asarray(items, dtype=np.int32)
-        n = len(items)
-        mask = np.zeros(n, dtype=bool)
-        if n >= 5:
-            mask[rng.choice(n, size=int(protocol.test_prop * n), replace=False)] = True
-        foldin.append(items[~mask].tolist())
-        targets.append(items[mask].tolist())
-    return pl.DataFrame(
-        {"user_idx": mapped["user_idx"], "foldin": foldin, "heldout": targets},
-        schema={"user_idx": pl.Int64, "foldin": pl.List(pl.Int32), "heldout": pl.List(pl.Int32)},
-    ).sort("user_idx")
+    rng = np.random.RandomState(protocol.seed) if rng is None else rng
+    lists = pa.chunked_array([mapped["items"].to_arrow()], pa.large_list(pa.int32())).combine_chunks() \
+        if mapped.height else pa.array([], pa.large_list(pa.int32()))
+    offsets = lists.offsets.to_numpy().astype(np.int64) - lists.offsets[0].as_py()  # (U+1,)
+    items = lists.values.to_numpy(zero_copy_only=False).astype(np.int32)  # (N,) every user's items, in order
+    target = np.zeros(len(items), dtype=bool)  # (N,) held out
+    for u in range(len(offsets) - 1):
+        n = int(offsets[u + 1] - offsets[u])
+        if n >= 5:  # the same draws, in the same order, as one rng.choice per user
+            target[offsets[u] + rng.choice(n, size=int(protocol.test_prop * n), replace=False)] = True
+    owner = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))  # (N,) the row of each item
+    return pl.DataFrame({
+        "user_idx": mapped["user_idx"],
+        "foldin": _lists(items[~target], np.bincount(owner[~target], minlength=len(offsets) - 1)),
+        "heldout": _lists(items[target], np.bincount(owner[target], minlength=len(offsets) - 1)),
+    }, schema={"user_idx": pl.Int64, "foldin": pl.List(pl.Int32), "heldout": pl.List(pl.Int32)}).sort("user_idx")
+
+
+def _lists(values: np.ndarray, lengths: np.ndarray) -> pl.Series:
+    """Flat int32 values and per-row lengths -> a list<int32> column, without a Python list per row."""
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pl.Series(pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32())))

@@ -40,15 +40,15 @@ def partition_of(keys: pl.Series, n: int) -> pl.Series:
     return (keys.hash(seed=HASH_SEED) % n).cast(pl.Int32)
 
 
-def read_frame(uri: str, columns: list[str] | None = None) -> pl.DataFrame | None:
+def read_frame(uri: str, columns: list[str] | None = None, filters=None) -> pl.DataFrame | None:
     """A Parquet file, or every Parquet file directly under a folder in name order, as one frame; None
-    when the folder holds none."""
+    when the folder holds none. filters: a pyarrow.dataset expression applied while reading."""
     fs, path = lake.resolve(uri)
     files = [path] if uri.endswith(".parquet") else lake.list_parquet(uri)
     if not files:
         return None
     with lake.explained(uri):
-        tables = [pq.read_table(f, columns=columns, filesystem=fs) for f in files]
+        tables = [pq.read_table(f, columns=columns, filesystem=fs, filters=filters) for f in files]
     return pl.from_arrow(pa.concat_tables(tables, promote_options="default"))
 
 
