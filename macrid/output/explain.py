@@ -21,6 +21,7 @@ from macrid.data import lake, layout
 from macrid.data.batches import snapshot_uri
 from macrid.errors import CheckpointError, ConfigError, DataError
 from macrid.output.published import published_run
+from macrid.model.vae import item_concept
 from macrid.output.traverse import steer, traverse
 
 
@@ -185,7 +186,8 @@ def traversal(run: Run, dim: int, item: str | None = None, user: str | None = No
         origin = f"component {component} of user {user}"
     t = traverse(start, dim, run.h, run.m, run.tau, steps, gamma, width, exclude)
     return {"from": origin, "concept": t.concept, "dimension": dim, "range": t.range,
-            "steps": [{"value": v, "item": run.title(i)} for i, v in zip(t.items, t.values)]}
+            "steps": [{"value": v, "item": run.title(i), "id": str(run.vocab["item_id"][i]),
+                       "concept": int(item_concept(run.c[i:i + 1])[0])} for i, v in zip(t.items, t.values)]}
 
 
 def steering(run: Run, user: str, edits: list[tuple[int, int, float]], weights: dict[int, float],
