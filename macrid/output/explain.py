@@ -152,7 +152,11 @@ def dataset_user_items(lake_root: str, dataset: str, version: str, user_id: str,
     import pyarrow.parquet as pq
 
     fs, _ = lake.resolve(snap)
-    schema = pq.read_schema(lake.list_parquet(lake.join(snap, "users"))[0], filesystem=fs)  # the ID's type
+    files = lake.list_parquet(lake.join(snap, "users"))
+    if not files:
+        raise DataError(f"{lake.join(snap, 'users')}: no users table, so {what}'s user IDs cannot be looked up (the "
+                        f"dataset version is gone or the lake cannot be read); check the lake, or re-prepare {dataset!r}")
+    schema = pq.read_schema(files[0], filesystem=fs)  # the ID's type
     key = pl.Series([user_id]).cast(pl.from_arrow(schema.empty_table())["user_id"].dtype, strict=False)[0]
     found = pl.DataFrame()
     if key is not None:  # only the row groups that can hold the user are read

@@ -12,9 +12,9 @@ over MAX_BODY_BYTES are refused with 413 before they are parsed. `build` is the 
 (`infra/serve/macrid-serve.yaml`: `import_path: macrid.output.serve_app:build`).
 """
 
-from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from importlib import resources
@@ -31,10 +31,26 @@ MAX_BODY_BYTES = 64 * 1024  # a session of MAX_SESSION_ITEMS IDs with weights an
 app = FastAPI(title="macrid steering", docs_url=None, redoc_url=None, openapi_url=None)
 
 
+# helpers first: Serve pickles the deployment class when it is decorated, with the globals defined by then
+def _refuse(status: int, message: str):
+    raise BadRequest(status, message)
+
+
+def _parsed(raw: bytes) -> object:
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(400, f"the body is not valid JSON ({str(e)[:120]})") from None
+
+
+def _no_constant(name: str):
+    raise BadRequest(400, f"the body holds {name}, which is not a number in JSON; send finite numbers")
+
+
 @serve.deployment(name="macrid-steering", ray_actor_options={"num_cpus": 1})
 @serve.ingress(app)
 class SteeringService:
-    def __init__(self, lake: str, run: str | None = None, model: str | None = None):
+    def __init__(self, lake: str, run: "str | None" = None, model: "str | None" = None):
         self.core = load(lake, run, model)
         self.registry = CollectorRegistry()
         self.requests = Counter("macrid_serve_requests", "requests answered, by endpoint and status",
@@ -52,6 +68,9 @@ class SteeringService:
             body, status = work(), 200
         except BadRequest as e:
             body, status = {"error": str(e)}, e.status
+        except Exception:  # noqa: BLE001 - a fault of ours: logged with its traceback, answered as JSON
+            logging.getLogger(__name__).exception("%s failed", endpoint)
+            body, status = {"error": f"internal error answering {endpoint}; the service log has the details"}, 500
         self.requests.labels(endpoint, str(status)).inc()
         self.latency.labels(endpoint).observe(time.perf_counter() - t0)
         return JSONResponse(body, status_code=status)
@@ -90,21 +109,6 @@ class SteeringService:
     @app.get("/")
     def index(self) -> Response:
         return HTMLResponse(self.page)
-
-
-def _refuse(status: int, message: str):
-    raise BadRequest(status, message)
-
-
-def _parsed(raw: bytes) -> object:
-    try:
-        return json.loads(raw, parse_constant=_no_constant)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(400, f"the body is not valid JSON ({str(e)[:120]})") from None
-
-
-def _no_constant(name: str):
-    raise BadRequest(400, f"the body holds {name}, which is not a number in JSON; send finite numbers")
 
 
 def build(args: dict) -> serve.Application:

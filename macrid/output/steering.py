@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import torch
 
 from macrid.data import lake
@@ -151,8 +152,9 @@ class Steering:
             if "is not in dataset" in str(e):
                 raise BadRequest(404, f"unknown user {str(user)!r}: not in dataset {self.view.record['dataset']!r} "
                                       "the model was trained on; pass one of its user IDs, or the visitor's items") from None
-            raise BadRequest(503, f"the lake could not be read for user {str(user)!r} ({e}); requests with \"items\" "
-                                  "still answer from the loaded model") from None
+            raise _lake_down(user, e) from None
+        except (MacridError, OSError, pa.ArrowException) as e:  # the lake went away after the model was loaded
+            raise _lake_down(user, e) from None
 
     @torch.no_grad()
     def recommend(self, request: object) -> dict:
@@ -231,6 +233,11 @@ class Steering:
         if score is not None:
             out["score"] = round(score, 6)
         return out | extra
+
+
+def _lake_down(user: object, error: BaseException) -> BadRequest:
+    return BadRequest(503, f"the lake could not be read for user {str(user)!r} ({str(error).splitlines()[0][:200]}); "
+                           "requests with \"items\" still answer from the loaded model")
 
 
 def _number(x: object, what: str, lo: float, hi: float) -> float:
