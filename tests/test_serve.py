@@ -279,3 +279,23 @@ def test_the_page_steers_the_list_in_headless_chromium(served):
         page.wait_for_selector("#walk .step, #walk .step-none")
         assert errors == [] and foreign == []
         browser.close()
+
+
+def test_the_serve_config_for_a_cluster_is_valid_and_names_this_deployment():
+    """infra/serve/macrid-serve.yaml, as `serve deploy` reads it: Ray's own schema, an import path that builds
+    the application, and deployment settings addressed to the deployment the application has (a mismatch fails
+    the deploy on the cluster, not here, unless checked)."""
+    import importlib
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "infra" / "serve" / "macrid-serve.yaml").read_text()))
+    app = config.applications[0]
+    module, _, name = app.import_path.partition(":")
+    builder = getattr(importlib.import_module(module), name)
+    application = builder(app.args)
+    deployment = application._bound_deployment
+    assert [d.name for d in app.deployments] == [deployment.name] == ["macrid-steering"]
+    assert app.deployments[0].autoscaling_config["max_replicas"] > app.deployments[0].autoscaling_config["min_replicas"]
+    assert config.http_options.port == 8000 and app.route_prefix == "/"
