@@ -7,7 +7,6 @@ service staying up."""
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from macrid.data.readers import read_raw
 from macrid.data.split import Protocol
 from macrid.training.train import load_model, run_in_process
 
-from conftest import ROOT, free_port, real_data, system_binary, wait_for_http
+from conftest import ROOT, free_port, real_data, system_binary
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -19,7 +19,6 @@ import math
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 import torch
@@ -28,7 +27,7 @@ from macrid.data import lake
 from macrid.data.batches import snapshot_uri
 from macrid.errors import ConfigError, DataError, MacridError
 from macrid.model.vae import item_concept
-from macrid.output.explain import Run, dataset_user_items, traversal
+from macrid.output.explain import Run, traversal
 from macrid.output.traverse import steer
 
 MAX_TOP_N = 100  # larger asks are capped: a page shows tens, and the answer's size stays bounded
