@@ -209,7 +209,7 @@ def test_elastic_workers_go_on_with_fewer_after_a_node_loss_and_grow_back(cluste
         two = wait_for("two ranks", lambda: ranks_started_after(run, 2, start), driver=driver)
         wait_for("epoch 1's checkpoint", lambda: f"multinode/runs/{run}/checkpoint_manager_snapshot.json"
                  in s3_keys(f"multinode/runs/{run}/"), driver=driver)
-        lost_at = time.time()
+        lost_at, on_storage = time.time(), newest_on_storage(run)
         cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == two[1]["node_id"]))
         one = wait_for("the group of one", lambda: ranks_started_after(run, 1, lost_at), driver=driver)
         added_at = time.time()
@@ -236,12 +236,19 @@ def test_elastic_workers_go_on_with_fewer_after_a_node_loss_and_grow_back(cluste
         assert h["step"] - before == -(-(n // w) // (100 // w)), h
         assert h["users"] == w * (n // w), h
     assert len({r["node_id"] for r in again}) == 2
+    # what the resize redid beyond the epoch in progress: the newest checkpoint on storage at the loss against
+    # the epoch the first group after it resumed from (the first row of a restarted group)
+    resumed_from = next(h["resumed_from"] for h in history if h["resumed_from"] > 0)
+    redone = on_storage - resumed_from
+    assert 1 <= resumed_from and redone <= 1, (on_storage, resumed_from)
     for line in out.splitlines():  # what Ray Train said while it resized (in the -s output of benchmarks/faults.md)
         if any(w in line.lower() for w in ("timed out", "timeout", "resiz", "insufficient", "restart")):
             print(f"[faults] elastic driver: {line.strip()[:240]}")
     print(f"[faults] elastic: node removed after epoch-1 checkpoint; one worker {one[0]['started'] - lost_at:.1f} s "
           f"later; node added, two workers {min(r['started'] for r in again) - added_at:.1f} s later; "
-          f"workers per epoch {worlds}; final val ndcg@100 {history[-1].get('val_ndcg@100')}")
+          f"workers per epoch {worlds}; newest checkpoint on storage at the loss: epoch {on_storage}, resumed from "
+          f"epoch {resumed_from}: checkpointed epochs redone {redone}; final val ndcg@100 "
+          f"{history[-1].get('val_ndcg@100')}")
 
 
 def test_a_sweep_trial_lost_with_its_node_restarts_from_its_own_checkpoint(cluster):
