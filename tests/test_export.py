@@ -562,16 +562,17 @@ def test_the_uncommitted_files_of_the_committing_export_are_removed_too(local_ru
         read(local_run, "lost-actor", "user_components", version=0).height
 
 @pytest.mark.slow
-def test_twenty_consecutive_export_jobs_all_exit_0(local_run):
+def test_twelve_consecutive_export_jobs_all_exit_0(local_run):
     """The job's status is the export's: no abort in the interpreter's teardown after a successful commit.
     --local keeps each job to its own work (Ray's start-up would be 20 s of the 25 s a job takes here); the
-    teardown, deltalake and pyarrow are the same."""
+    teardown, deltalake and pyarrow are the same. Twelve: the abort hit 4 exits of 12 (issue 24), so twelve
+    clean exits would all pass by chance with probability (2/3)^12 < 1%."""
     codes = []
-    for i in range(20):
+    for i in range(12):
         done = subprocess.run([sys.executable, str(ROOT / "jobs" / "export.py"), "--lake", local_run, "--run", "r",
                                "--input", "ml-100k", "--name", "exit", "--date", f"2026-11-{i + 1:02d}", "--quiet",
                                "--top-n", "5", "--local"], capture_output=True, text=True, timeout=300)
         codes.append(done.returncode)
         assert done.returncode == 0, done.stderr[-2000:]
-    assert codes == [0] * 20
-    assert delta.open_table(export_uri(local_run, "exit", "user_components")).version() == 19
+    assert codes == [0] * 12
+    assert delta.open_table(export_uri(local_run, "exit", "user_components")).version() == 11
