@@ -298,3 +298,19 @@ def test_the_serve_config_for_a_cluster_is_valid_and_names_this_deployment():
     assert [d.name for d in app.deployments] == [deployment.name] == ["macrid-steering"]
     assert app.deployments[0].autoscaling_config["max_replicas"] > app.deployments[0].autoscaling_config["min_replicas"]
     assert config.http_options.port == 8000 and app.route_prefix == "/"
+
+
+def test_a_model_alias_serves_the_run_it_points_to_and_a_bad_one_is_refused_before_ray(served, tmp_path):
+    """--model NAME loads what the alias points to (jobs/promote.py's pointer); an unknown alias or run is exit 2
+    with its name, before Ray or Serve start."""
+    from macrid.output.steering import load
+    from macrid.training.registry import point
+
+    point(served["lake"], "prod", "live", {"reason": "test"})
+    assert load(served["lake"], None, "prod").info.run == "live"
+    for flag, value in (("--model", "no-such-alias"), ("--run", "no-such-run")):
+        done = subprocess.run([sys.executable, str(ROOT / "jobs" / "serve.py"), "--lake", served["lake"], flag, value,
+                               "--port", str(free_port())], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                              env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+        assert done.returncode == 2 and value in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert "Started a local Ray" not in done.stderr + done.stdout
