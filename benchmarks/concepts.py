@@ -36,7 +36,8 @@ from macrid.model.prototypes import spherical_kmeans
 from macrid.output.alignment import genre_alignment, usage
 from macrid.output.explain import Run
 from macrid.output.html_report import item_map
-from macrid.training.train import eval_weights, load_model, run_in_process
+from macrid.training.checkpoint import load_model
+from macrid.training.train import eval_weights, run_in_process
 
 VARIANTS = {"cosine": [], "inner": ["model.similarity='inner'"],
             "refine": ["model.proto_init_epoch=10", "model.proto_refine=true"]}

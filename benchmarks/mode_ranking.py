@@ -2,6 +2,8 @@
 
   python benchmarks/mode_ranking.py --lake lake --run ml-1m-run      # a finished MacridVAE run
   python benchmarks/mode_ranking.py --lake lake --train              # prepare ml-1m and train configs/ml-1m.toml first
+  python benchmarks/mode_ranking.py --lake lake --train --run sharp-gumbel --set model.gumbel=true \
+      --out benchmarks/sharpen/gumbel.json                          # a variant of the config (what sharpens c_i?)
 
 Three ways to score a finished model on the validation and test users (fold-in, all items ranked):
 - soft: the trained decoder, A_ui = sum_k c_ik exp(cos(z_uk, h_i)/tau) (what training optimised, the default);
@@ -31,7 +33,7 @@ from macrid.model.mixture import mixture_scores  # noqa: E402
 from macrid.model.vae import item_concept  # noqa: E402
 from macrid.training.evaluate import evaluate, model_ranker  # noqa: E402
 from macrid.training.run_folder import RUN_FILE  # noqa: E402
-from macrid.training.train import load_model  # noqa: E402
+from macrid.training.checkpoint import load_model  # noqa: E402
 
 
 class ModeScored(torch.nn.Module):
@@ -68,6 +70,8 @@ def main() -> int:
     p.add_argument("--train", action="store_true", help="prepare ml-1m and train configs/ml-1m.toml as --run first")
     p.add_argument("--data", default=os.environ.get("MACRID_DATA", os.path.join(ROOT, "..", "shared", "data")))
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "mode_ranking.json"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --train: override configs/ml-1m.toml, e.g. model.tau=0.05 (repeatable)")
     args = p.parse_args()
     t0 = time.perf_counter()
     if args.train:
@@ -82,7 +86,7 @@ def main() -> int:
         if not is_dataset(args.lake, "ml-1m"):
             prepare(read_raw(os.path.join(args.data, "ml-1m")), args.lake, "ml-1m", Protocol())
         run_in_process(prepare_config(load_config(os.path.join(ROOT, "configs", "ml-1m.toml"), [
-            f"data.lake={args.lake!r}", f"run.name={args.run!r}", "run.progress=false"])))
+            f"data.lake={args.lake!r}", f"run.name={args.run!r}", "run.progress=false", *args.set])))
     run = os.path.join(args.lake, "runs", args.run)
     model, saved = load_model(run)
     record = json.load(open(os.path.join(run, RUN_FILE)))
@@ -97,8 +101,9 @@ def main() -> int:
     sharp = {"median": float(np.median(top)), "p90": float(np.quantile(top, 0.9)),
              "share_above_0.9": float((top > 0.9).mean()), "share_below_0.6": float((top < 0.6).mean()),
              "items": int(len(top))}
-    out = {"command": "python benchmarks/mode_ranking.py " + " ".join(sys.argv[1:]), "run": args.run,
+    out = {"command": "python benchmarks/mode_ranking.py " + " ".join(sys.argv[1:]), "run": args.run, "set": args.set,
            "epoch": saved["epoch"], "ndcg@100": rows, "max_c": sharp, "seconds": round(time.perf_counter() - t0, 1)}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
     print("| scoring | val NDCG@100 | test NDCG@100 |\n|---|---|---|")

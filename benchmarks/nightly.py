@@ -45,7 +45,8 @@ from macrid.training.launch import prepare_config  # noqa: E402
 from macrid.training.metrics import ndcg_at_k, nmi, targets_mask  # noqa: E402
 from macrid.training.promote import ranked_by_id  # noqa: E402
 from macrid.training.run_folder import read_vocabulary  # noqa: E402
-from macrid.training.train import load_model, run_in_process  # noqa: E402
+from macrid.training.checkpoint import load_model
+from macrid.training.train import run_in_process  # noqa: E402
 from macrid.training.warm_start import INITIAL_FILE  # noqa: E402
 
 

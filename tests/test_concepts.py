@@ -29,7 +29,8 @@ from macrid.data.prepare import prepare
 from macrid.data.split import Protocol
 from macrid.data.synthetic import SyntheticSpec, generate
 from macrid.training.metrics import nmi
-from macrid.training.train import load_model, run_in_process
+from macrid.training.checkpoint import load_model
+from macrid.training.train import run_in_process
 
 MIN_NMI = {5: 0.9, 7: 0.8}
 SAMPLED = ["optim.negatives=200", "optim.proposal_alpha=0.75"]

@@ -24,7 +24,8 @@ from macrid.data.prepare import prepare
 from macrid.data.readers import read_raw
 from macrid.data.split import Protocol
 from macrid.data.synthetic import SyntheticSpec, generate
-from macrid.training.train import load_model, run_in_process
+from macrid.training.checkpoint import load_model
+from macrid.training.train import run_in_process
 
 from conftest import ROOT, real_data
 

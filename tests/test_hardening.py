@@ -228,7 +228,7 @@ def test_a_checkpoint_declaring_a_huge_catalogue_is_refused_before_allocating(tm
     from macrid.errors import CheckpointError
     from macrid.model.vae import build_model
     from macrid.training import checkpoint
-    from macrid.training.train import load_model
+    from macrid.training.checkpoint import load_model
 
     cfg = Config()
     model = build_model(cfg.model, 50)

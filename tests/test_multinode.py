@@ -373,9 +373,10 @@ def test_an_export_that_loses_a_node_commits_nothing_and_its_rerun_commits_each_
 def read_delta(uri: str):
     import polars as pl
 
+    from macrid.data import lake
     from macrid.output import delta
 
-    return pl.read_delta(delta.table_uri(uri), storage_options=delta.storage_options(uri))
+    return pl.read_delta(delta.table_uri(uri), storage_options=lake.delta_storage_options(uri))
 
 def ensure_worker_nodes(cluster, ray, count: int) -> None:
     """Exactly `count` worker nodes (from the main thread: starting a raylet installs signal handlers)."""

@@ -324,7 +324,7 @@ def test_a_delta_table_on_s3_is_partitioned_by_its_real_file_sizes(s3_endpoint):
     from deltalake import write_deltalake
 
     from macrid.data.raw_input import fragments
-    from macrid.output.delta import storage_options
+    from macrid.data.lake import delta_storage_options as storage_options
 
     uri = "s3://lake/delta-input/events"
     rng = np.random.default_rng(8)

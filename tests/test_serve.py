@@ -22,7 +22,8 @@ from macrid.config import load_config
 from macrid.data.prepare import prepare
 from macrid.data.readers import read_raw
 from macrid.data.split import Protocol
-from macrid.training.train import load_model, run_in_process
+from macrid.training.checkpoint import load_model
+from macrid.training.train import run_in_process
 
 from conftest import ROOT, free_port, real_data, system_binary
 

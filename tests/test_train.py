@@ -32,7 +32,7 @@ def test_few_epochs_on_ml100k_beat_popularity_clearly(ml100k_lake):
     assert set(on_disk["test"]) >= {"ndcg@100", "recall@20", "recall@50", "independence"}
     # the model is rebuilt from its run folder alone and scores exactly what the run reported
     from macrid.training.evaluate import model_ranker
-    from macrid.training.train import load_model
+    from macrid.training.checkpoint import load_model
 
     model, _ = load_model(run, data.meta["vocabulary_fingerprint"])
     again = evaluate(model_ranker(model, data.n_items), data.test, data.n_items)["ndcg@100"]

@@ -95,6 +95,25 @@ def explained(uri: str) -> Iterator[None]:
         raise DataError(f"{uri}: {hint} ({text.splitlines()[0][:200]})") from None
 
 
+def delta_storage_options(uri: str) -> dict[str, str]:
+    """deltalake's object-store options from the standard AWS environment (the same one pyarrow reads)."""
+    if not is_s3(uri):
+        return {}
+    env, opts = os.environ, {"conditional_put": "etag"}  # safe concurrent commits where the store supports it
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["AWS_ENDPOINT_URL"] = endpoint
+        if endpoint.startswith("http://"):
+            opts["AWS_ALLOW_HTTP"] = "true"
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        if env.get(key):
+            opts[key] = env[key]
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        opts["AWS_REGION"] = region
+    return opts
+
+
 def check_root(uri: str) -> None:
     """Fail early, with the cause, when a lake root cannot be used (endpoint, credentials, bucket)."""
     if not is_s3(uri):

@@ -160,10 +160,8 @@ def _delta_files(uri: str) -> list[tuple[str, int]]:
 
     from deltalake import DeltaTable
 
-    from macrid.output.delta import storage_options
-
     try:
-        table = DeltaTable(uri, storage_options=storage_options(uri))
+        table = DeltaTable(uri, storage_options=lake.delta_storage_options(uri))
         actions = pa.table(table.get_add_actions(flatten=True))
     except Exception as e:  # deltalake raises its own TableNotFoundError, DeltaError, OSError
         raise DataError(f"{uri}: cannot be read as a Delta table ({type(e).__name__}: {e})") from None

@@ -41,32 +41,13 @@ def table_uri(uri: str) -> str:
     return uri if lake.is_s3(uri) else os.path.abspath(uri.removeprefix("file://"))
 
 
-def storage_options(uri: str) -> dict[str, str]:
-    """deltalake's object-store options from the standard AWS environment (the same one pyarrow reads)."""
-    if not lake.is_s3(uri):
-        return {}
-    env, opts = os.environ, {"conditional_put": "etag"}  # safe concurrent commits where the store supports it
-    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        opts["AWS_ENDPOINT_URL"] = endpoint
-        if endpoint.startswith("http://"):
-            opts["AWS_ALLOW_HTTP"] = "true"
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        if env.get(key):
-            opts[key] = env[key]
-    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
-    if region:
-        opts["AWS_REGION"] = region
-    return opts
-
-
 def open_table(uri: str, version: int | None = None):
     """The Delta table at uri (at a version), or None when there is none yet."""
     from deltalake import DeltaTable
 
-    if not DeltaTable.is_deltatable(table_uri(uri), storage_options(uri)):
+    if not DeltaTable.is_deltatable(table_uri(uri), lake.delta_storage_options(uri)):
         return None
-    return DeltaTable(table_uri(uri), version=version, storage_options=storage_options(uri))
+    return DeltaTable(table_uri(uri), version=version, storage_options=lake.delta_storage_options(uri))
 
 
 def write_file(uri: str, date: str, table: pa.Table, tag: str) -> dict:
@@ -101,7 +82,7 @@ def commit(uri: str, schema: pa.Schema, files: list[dict], date: str, metadata: 
     with lake.explained(uri):
         if table is None:
             create_table_with_add_actions(table_uri(uri), Schema.from_arrow(full), actions, mode="error", partition_by=[PARTITION],
-                                          storage_options=storage_options(uri), commit_properties=props)
+                                          storage_options=lake.delta_storage_options(uri), commit_properties=props)
         else:
             check_schema(uri, schema)
             if widens(pa.schema(table.schema().to_arrow()), pa.schema(_delta_arrow(full))):
@@ -211,7 +192,7 @@ def widen(uri: str, full: pa.Schema, metadata: dict) -> int:
             "schema_version": metadata.get("schema_version"), "export_id": metadata.get("export_id")}
     with lake.explained(uri):
         write_deltalake(table_uri(uri), reader, mode="overwrite", schema_mode="overwrite", partition_by=[PARTITION],
-                        storage_options=storage_options(uri) or None,
+                        storage_options=lake.delta_storage_options(uri) or None,
                         commit_properties=CommitProperties(custom_metadata={"macrid": json.dumps(note, sort_keys=True)}))
     return open_table(uri).version()
 

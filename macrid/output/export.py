@@ -37,7 +37,7 @@ from macrid.output.export_input import Source, is_dataset, merge_heldout, prepar
 from macrid.model.vae import MacridVAE, item_concept
 from macrid.output.published import published_run
 from macrid.training.run_folder import MODEL_FILE
-from macrid.training.train import load_model
+from macrid.training.checkpoint import load_model
 
 SCHEMA_VERSION = 2  # 2: recommendations.rank is int32 (1: int16; such tables are widened on the next export)
 TABLES = ("user_components", "recommendations", "item_concepts", "prototypes")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import polars as pl
 import pyarrow as pa
 
-from macrid.data import layout
+from macrid.data import lake, layout
 from macrid.errors import DataError
 from macrid.output import delta
 
@@ -65,4 +65,4 @@ def read(lake_root: str, name: str, table: str, date: str) -> pl.DataFrame:
 def _read(uri: str, version: int) -> pl.DataFrame:
     # polars, not deltalake's to_pyarrow_table: the latter can abort a short-lived process at exit
     # (docs/export-schema.md, "Prefer polars.read_delta")
-    return pl.read_delta(delta.table_uri(uri), version=version, storage_options=delta.storage_options(uri) or None)
+    return pl.read_delta(delta.table_uri(uri), version=version, storage_options=lake.delta_storage_options(uri) or None)

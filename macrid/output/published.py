@@ -9,7 +9,7 @@ from macrid.data.batches import load_meta
 from macrid.errors import CheckpointError, DataError
 from macrid.model.vae import MacridVAE
 from macrid.training.run_folder import MODEL_FILE, RUN_FILE, VOCABULARY_FILE, read_vocabulary
-from macrid.training.train import load_model
+from macrid.training.checkpoint import load_model
 
 
 def published_run(lake_root: str, run_name: str) -> tuple[MacridVAE, dict, pl.DataFrame, dict]:

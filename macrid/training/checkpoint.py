@@ -16,8 +16,11 @@ import pickle
 
 import torch
 
+from macrid.config import Config
 from macrid.data import lake
 from macrid.errors import CheckpointError, DataError
+from macrid.model.vae import build_model
+from macrid.training.run_folder import MODEL_FILE
 
 FILE = "checkpoint.pt"  # the file inside a Ray Train checkpoint folder
 
@@ -88,3 +91,24 @@ def _to_cpu(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
+
+
+def load_model(run: str, fingerprint: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a trained model from its run folder alone (constructor args live in model.pt)."""
+    uri = lake.join(run, MODEL_FILE)
+    saved = load(uri, fingerprint)
+    cfg = Config.from_dict(saved["config"], source=uri)
+    n_items = saved.get("n_items")
+    # the declared catalogue size must be one the file's own tensors have: a tampered n_items (say 10^11)
+    # would otherwise allocate terabytes in build_model before load_state_dict could notice
+    dims = {d for v in saved.get("model", {}).values() if isinstance(v, torch.Tensor) for d in v.shape}
+    if not isinstance(n_items, int) or n_items < 1 or n_items not in dims:
+        raise CheckpointError(f"{uri}: declares n_items={n_items!r}, which none of its weight tensors has; the "
+                              "file is damaged or was not written by this project. Re-publish the run")
+    model = build_model(cfg.model, n_items)
+    try:
+        model.load_state_dict(saved["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{uri}: its weights do not fit its own config ({str(e).splitlines()[0][:200]}); "
+                              "the file is damaged or was not written by this project") from None
+    return model.eval(), saved

@@ -26,7 +26,7 @@ from macrid.training import registry
 from macrid.training.evaluate import chunked_top_k
 from macrid.training.metrics import ndcg_at_k, targets_mask
 from macrid.training.run_folder import METRICS_FILE, MODEL_FILE, RUN_FILE, read_vocabulary
-from macrid.training.train import load_model
+from macrid.training.checkpoint import load_model
 from macrid.training.warm_start import match_items
 
 K = 100
