@@ -74,3 +74,10 @@ def pinned_ahead(batches: Iterator[tuple[torch.Tensor, ...]], pin: bool = True,
             yield item
     finally:
         stop.set()
+
+
+def dense_rows(indices: torch.Tensor, offsets: torch.Tensor, n_items: int) -> torch.Tensor:
+    """CSR batch -> dense (B, M) 0/1 matrix. For the closed-form baselines only (small M)."""
+    x = torch.zeros(len(offsets) - 1, n_items, device=indices.device)  # (B, M)
+    x[bag_rows(offsets, len(indices)), indices] = 1.0
+    return x

@@ -9,7 +9,8 @@ import torch
 
 from macrid.data.batches import CSR
 from macrid.errors import ConfigError
-from macrid.training.evaluate import Scorer, dense_rows
+from macrid.data.bags import dense_rows
+from macrid.model.scorer import Scorer
 
 EASE_MATRICES = 4  # M x M float64 matrices alive at EASE's peak: G, G + lam I, its inverse P, and -P / diag(P)
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from macrid.data.bags import bag_rows, to_device
+from macrid.model.scorer import Scorer
 from macrid.training.metrics import independence, mean_se, ndcg_at_k, recall_at_k, targets_mask, top_k
 
 if TYPE_CHECKING:  # keeps this module importable without the lake's I/O stack (benchmarks/gpu.py)
@@ -22,8 +23,6 @@ if TYPE_CHECKING:  # keeps this module importable without the lake's I/O stack (
 
 # (indices (N,), offsets (B+1,), k) -> (top-k item ids (B, k) without fold-in items, representations or None)
 Ranker = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor | None]]
-# (indices (N,), offsets (B+1,)) -> (scores (B, M), representations (B, K, D) or None)
-Scorer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 KS = {"ndcg": (100,), "recall": (20, 50)}
 SCORE_BUDGET = 2**26  # floats in one block of B x K x items scores (256 MB)
 
@@ -150,10 +149,3 @@ def scores_ranker(scorer: Scorer) -> Ranker:
         scores[bag_rows(offsets, len(indices)), indices] = -torch.inf  # fold-in items never count
         return top_k(scores, k), rep
     return rank
-
-
-def dense_rows(indices: torch.Tensor, offsets: torch.Tensor, n_items: int) -> torch.Tensor:
-    """CSR batch -> dense (B, M) 0/1 matrix. For the closed-form baselines only (small M)."""
-    x = torch.zeros(len(offsets) - 1, n_items, device=indices.device)  # (B, M)
-    x[bag_rows(offsets, len(indices)), indices] = 1.0
-    return x
