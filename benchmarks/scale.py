@@ -106,7 +106,8 @@ def run_steps(args) -> list[dict]:
 def ddp_worker(rank: int, world: int, port: int, args, variant: str, out: dict) -> None:
     import torch.distributed as dist
 
-    from macrid.model.row_sparse import Optimizers, broadcast_tables, ignore_in_ddp
+    from macrid.model.row_sparse import Optimizers
+    from macrid.training.row_exchange import broadcast_tables, ignore_in_ddp
     from macrid.training.step import train_step
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

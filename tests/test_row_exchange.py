@@ -15,7 +15,7 @@ def _rank(rank: int, init: str, out: str) -> None:
     sys.path.insert(0, os.path.dirname(__file__))
     from device_guard import VIRTUAL, VirtualAccelerator, on_virtual
 
-    from macrid.model.row_sparse import allreduce_rows
+    from macrid.training.row_exchange import allreduce_rows
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     g = torch.Generator().manual_seed(rank)

@@ -17,7 +17,8 @@ from collections.abc import Callable
 import torch
 
 from macrid.model.loss import elbo_loss
-from macrid.model.row_sparse import Optimizers, allreduce_rows
+from macrid.model.row_sparse import Optimizers
+from macrid.training.row_exchange import allreduce_rows
 from macrid.model.sampling import NegativeSampler
 
 

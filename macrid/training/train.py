@@ -33,7 +33,8 @@ from macrid.training.evaluate import evaluate, model_ranker
 from macrid.model.loss import beta_at, lr_at
 from macrid.model.vae import build_model
 from macrid.training.report import format_metrics, plot_learning_curve
-from macrid.model.row_sparse import Optimizers, broadcast_tables, ignore_in_ddp, tables_of
+from macrid.model.row_sparse import Optimizers, tables_of
+from macrid.training.row_exchange import broadcast_tables, ignore_in_ddp
 from macrid.model.sampling import NegativeSampler
 from macrid.training.run_folder import METRICS_FILE, MODEL_FILE, RUN_FILE, has_run, pin_run, run_uri
 from macrid.training.session import SCORE, LocalSession
