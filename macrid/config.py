@@ -39,6 +39,9 @@ class ModelConfig:
     K: int = 7  # concepts (MacridVAE only; 1 for the Mult* baselines)
     D: int = 100  # dimension of one component / of the item representations
     tau: float = 0.1  # cosine temperature, Eq. 6 and the decoder
+    # Eq. 6's temperature alone, when it should differ from the decoder's tau (0: tau, as the paper has it);
+    # the decoder and the KL are unchanged by it (benchmarks/concepts.md: what sharpens c_i)
+    concept_tau: float = 0.0
     sigma0: float = 0.1  # prior std, Eq. 7
     dropout: float = 0.5  # input dropout
     # Eq. 6's similarity between items and prototypes: "cosine" (the paper) or "inner" (h_i . m_k / tau, the
@@ -79,6 +82,8 @@ class ModelConfig:
         _check_ranges("model", self, {"hidden": (1, math.inf, False), "proto_init_epoch": (0, math.inf, False)})
         if not (math.isfinite(self.tau) and math.isfinite(self.sigma0)) or self.tau <= 0 or self.sigma0 <= 0:
             raise ConfigError("model.tau and model.sigma0 must be > 0")
+        if not math.isfinite(self.concept_tau) or self.concept_tau < 0:
+            raise ConfigError(f"model.concept_tau {self.concept_tau} must be > 0, or 0 for model.tau")
 
 
 @dataclass(frozen=True)

@@ -112,3 +112,34 @@ def test_multvae_and_multdae_shapes_and_budget():
         assert out.log_scores.shape == (3, 1000) and out.mu.shape == (3, 1, 4)
         n_params = sum(p.numel() for p in model.parameters())
         assert n_params < 2 * 1000 * 4 * 1.2  # about 2*M*D, the paper's budget
+
+
+def test_concept_tau_sets_eq6_alone_and_the_decoder_keeps_tau():
+    """model.concept_tau: c_i = softmax_k(cos(h_i, m_k) / tau_c) (Eq. 6 with its own temperature), while the
+    decoder still scores log sum_k c_ik exp(cos(mu_k, h_i) / tau); 0 means tau (the paper). Restated in numpy."""
+    import numpy as np
+
+    from macrid.config import load_config
+    from macrid.model.vae import build_model
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.K=3", "model.D=8", "model.tau=0.1", "model.concept_tau=0.3",
+                             "model.prior='composite'"])
+    model = build_model(cfg.model, 40).eval()
+    h, m = model.h.detach().numpy(), model.m.detach().numpy()
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    for tau_c, mdl in ((0.3, model), (0.1, build_model(load_config(None, ["model.K=3", "model.D=8"]).model, 40).eval())):
+        hh, mm = mdl.h.detach().numpy(), mdl.m.detach().numpy()
+        logits = unit(hh) @ unit(mm).T / tau_c
+        c = np.exp(logits - logits.max(1, keepdims=True))
+        np.testing.assert_allclose(mdl.concepts().detach().numpy(), c / c.sum(1, keepdims=True), rtol=1e-5, atol=1e-6)
+    mu = torch.nn.functional.normalize(torch.randn(2, 3, 8), dim=-1)  # (B, K, D)
+    items = torch.arange(40)
+    logits = unit(h) @ unit(m).T / 0.3
+    c = np.exp(logits - logits.max(1, keepdims=True))
+    c /= c.sum(1, keepdims=True)
+    cos = np.einsum("bkd,md->bmk", mu.numpy(), unit(h))  # (B, M, K)
+    expected = np.log((c[None] * np.exp(cos / 0.1)).sum(-1))  # (B, M)
+    np.testing.assert_allclose(model.score(mu, items).numpy(), expected, rtol=1e-4, atol=1e-4)
+    model.freeze_old_posterior()  # the composite prior's frozen copy computes c_i the same way
+    assert model._old[0].concept_tau == 0.3

@@ -37,9 +37,10 @@ class MacridVAE(nn.Module):
     def __init__(self, n_items: int, K: int = 7, D: int = 100, tau: float = 0.1, sigma0: float = 0.1,
                  dropout: float = 0.5, gumbel: bool = True, sample: bool = True, row_sparse: bool = False,
                  similarity: str = "cosine", prior: str = "standard", encoder_layers: int = 0,
-                 item_bias: bool = False):
+                 item_bias: bool = False, concept_tau: float = 0.0):
         super().__init__()
         self.K, self.D, self.tau, self.sigma0, self.dropout, self.gumbel = K, D, tau, sigma0, dropout, gumbel
+        self.concept_tau = concept_tau or tau  # Eq. 6's temperature; the decoder keeps tau
         self.sample, self.row_sparse, self.similarity, self.prior = sample, row_sparse, similarity, prior
         self._old: list[MacridVAE] = []  # the composite prior's frozen encoder (a list: not a submodule)
         self.h = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, D)))  # item embeddings h_i
@@ -56,14 +57,15 @@ class MacridVAE(nn.Module):
         return self.h if items is None else F.embedding(items, self.h, sparse=self.row_sparse)
 
     def concept_logits(self, h: torch.Tensor | None = None) -> torch.Tensor:
-        """s_ik = cos(h_i, m_k) / tau, Eq. 6, for the item rows h (default: all items). Returns (M or C, K).
+        """s_ik = cos(h_i, m_k) / tau_c, Eq. 6, for the item rows h (default: all items). Returns (M or C, K).
+        tau_c is model.concept_tau, or tau (the paper: one temperature) when it is 0.
 
-        With similarity "inner" (the Fig. 2e ablation): s_ik = h_i . m_k / tau."""
+        With similarity "inner" (the Fig. 2e ablation): s_ik = h_i . m_k / tau_c."""
         h = self.h if h is None else h
         with torch.autocast(device_type=h.device.type, enabled=False):  # fp32: small, and 1/tau amplifies rounding
             if self.similarity == "inner":
-                return h.float() @ self.m.float().T / self.tau
-            return F.normalize(h.float(), dim=1) @ F.normalize(self.m.float(), dim=1).T / self.tau
+                return h.float() @ self.m.float().T / self.concept_tau
+            return F.normalize(h.float(), dim=1) @ F.normalize(self.m.float(), dim=1).T / self.concept_tau
 
     def concepts(self, h: torch.Tensor | None = None) -> torch.Tensor:
         """c_i: a relaxed one-hot Gumbel-softmax sample in training, the softmax in evaluation. (M or C, K).
@@ -142,7 +144,7 @@ class MacridVAE(nn.Module):
         """model.prior = "composite": snapshot the encoder (and h, m for c_i) as q_old for the next epoch."""
         old = MacridVAE(self.h.shape[0], self.K, self.D, self.tau, self.sigma0, 0.0, gumbel=False, sample=False,
                         similarity=self.similarity, encoder_layers=len(self.deep),
-                        item_bias=self.item_bias is not None).to(self.h.device)
+                        item_bias=self.item_bias is not None, concept_tau=self.concept_tau).to(self.h.device)
         old.load_state_dict({k: v.detach().clone() for k, v in self.state_dict().items()})
         self._old = [old.eval().requires_grad_(False)]
 
@@ -244,5 +246,5 @@ def build_model(cfg: ModelConfig, n_items: int, row_sparse: bool = False) -> nn.
     """row_sparse (MacridVAE with sampled softmax): sparse gradients for the item tables."""
     if cfg.name == "macridvae":
         return MacridVAE(n_items, cfg.K, cfg.D, cfg.tau, cfg.sigma0, cfg.dropout, cfg.gumbel, cfg.sample, row_sparse,
-                         cfg.similarity, cfg.prior, cfg.encoder_layers, cfg.item_bias)
+                         cfg.similarity, cfg.prior, cfg.encoder_layers, cfg.item_bias, concept_tau=cfg.concept_tau)
     return MultVAE(n_items, cfg.D, cfg.hidden, cfg.dropout, variational=cfg.name == "multvae", sample=cfg.sample)
