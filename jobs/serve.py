@@ -1,7 +1,7 @@
 """Serve a trained run live: recommendations a person steers, over HTTP, with a page at /.
 
   python jobs/serve.py --lake lake --run ml-1m-run                 # http://127.0.0.1:8000/ on a local Ray
-  python jobs/serve.py --lake s3://bucket/lake --model prod --host 0.0.0.0 --port 8000 --replicas 2
+  python jobs/serve.py --lake s3://bucket/lake --model prod --host 0.0.0.0 --replicas 2   # only behind an authenticating proxy
 
 Loads the run's published model (or what the model alias --model points to: jobs/promote.py) once per
 replica, with the checks of jobs/explain.py (weights only, the vocabulary fingerprint), and answers:

@@ -23,12 +23,13 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from macrid.data import lake
+from macrid.data import lake, layout
 from macrid.data.batches import snapshot_uri
 from macrid.errors import ConfigError, DataError, MacridError
 from macrid.model.vae import item_concept
 from macrid.output.explain import Run, traversal
 from macrid.output.traverse import steer
+from macrid.training.run_folder import MODEL_FILE
 
 MAX_TOP_N = 100  # larger asks are capped: a page shows tens, and the answer's size stays bounded
 MAX_SESSION_ITEMS = 1000  # items of one visitor's session
@@ -87,23 +88,10 @@ class Steering:
         return torch.as_tensor(sorted({self._index[str(i)] for i in ids}), dtype=torch.int64)
 
     def concept_index(self, key: object, what: str) -> int:
-        try:
-            k = int(str(key))
-        except ValueError:
-            raise BadRequest(400, f"{what}: concept {key!r} is not an integer") from None
-        if not 0 <= k < self.info.K:
-            raise BadRequest(400, f"{what}: concept {k} is out of range (this model has K = {self.info.K}: "
-                                  f"0..{self.info.K - 1})")
-        return k
+        return _bounded_index(key, what, "concept", "K", self.info.K)
 
     def dimension_index(self, key: object, what: str) -> int:
-        try:
-            j = int(str(key))
-        except ValueError:
-            raise BadRequest(400, f"{what}: dimension {key!r} is not an integer") from None
-        if not 0 <= j < self.info.D:
-            raise BadRequest(400, f"{what}: dimension {j} is out of range (D = {self.info.D}: 0..{self.info.D - 1})")
-        return j
+        return _bounded_index(key, what, "dimension", "D", self.info.D)
 
     def top_n(self, value: object) -> int:
         if value is None:
@@ -221,7 +209,7 @@ class Steering:
     def lake_reachable(self) -> tuple[bool, str]:
         """Whether the run's folder still answers (user lookups need the lake; item sessions do not)."""
         try:
-            ok = lake.exists(lake.join(self.lake, "runs", self.info.run, "model.pt"))
+            ok = lake.exists(lake.join(layout.run_uri(self.lake, self.info.run), MODEL_FILE))
         except (MacridError, OSError) as e:
             return False, str(e).splitlines()[0][:300]
         return ok, "" if ok else f"{self.lake}: the run's model.pt is gone from the lake"
@@ -232,6 +220,17 @@ class Steering:
         if score is not None:
             out["score"] = round(score, 6)
         return out | extra
+
+
+def _bounded_index(key: object, what: str, noun: str, symbol: str, size: int) -> int:
+    """A concept or dimension index from a request, in 0..size-1, or a 400 that names it and the range."""
+    try:
+        value = int(str(key))
+    except ValueError:
+        raise BadRequest(400, f"{what}: {noun} {key!r} is not an integer") from None
+    if not 0 <= value < size:
+        raise BadRequest(400, f"{what}: {noun} {value} is out of range ({symbol} = {size}: 0..{size - 1})")
+    return value
 
 
 def _lake_down(user: object, error: BaseException) -> BadRequest:
@@ -268,7 +267,7 @@ def _genres(lake_root: str, record: dict) -> pl.Series | None:
 
 
 def _written_at(lake_root: str, run: str) -> str:
-    fs, path = lake.resolve(lake.join(lake_root, "runs", run, "model.pt"))
+    fs, path = lake.resolve(lake.join(layout.run_uri(lake_root, run), MODEL_FILE))
     info = fs.get_file_info(path)
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(info.mtime.timestamp())) if info.mtime else ""
 
