@@ -25,12 +25,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 import urllib.request
 
 from macrid.errors import MacridError, user_error
+
+APP_NAME = "macrid"
+MAX_ONGOING_REQUESTS = 32  # Serve's default is 5: past it the proxy backs off and retries, which at 32 clients on
+# 2 cores cut the answers/s eightfold (benchmarks/serve.md)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,14 +49,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--replicas", type=int, default=1, help="replicas of the model (each holds it in memory)")
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves per replica")
+    p.add_argument("--max-ongoing-requests", type=int, default=MAX_ONGOING_REQUESTS,
+                   help=f"requests one replica holds at once (default {MAX_ONGOING_REQUESTS}); more wait in Serve's "
+                        "proxy. An answer takes about a millisecond of CPU, so a replica can hold many")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # Ray's documented high-throughput mode (direct ingress, no separate proxy hop): with it one replica answered
+    # 2.3x the requests/s on ML-1M (benchmarks/serve.md). Read when ray.serve is imported, by every Ray process
+    # this job starts; set RAY_SERVE_THROUGHPUT_OPTIMIZED=0 to run without it, and set it on a cluster's pods.
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    if not 0 < args.port < 65536 or args.replicas < 1 or args.cpus_per_replica <= 0:
-        print("error: --port must be 1..65535, --replicas at least 1, --cpus-per-replica above 0", file=sys.stderr)
+    if not 0 < args.port < 65536 or args.replicas < 1 or args.cpus_per_replica <= 0 or args.max_ongoing_requests < 1:
+        print("error: --port must be 1..65535, --replicas and --max-ongoing-requests at least 1, --cpus-per-replica "
+              "above 0", file=sys.stderr)
         return 2
     from macrid.output.steering import load
 
@@ -62,16 +75,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {user_error(e)}", file=sys.stderr)
         return 2
+    import ray
     from ray import serve
 
     from macrid.cluster import connect
     from macrid.output.serve_app import SteeringService
 
-    connect()
+    own_ray = connect()
     serve.start(http_options={"host": args.host, "port": args.port})
-    service = SteeringService.options(num_replicas=args.replicas,
+    service = SteeringService.options(num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
                                       ray_actor_options={"num_cpus": args.cpus_per_replica})
-    serve.run(service.bind(args.lake, args.run, args.model), name="macrid", route_prefix="/", blocking=False)
+    serve.run(service.bind(args.lake, args.run, args.model), name=APP_NAME, route_prefix="/", blocking=False)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     url = f"http://{shown}:{args.port}/"
     urllib.request.urlopen(url + "healthz", timeout=60).read()
@@ -80,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    serve.shutdown()
+    if own_ray:  # the Ray this job started goes, with the application (a graceful delete waits ~30 s in Ray's
+        ray.shutdown()  # throughput mode for a replica that has nothing in flight)
+    else:  # only this application: other applications on a shared cluster keep serving (serve.shutdown would not)
+        print("stopping: deleting the application from the cluster's Serve", flush=True)
+        serve.delete(APP_NAME)
     return 0
 
 

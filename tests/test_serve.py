@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import polars as pl
@@ -57,6 +58,7 @@ def served(tmp_path_factory):
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
+    log.close()
 
 
 def call(url, path, body=None, raw=None):
@@ -108,6 +110,25 @@ def test_a_session_is_folded_in_and_ranked_as_the_decoder_scores_it(served):
     assert answer["shares"] == pytest.approx(share.tolist(), abs=1e-5)
     assert answer["model"]["run"] == "live" and answer["model"]["epoch"] >= 1
     assert all(i["title"] for i in answer["items"])
+
+
+def test_a_short_bounded_load_from_eight_clients_is_answered_without_error(served):
+    """200 steered sessions from 8 concurrent clients (the figures live in benchmarks/serve.md): every one is a 200
+    whose list is top_n long and leaves out the session's own items and the concept weighted 0."""
+    vocab = pl.read_parquet(f"{served['lake']}/runs/live/vocabulary.parquet")["item_id"].cast(pl.String).to_list()
+    rng = np.random.default_rng(0)
+    bodies = []
+    for n in range(200):
+        session = [vocab[i] for i in rng.choice(len(vocab), 20, replace=False)]
+        bodies.append({"items": session, "top_n": 100, "weights": {str(n % 4): 0.0, str((n + 1) % 4): 2.0}})
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda b: call(served["url"], "/recommend", b), bodies))
+    assert [status for status, _ in answers] == [200] * len(bodies)
+    for body, (_, answer) in zip(bodies, answers):
+        items = [i["item"] for i in answer["items"]]
+        assert len(items) == 100 and not set(items) & set(body["items"])
+        assert all(i["concept"] != int(next(iter(body["weights"]))) for i in answer["items"])
+    assert call(served["url"], "/healthz")[0] == 200
 
 
 def test_a_concept_at_weight_zero_leaves_no_item_of_it_and_two_doubles_its_score(served):

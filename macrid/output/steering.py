@@ -66,9 +66,11 @@ class Steering:
         v = self.view
         self.h = torch.as_tensor(v.h)  # (M, D)
         self.concept = item_concept(v.c)  # (M,) each item's concept, the mode
-        self.item_ids = v.vocab["item_id"]  # (M,) by item_idx
-        self.titles = v.vocab["title"].fill_null("")
-        self._index = {str(i): n for n, i in enumerate(self.item_ids.to_list())}
+        # answers are formatted from plain lists: indexing a polars Series per item was half of an answer's time
+        self.item_ids = [str(i) for i in v.vocab["item_id"].to_list()]  # (M,) by item_idx
+        self.titles = v.vocab["title"].fill_null("").to_list()  # (M,)
+        self._concept_of = self.concept.tolist()  # (M,)
+        self._index = {i: n for n, i in enumerate(self.item_ids)}
         self.genres = _genres(lake_root, v.record)  # (M,) list of genres, or None
         self.info = ModelInfo(run=run, epoch=int(v.saved["epoch"]), trained=_written_at(lake_root, run), K=v.K, D=v.D,
                               items=len(self.item_ids))
@@ -162,9 +164,9 @@ class Steering:
         share = self.view.c[own].sum(0)  # (K,) the user's share of each concept
         share = share / share.sum().clamp_min(1e-12)
         return {
-            "items": [self._item(int(i), float(s), int(c)) for i, s, c in zip(top, scores, concepts)],
+            "items": [self._item(i, s, c) for i, s, c in zip(top.tolist(), scores.tolist(), concepts.tolist())],
             "shares": [round(float(x), 6) for x in share],
-            "excluded": [self._item(int(i)) for i in own[:MAX_TOP_N]],
+            "excluded": [self._item(i) for i in own[:MAX_TOP_N].tolist()],
             "excluded_count": len(own),
             "model": self.model_record(),
         }
@@ -215,8 +217,8 @@ class Steering:
         return ok, "" if ok else f"{self.lake}: the run's model.pt is gone from the lake"
 
     def _item(self, idx: int, score: float | None = None, concept: int | None = None, **extra) -> dict:
-        out = {"item": str(self.item_ids[idx]), "title": self.titles[idx],
-               "concept": int(self.concept[idx]) if concept is None else concept}
+        out = {"item": self.item_ids[idx], "title": self.titles[idx],
+               "concept": self._concept_of[idx] if concept is None else concept}
         if score is not None:
             out["score"] = round(score, 6)
         return out | extra

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -285,7 +286,7 @@ def finish(cfg: Config, best: dict, history: list[dict], device: torch.device | 
     lake.write_json(f"{out}/{METRICS_FILE}", metrics)
     with tempfile.TemporaryDirectory() as tmp:
         plot_learning_curve(history, f"{tmp}/curve.png", f"{cfg.run.name} ({cfg.model.name})")
-        lake.write_bytes(f"{out}/learning_curve.png", open(f"{tmp}/curve.png", "rb").read())
+        lake.write_bytes(f"{out}/learning_curve.png", Path(tmp, "curve.png").read_bytes())
     print(f"[macrid] best epoch {best['epoch']}  val: {format_metrics(val)}", flush=True)
     print(f"[macrid] test: {format_metrics(test)}", flush=True)
     print(f"[macrid] run folder: {out}", flush=True)
