@@ -36,7 +36,7 @@ from macrid.training.evaluate import chunked_top_k  # noqa: E402
 from macrid.model.vae import build_model  # noqa: E402
 from macrid.model.row_sparse import Optimizers, tables_of  # noqa: E402
 from macrid.model.sampling import NegativeSampler  # noqa: E402
-from macrid.training.step import precision_context, tf32_scope, train_step  # noqa: E402
+from macrid.training.step import objective_for, precision_context, tf32_scope, train_step  # noqa: E402
 
 SHAPES = {  # users, items, mean items per user, negatives (0 = full softmax), K categories planted
     "ml20m": dict(users=136_000, items=20_000, mean_len=70, negatives=0),
@@ -119,7 +119,7 @@ def run_shape(name: str, shape: dict, precision: str, device, batch: int, steps:
         idx = idx.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else idx
         off = off.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else off
         with tf32_scope(precision, device):
-            loss, _, _ = train_step(model, opt, tables, sampler, idx, off, beta=0.2, world=1, per_user=sampled,
+            loss, _, _ = train_step(model, opt, tables, objective_for("user", sampler), idx, off, beta=0.2, world=1,
                                     autocast=autocast)
         done += 1
         if done > warmup:

@@ -19,7 +19,7 @@ from macrid.model.sampling import NegativeSampler
 from macrid.model.vae import build_model
 from macrid.training.evaluate import chunked_top_k
 from macrid.training.metrics import top_k
-from macrid.training.step import precision_context, tf32_scope, train_step
+from macrid.training.step import objective_for, precision_context, tf32_scope, train_step
 
 SAMPLED_SYNC_BUDGET = 4  # candidates: 2 (their count, the distinct negatives); SparseAdam's coalesce: up to 2
 
@@ -83,7 +83,7 @@ def _losses(device, bags, take, shape, precision, steps, batch):
     out = []
     for _ in range(steps):
         with tf32_scope(precision, device):
-            loss, _, _ = train_step(model, opt, tables, sampler, idx, off, beta=0.2, world=1, per_user=S > 0,
+            loss, _, _ = train_step(model, opt, tables, objective_for("user", sampler), idx, off, beta=0.2, world=1,
                                     autocast=autocast)
         out.append(float(loss.detach()))
     return out
@@ -100,7 +100,7 @@ def _bf16_tracks_fp32(c: Checks, device) -> None:
     for precision in ("fp32", "bf16"):
         model, tables, opt = _setup(device, M, 0, ModelConfig(K=7, D=64, dropout=0.0, gumbel=False, sample=False))
         opt = Optimizers(model, [], "sgd", 1e-12, 0.0)
-        loss, _, _ = train_step(model, opt, [], None, idx, off, beta=0.2, world=1,
+        loss, _, _ = train_step(model, opt, [], objective_for("batch", None), idx, off, beta=0.2, world=1,
                                 autocast=precision_context(precision, device))
         losses.append(float(loss))
         grads.append(torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None]))
@@ -141,13 +141,13 @@ def _sync_free_steps(c: Checks, device, shapes, planted_bags, take, smoke) -> No
         sampler = NegativeSampler(np.bincount(indices, minlength=shape["items"]), S, 0.75, device=device) if S else None
         idx, off = (t.to(device) for t in take(indptr, indices, np.arange(256)))
         for _ in range(2):  # warm-up: optimizer state, cuBLAS handles
-            train_step(model, opt, tables, sampler, idx, off, 0.2, 1, per_user=S > 0)
+            train_step(model, opt, tables, objective_for("user", sampler), idx, off, 0.2, 1)
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                train_step(model, opt, tables, sampler, idx, off, 0.2, 1, per_user=S > 0)
+                train_step(model, opt, tables, objective_for("user", sampler), idx, off, 0.2, 1)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
@@ -167,7 +167,7 @@ def _row_sparse(c: Checks, device) -> None:
     state = sampler.generator.get_state()
     cand = sampler.candidates(idx)
     sampler.generator.set_state(state)  # the step draws the same candidates
-    train_step(model, opt, tables, sampler, idx, off, 0.2, 1)
+    train_step(model, opt, tables, objective_for("batch", sampler), idx, off, 0.2, 1)
     ok, detail = True, []
     for p in tables:
         changed = (p.detach() != before[id(p)]).any(1).nonzero().squeeze(1)

@@ -43,7 +43,7 @@ def worker_loop(config: dict) -> None:
     from macrid.data.ray_data import CachedShard, stream_batches
     from macrid.model.row_sparse import Optimizers, tables_of
     from macrid.model.sampling import NegativeSampler
-    from macrid.training.step import train_step
+    from macrid.training.step import objective_for, train_step
 
     torch.set_num_threads(1)
     shard = ray.train.get_dataset_shard("train")
@@ -69,7 +69,7 @@ def worker_loop(config: dict) -> None:
     times = []
     for i, (idx, off) in enumerate(source(3)):
         t0 = time.perf_counter()
-        train_step(model, opt, tables, sampler, idx, off, 0.2, 1, per_user=True)
+        train_step(model, opt, tables, objective_for("user", sampler), idx, off, 0.2, 1)
         times.append(time.perf_counter() - t0)
         if i + 1 == WARMUP + STEPS:
             break

@@ -69,7 +69,7 @@ def one_config(M: int, variant: str, B: int, S: int, D: int, K: int, steps: int,
                pool: int = 0) -> dict:
     """Runs in its own process: median step seconds and peak RSS."""
     from macrid.model.row_sparse import Optimizers
-    from macrid.training.step import train_step
+    from macrid.training.step import objective_for, train_step
 
     model, tables, sampler = setup(M, variant, S, D, K)
     opt = Optimizers(model, tables, "adam", 1e-3, 0.0)
@@ -78,7 +78,8 @@ def one_config(M: int, variant: str, B: int, S: int, D: int, K: int, steps: int,
     times = []
     for i, (idx, off) in enumerate(data):
         t0 = time.perf_counter()
-        train_step(model, opt, tables, sampler, idx, off, 0.2, 1, per_user=variant == "per-user")
+        train_step(model, opt, tables, objective_for("user" if variant == "per-user" else "batch", sampler), idx,
+                   off, 0.2, 1)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return {"M": M, "variant": variant + (f", items from top {pool}" if pool else ""), "B": B, "S": S, "D": D, "K": K,
@@ -108,7 +109,7 @@ def ddp_worker(rank: int, world: int, port: int, args, variant: str, out: dict) 
 
     from macrid.model.row_sparse import Optimizers
     from macrid.training.row_exchange import broadcast_tables, ignore_in_ddp
-    from macrid.training.step import train_step
+    from macrid.training.step import objective_for, train_step
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, args.threads // world))
@@ -125,7 +126,7 @@ def ddp_worker(rank: int, world: int, port: int, args, variant: str, out: dict) 
     for i, (idx, off) in enumerate(data):
         dist.barrier()
         t0 = time.perf_counter()
-        _, _, got = train_step(ddp, opt, tables, sampler, idx, off, 0.2, world)
+        _, _, got = train_step(ddp, opt, tables, objective_for("batch", sampler), idx, off, 0.2, world)
         if i >= 2:
             times.append(time.perf_counter() - t0)
             received.append(got)

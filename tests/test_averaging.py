@@ -13,7 +13,7 @@ from macrid.model.row_sparse import Optimizers, tables_of
 from macrid.model.sampling import NegativeSampler
 from macrid.model.vae import MacridVAE
 from macrid.training.averaging import WeightAverage
-from macrid.training.step import train_step
+from macrid.training.step import objective_for, train_step
 
 M, DECAY = 400, 0.8
 
@@ -50,7 +50,7 @@ def test_the_lazy_average_equals_the_dense_formula_and_leaves_untouched_rows_alo
         idx, off = bags(rng)
         h_before = ema.module.h.detach().clone()
         frozen = (model.h,) if step % 7 == 0 else ()  # optim.alternate: a frozen table is not touched at all
-        train_step(model, opt, tables, sampler, idx, off, 0.2, 1, frozen=frozen)
+        train_step(model, opt, tables, objective_for("batch", sampler), idx, off, 0.2, 1, frozen=frozen)
         ema.update(model)
         dense_ema(reference, model, step)
         if step > 1:
@@ -76,7 +76,7 @@ def test_a_saved_average_resumes_to_the_same_weights_as_an_unbroken_one():
     ema = WeightAverage(model, DECAY, tables, opt.parts)
     rng, reference = np.random.default_rng(2), {}
     for step in range(1, 21):
-        train_step(model, opt, tables, sampler, *bags(rng), 0.2, 1)
+        train_step(model, opt, tables, objective_for("batch", sampler), *bags(rng), 0.2, 1)
         ema.update(model)
         dense_ema(reference, model, step)
         if step == 10:  # a checkpoint, then a fresh process: a new average loads it
@@ -102,7 +102,7 @@ def test_without_tables_it_is_torchs_averaged_model():
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(DECAY))
     rng = np.random.default_rng(3)
     for _ in range(8):
-        train_step(model, opt, [], None, *bags(rng, items=M), 0.2, 1)
+        train_step(model, opt, [], objective_for("batch", None), *bags(rng, items=M), 0.2, 1)
         ours.update(model)
         theirs.update_parameters(model)
     assert ours.state_dict().keys() == theirs.state_dict().keys()

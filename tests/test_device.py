@@ -19,7 +19,7 @@ from macrid.data.batches import HeldOut
 from macrid.model.vae import build_model
 from macrid.model.row_sparse import Optimizers, tables_of
 from macrid.model.sampling import NegativeSampler
-from macrid.training.step import precision_context, train_step
+from macrid.training.step import objective_for, precision_context, train_step
 
 CPU = torch.device("cpu")
 M = 40
@@ -63,8 +63,8 @@ def test_training_step_creates_every_tensor_on_the_models_device(name, mode):
     model, opt, tables, sampler, idx, off = step_setup(name, mode != "full")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with default_device_meta():
-        loss, parts, _ = train_step(model, opt, tables, sampler, idx, off, beta=0.2, world=1,
-                                    per_user=mode == "user")
+        loss, parts, _ = train_step(model, opt, tables, objective_for(mode, sampler), idx, off, beta=0.2,
+                                    world=1)
     assert loss.device == CPU and parts["nll"].device == CPU and torch.isfinite(loss)
     moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert moved, "the step changed no weight"
@@ -87,7 +87,7 @@ def test_bf16_step_tracks_the_fp32_step():
         model = build_model(ModelConfig(K=3, D=16, dropout=0.0, gumbel=False, sample=False), M).to(CPU)
         opt = Optimizers(model, [], "sgd", 1e-9, 0.0)
         idx, off = next(iter_batches(bags(32, 3), 32))
-        loss, _, _ = train_step(model, opt, [], None, idx, off, beta=0.2, world=1,
+        loss, _, _ = train_step(model, opt, [], objective_for("batch", None), idx, off, beta=0.2, world=1,
                                 autocast=precision_context(precision, CPU))
         losses.append(loss.item())
         grads.append(model.h.grad.flatten().clone())
@@ -149,8 +149,8 @@ def test_training_steps_keep_every_tensor_on_the_virtual_accelerator(name, mode)
     with VirtualAccelerator():
         model, opt, tables, sampler, idx, off = virtual_step_setup(name, mode != "full")
         for _ in range(2):  # the second step runs on optimizer state made by the first
-            loss, parts, _ = train_step(model, opt, tables, sampler, idx, off, beta=0.2, world=1,
-                                        per_user=mode == "user")
+            loss, parts, _ = train_step(model, opt, tables, objective_for(mode, sampler), idx, off, beta=0.2,
+                                        world=1)
         assert on_virtual(loss) and all(on_virtual(p) for p in model.parameters())
 
 
@@ -165,7 +165,7 @@ def test_the_virtual_accelerator_catches_a_planted_host_tensor_in_the_step(monke
         model, opt, tables, sampler, idx, off = virtual_step_setup("macridvae", True)
         monkeypatch.setattr(NegativeSampler, "sample", numpy_draws)
         with pytest.raises(RuntimeError, match="mixes tensors on the worker's device"):
-            train_step(model, opt, tables, sampler, idx, off, beta=0.2, world=1)
+            train_step(model, opt, tables, objective_for("batch", sampler), idx, off, beta=0.2, world=1)
 
 
 def test_multi_chunk_top_k_on_the_virtual_accelerator_equals_full_scores():

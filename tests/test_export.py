@@ -123,7 +123,7 @@ def test_export_to_s3_matches_the_model(s3_run):
         items_u = torch.as_tensor(bags[u], dtype=torch.long)
         with torch.no_grad():
             mu, _ = model.encode(items_u, torch.tensor([0, len(items_u)]), c_all[items_u])  # (1, K, D)
-            out = model(items_u, torch.tensor([0, len(items_u)]))  # eval mode: z = mu
+            out = model.score_all(items_u, torch.tensor([0, len(items_u)]))  # eval mode: z = mu
         rows = comps.filter(pl.col("user_id") == u).sort("component")
         assert np.allclose(np.stack(rows["mu"].to_list()), mu[0].numpy(), atol=1e-5)
         share = c_all[items_u].sum(0) / c_all[items_u].sum()

@@ -100,7 +100,7 @@ def test_decoder_is_a_concept_mixture_of_cosines_over_tau():
     """log p(i|u) up to a constant = log sum_k c_ik exp(cos(z_u^k, h_i) / tau), z = mu in evaluation."""
     model = tiny_macrid().eval()
     idx, off = torch.tensor([0, 3]), torch.tensor([0, 2])
-    out = model(idx, off)
+    out = model.score_all(idx, off)
     mu = out.mu.detach().numpy()[0]  # (K, D)
     h = model.h.detach().numpy()
     c = model.concepts().detach().numpy()  # (M, K), checked against Eq. 6 above
@@ -126,7 +126,7 @@ def test_sampled_z_has_sigma0_exp_minus_b_over_2_and_is_renormalised():
     n = 20000
     idx, off = torch.zeros(n, dtype=torch.long), torch.arange(n + 1)
     torch.manual_seed(3)
-    s = model(idx, off).log_scores.detach().numpy() * TAU  # (n, 2) = cos(z, e_0), cos(z, e_1)
+    s = model.score_all(idx, off).log_scores.detach().numpy() * TAU  # (n, 2) = cos(z, e_0), cos(z, e_1)
     np.testing.assert_allclose(s[:, 0] ** 2 + s[:, 1] ** 2, 1.0, rtol=1e-5)  # z is unit-norm before decoding
     # z = (1 + sigma e1, sigma e2): its angle atan2(sigma e2, 1 + sigma e1), simulated here with numpy
     e = np.random.default_rng(0).standard_normal((200000, 2))
@@ -138,7 +138,7 @@ def test_sampled_z_has_sigma0_exp_minus_b_over_2_and_is_renormalised():
 def test_kl_against_n0_sigma0_per_component():
     """The authors' KL: 1/2 sum_d (-ln v + v - 1), v = sigma^2 / sigma0^2 = exp(-b), here D = 2, K = 1, b = 2."""
     model = fixed_code_model(2.0).eval()
-    kl = model(torch.tensor([0]), torch.tensor([0, 1])).kl.item()
+    kl = model.score_all(torch.tensor([0]), torch.tensor([0, 1])).kl.item()
     v = math.exp(-2.0)
     assert kl == pytest.approx(2 * 0.5 * (-math.log(v) + v - 1), rel=1e-6)
 
@@ -188,7 +188,7 @@ def test_mult_encoder_decoder_and_kl_against_a_restatement(variational):
     KL = 1/2 sum(-logvar + e^logvar + mu^2 - 1) for beta-MultVAE, 0 for MultDAE."""
     model = tiny_mult(variational)
     idx, off = torch.tensor([1, 3]), torch.tensor([0, 2])
-    out = model(idx, off)
+    out = model.score_all(idx, off)
     P = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     x = np.zeros(4)
     x[[1, 3]] = 1 / math.sqrt(2)
@@ -242,16 +242,15 @@ def test_composite_prior_kl_against_a_restatement():
 
 def test_kl_weighted_by_item_count_against_a_restatement():
     """optim.kl_by_items (RecVAE's beta * |x_u|): loss = nll + beta * sum_u KL_u |x_u| / sum_u |x_u|."""
-    from macrid.model.loss import elbo_loss
-    from macrid.model.vae import Output
+    from macrid.model.loss import elbo_loss, multinomial_nll
 
     idx, off = torch.tensor([0, 1, 2, 3, 1, 2]), torch.tensor([0, 1, 4, 6])  # |x_u| = 1, 3, 2
     log_scores = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25], [0.4, 0.3, 0.2, 0.1]]))
     kl = torch.tensor([2.0, 0.5, 1.0])
-    out = Output(log_scores, kl, torch.zeros(3, 1, 1))
     nll = -(math.log(0.1) + math.log(0.25) * 3 + math.log(0.3) + math.log(0.2)) / 3
-    by_items, _ = elbo_loss(out, idx, off, 0.3, kl_by_items=True)
-    plain, _ = elbo_loss(out, idx, off, 0.3)
+    assert multinomial_nll(log_scores, idx, off).item() == pytest.approx(nll, rel=1e-6)
+    by_items, _ = elbo_loss(multinomial_nll(log_scores, idx, off), kl, off, 0.3, kl_by_items=True)
+    plain, _ = elbo_loss(multinomial_nll(log_scores, idx, off), kl, off, 0.3)
     assert by_items.item() == pytest.approx(nll + 0.3 * (2.0 * 1 + 0.5 * 3 + 1.0 * 2) / 6, rel=1e-6)
     assert plain.item() == pytest.approx(nll + 0.3 * (2.0 + 0.5 + 1.0) / 3, rel=1e-6)
 
@@ -291,13 +290,13 @@ def test_item_bias_is_added_to_log_p_on_every_scoring_path():
     with torch.no_grad():
         model.item_bias.copy_(torch.tensor(b))
     idx, off = torch.tensor([0, 3]), torch.tensor([0, 2])
-    out = model(idx, off)
+    out = model.score_all(idx, off)
     mu = out.mu.detach().numpy()[0]  # (K, D)
     c = model.concepts().detach().numpy()
     want = np.log((c * np.exp(np_cos(model.h.detach().numpy(), mu) / TAU)).sum(1)) + b  # (M,)
     np.testing.assert_allclose(out.log_scores.detach().numpy()[0], want, rtol=1e-5)
     # candidates 0, 2, 3 (item 1 left out, so positions differ from item ids); the negative is position 1 = item 2
-    sampled = model(idx, off, torch.tensor([0, 2, 3]), torch.tensor([1]))
-    np.testing.assert_allclose(sampled.log_scores.detach().numpy()[0], want[[2]], rtol=1e-5)
+    sampled = model.score_own_and_negatives(idx, off, torch.tensor([0, 2, 3]), torch.tensor([1]))
+    np.testing.assert_allclose(sampled.log_neg.detach().numpy()[0], want[[2]], rtol=1e-5)
     np.testing.assert_allclose(sampled.log_pos.detach().numpy(), want[[0, 3]], rtol=1e-5)
     np.testing.assert_allclose(model.score(out.mu, torch.tensor([3, 1])).numpy()[0], want[[3, 1]], rtol=1e-5)

@@ -82,7 +82,7 @@ def test_chunked_top_k_equals_full_ranking():
     torch.manual_seed(0)
     idx, off = torch.tensor([0, 3, 5, 1, 2, 7, 8, 30]), torch.tensor([0, 3, 4, 8])
     for model in (MacridVAE(n_items=37, K=3, D=4).eval(), MultVAE(n_items=37, D=4, hidden=4).eval()):
-        scores = model(idx, off).log_scores.clone()
+        scores = model.score_all(idx, off).log_scores.clone()
         scores[torch.repeat_interleave(torch.arange(3), off.diff()), idx] = -torch.inf
         want = top_k(scores, 10)
         for chunk in (5, 16, 37, 100):

@@ -39,7 +39,7 @@ def test_concepts_invariant_to_rescaling_h_and_m():
 
 def test_mu_has_unit_norm():
     model = make().eval()
-    out = model(*tiny_batch())
+    out = model.score_all(*tiny_batch())
     assert out.mu.shape == (3, 3, 4)
     assert_close(out.mu.norm(dim=-1), torch.ones(3, 3))
 
@@ -48,7 +48,7 @@ def test_kl_matches_closed_form():
     """KL(N(mu, sigma0^2 e^lnvar) || N(0, sigma0^2)) minus the mu^2/sigma0^2 term the authors drop."""
     model = make(sigma0=0.2).eval()
     idx, off = tiny_batch()
-    out = model(idx, off)
+    out = model.score_all(idx, off)
     mu, lnvar = model.encode(idx, off, model.concepts()[idx])
     sigma = 0.2 * torch.exp(0.5 * lnvar)
     q = torch.distributions.Normal(mu, sigma)
@@ -74,16 +74,16 @@ def test_sparse_encoder_equals_dense_reference():
 
 def test_evaluation_is_deterministic_and_training_is_not():
     model = make().eval()
-    a, b = model(*tiny_batch()), model(*tiny_batch())
+    a, b = model.score_all(*tiny_batch()), model.score_all(*tiny_batch())
     assert torch.equal(a.log_scores, b.log_scores)
     model.train()
-    assert not torch.equal(model(*tiny_batch()).log_scores, model(*tiny_batch()).log_scores)
+    assert not torch.equal(model.score_all(*tiny_batch()).log_scores, model.score_all(*tiny_batch()).log_scores)
 
 
 def test_decoder_is_the_concept_mixture_of_cosines():
     """log_scores_ui = log sum_k c_ik exp(cos(mu_uk, h_i) / tau) in evaluation mode."""
     model = make().eval()
-    out = model(*tiny_batch())
+    out = model.score_all(*tiny_batch())
     c = model.concepts()
     cos = torch.einsum("bkd,md->bkm", F.normalize(out.mu, dim=-1), F.normalize(model.h, dim=1))
     expected = torch.log((torch.exp(cos / model.tau) * c.T.unsqueeze(0)).sum(1))
@@ -108,7 +108,7 @@ def test_multvae_and_multdae_shapes_and_budget():
     idx, off = tiny_batch()
     for variational in (True, False):
         model = MultVAE(n_items=1000, D=4, hidden=4, variational=variational).eval()
-        out = model(idx, off)
+        out = model.score_all(idx, off)
         assert out.log_scores.shape == (3, 1000) and out.mu.shape == (3, 1, 4)
         n_params = sum(p.numel() for p in model.parameters())
         assert n_params < 2 * 1000 * 4 * 1.2  # about 2*M*D, the paper's budget

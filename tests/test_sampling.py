@@ -21,10 +21,10 @@ def test_all_items_as_candidates_equals_full_softmax_with_gradients():
         model = MacridVAE(n_items=10, K=3, D=4, dropout=0.0, gumbel=False, sample=False).train()
         if use_candidates:
             cand = all_items(10)
-            out = model(idx, off, cand.items)
+            out = model.score_candidates(idx, off, cand.items)
             loss = multinomial_nll(out.log_scores, cand.positions(idx), off, cand.log_pi)
         else:
-            loss = multinomial_nll(model(idx, off).log_scores, idx, off)
+            loss = multinomial_nll(model.score_all(idx, off).log_scores, idx, off)
         loss.backward()
         losses.append(loss)
         grads.append([p.grad.clone() for p in model.parameters()])
@@ -65,7 +65,7 @@ def test_row_sparse_tables_give_the_dense_gradients_and_touch_only_their_rows():
     for row_sparse in (False, True):
         torch.manual_seed(1)
         model = MacridVAE(n_items=40, K=3, D=4, dropout=0.0, gumbel=False, sample=False, row_sparse=row_sparse)
-        loss = multinomial_nll(model(idx, off, cand.items).log_scores, cand.positions(idx), off, cand.log_pi)
+        loss = multinomial_nll(model.score_candidates(idx, off, cand.items).log_scores, cand.positions(idx), off, cand.log_pi)
         loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     dense, sparse = grads
@@ -83,7 +83,7 @@ def test_row_sparse_tables_give_the_dense_gradients_and_touch_only_their_rows():
 
 def test_per_user_candidates_with_all_items_equal_full_softmax_with_gradients():
     """optim.candidates = "user": own items + every item as a negative (pi = 1) is the full softmax."""
-    from macrid.model.loss import elbo_loss
+    from macrid.model.loss import elbo_loss, multinomial_nll, own_items_nll
 
     idx, off = torch.tensor([0, 3, 5, 1, 2, 7, 8]), torch.tensor([0, 3, 4, 7])
     losses, grads = [], []
@@ -92,10 +92,12 @@ def test_per_user_candidates_with_all_items_equal_full_softmax_with_gradients():
         model = MacridVAE(n_items=10, K=3, D=4, dropout=0.0, gumbel=False, sample=False, row_sparse=per_user)
         if per_user:
             cand = all_items(10)
-            out = model(idx, off, cand.items, cand.negatives)
-            loss, _ = elbo_loss(out, idx, off, 0.0, negatives=(cand.items[cand.negatives], cand.log_pi_negatives))
+            out = model.score_own_and_negatives(idx, off, cand.items, cand.negatives)
+            nll = own_items_nll(out.log_pos, out.log_neg, cand.items[cand.negatives], cand.log_pi_negatives, idx, off)
+            loss, _ = elbo_loss(nll, out.kl, off, 0.0)
         else:
-            loss, _ = elbo_loss(model(idx, off), idx, off, 0.0)
+            out = model.score_all(idx, off)
+            loss, _ = elbo_loss(multinomial_nll(out.log_scores, idx, off), out.kl, off, 0.0)
         loss.backward()
         losses.append(loss)
         grads.append({n: p.grad.to_dense() for n, p in model.named_parameters()})

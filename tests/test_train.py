@@ -175,7 +175,7 @@ def test_alternating_updates_move_only_their_half_and_count_every_pass(synthetic
 
     from macrid.model.row_sparse import Optimizers
     from macrid.model.vae import build_model
-    from macrid.training.step import train_step
+    from macrid.training.step import FullSoftmax, train_step
     from macrid.training.train import _passes
 
     cfg = load_config(None, [f"data.lake={synthetic_lake!r}", f"model.name={model!r}", "model.D=8", "model.K=3"])
@@ -191,7 +191,7 @@ def test_alternating_updates_move_only_their_half_and_count_every_pass(synthetic
     for frozen, _ in (passes[0], passes[2]):
         opt = Optimizers(net, [], "adam", 1e-2, 0.0)
         before = {n: p.detach().clone() for n, p in net.named_parameters()}
-        train_step(net, opt, [], None, idx, off, 0.2, 1, frozen=frozen)
+        train_step(net, opt, [], FullSoftmax(), idx, off, 0.2, 1, frozen=frozen)
         still = {names[id(p)] for p in frozen}
         for n, p in net.named_parameters():
             assert torch.equal(p, before[n]) == (n in still), n

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from macrid.output.traverse import beam_search, dimension_range, steer, traverse
+from macrid.output.traverse import SteerItems, beam_search, dimension_range, steer, traverse
 
 
 def planted(seed=0, M=300, D=6, K=3):
@@ -79,7 +79,8 @@ def test_steering_a_concept_weight_to_zero_removes_its_items_and_ranks_by_the_re
     mu = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
     own = torch.tensor([0, 1, 2])
     weights = torch.tensor([1.0, 0.0, 2.0])
-    items, scores, concepts = steer(model.h.detach(), model.concepts().detach(), model.tau, mu, own, 60, weights)
+    items, scores, concepts = steer(SteerItems.of(model.h.detach(), model.concepts().detach()), model.tau, mu, own, 60,
+                                     weights)
     h = model.h.detach()
     hn, mn = h / h.norm(dim=1, keepdim=True), model.m.detach() / model.m.detach().norm(dim=1, keepdim=True)
     c = torch.softmax(hn @ mn.T / model.tau, dim=1)
@@ -101,7 +102,7 @@ def test_steering_adds_the_item_bias_to_the_restated_score():
     c = torch.softmax(torch.randn(30, 2), dim=1)
     bias = torch.randn(30)
     bias[7] = 50.0  # far above any log A_ui (cos / tau <= 10)
-    items, scores, _ = steer(h, c, 0.1, mu, torch.tensor([0]), 5, bias=bias)
+    items, scores, _ = steer(SteerItems.of(h, c, bias), 0.1, mu, torch.tensor([0]), 5)
     hn = h / h.norm(dim=1, keepdim=True)
     want = (c * torch.exp(hn @ mu.T / 0.1)).sum(1).log() + bias  # (30,)
     want[0] = -torch.inf

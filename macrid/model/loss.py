@@ -7,7 +7,6 @@ import math
 import torch
 
 from macrid.data.bags import bag_rows
-from macrid.model.vae import Output
 
 
 def beta_at(step: int, steps_per_epoch: int, beta_cap: float, anneal_epochs: float, schedule: str = "linear"
@@ -71,26 +70,21 @@ def own_items_nll(log_pos: torch.Tensor, log_neg: torch.Tensor, negatives: torch
     return -(log_pos.sum() - (log_z * offsets.diff()).sum()) / B
 
 
-def elbo_loss(out: Output, indices: torch.Tensor, offsets: torch.Tensor, beta: float,
-              log_pi: torch.Tensor | None = None, negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
-              kl_by_items: bool = False) -> tuple[torch.Tensor, dict]:
-    """Negative Eq. 5 per user: reconstruction NLL + beta * KL. Returns (loss, detached nll and kl).
+def elbo_loss(nll: torch.Tensor, kl: torch.Tensor, offsets: torch.Tensor, beta: float, kl_by_items: bool = False
+              ) -> tuple[torch.Tensor, dict]:
+    """Negative Eq. 5 per user: the reconstruction NLL (a scalar, from the softmax mode's own NLL:
+    multinomial_nll or own_items_nll) + beta * the KL of the B users (B,). Returns (loss, detached nll and kl).
 
-    negatives = (item ids, log pi) of the shared negatives when `out` holds per-user candidates.
     kl_by_items (optim.kl_by_items, RecVAE's beta' = gamma * |x_u|): user u's KL is weighted by
     |x_u| / mean |x_u| over the batch. Without it a heavy user's reconstruction term, a sum over more
     items, outweighs its KL and it is regularised less than a light user; with it the two terms keep
     the same ratio for every user. The batch's mean weight stays beta.
     """
-    if out.log_pos is not None:
-        nll = own_items_nll(out.log_pos, out.log_scores, negatives[0], negatives[1], indices, offsets)
-    else:
-        nll = multinomial_nll(out.log_scores, indices, offsets, log_pi)
-    kl = out.kl.float().mean()
+    mean_kl = kl.float().mean()
     if kl_by_items:
-        n = offsets.diff().to(kl.dtype)  # (B,) |x_u|
-        penalty = (out.kl.float() * n).sum() / n.sum()  # = mean_u KL_u * |x_u| / mean |x_u|
+        n = offsets.diff().to(mean_kl.dtype)  # (B,) |x_u|
+        penalty = (kl.float() * n).sum() / n.sum()  # = mean_u KL_u * |x_u| / mean |x_u|
     else:
-        penalty = kl
+        penalty = mean_kl
     # parts stay tensors on the device: reading them back (.item()) every step would sync with the host
-    return nll + beta * penalty, {"nll": nll.detach(), "kl": kl.detach()}
+    return nll + beta * penalty, {"nll": nll.detach(), "kl": mean_kl.detach()}

@@ -1,8 +1,14 @@
 """MacridVAE (Ma et al., NeurIPS 2019, Eq. 1-7) and its baselines MultVAE / MultDAE (Liang et al. 2018).
 
-Every model maps a sparse batch of user bags to `Output`: unnormalised log
-scores over all M items plus the per-user KL. The loss lives in `loss.py`;
-nothing here does I/O.
+Every model scores a sparse batch of user bags through named scorers, each with one contract:
+  score_all(indices, offsets)                     -> Output: log scores over all M items (B, M), KL (B,)
+  score_candidates(indices, offsets, candidates)  -> Output: over sorted candidate ids (B, C)
+  score_own_and_negatives(indices, offsets, candidates, negatives)  (MacridVAE)
+                                                  -> OwnAndNegatives: over the shared negatives (B, S) and
+                                                     each user's own items (N,)
+`forward(scorer, *args)` only dispatches to them by name: DDP synchronises gradients through the wrapped
+module's forward, so training calls `train_model("score_all", idx, off)`; everything else calls the scorer
+itself. The loss lives in `loss.py`; nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -19,22 +25,41 @@ from macrid.config import ModelConfig
 from macrid.model.mixture import mixture_scores, wide_matmul
 
 
+SCORERS = ("score_all", "score_candidates", "score_own_and_negatives")
+
+
 @dataclass
 class Output:
-    log_scores: torch.Tensor  # (B, M) log p(i | u) up to a per-user constant
+    log_scores: torch.Tensor  # (B, M) or (B, C) log p(i | u) up to a per-user constant
     kl: torch.Tensor  # (B,) KL(q(z|x) || p(z)), zeros for MultDAE
     mu: torch.Tensor  # (B, K, D) the users' representations (K = 1 for Mult*)
-    log_pos: torch.Tensor | None = None  # (N,) log A_ui of each user's own items ("user" candidates only)
 
 
-class MacridVAE(nn.Module):
+@dataclass
+class OwnAndNegatives:
+    log_neg: torch.Tensor  # (B, S) log A_ui of every user for the S shared negatives
+    log_pos: torch.Tensor  # (N,) log A_ui of each user's own items
+    kl: torch.Tensor  # (B,)
+    mu: torch.Tensor  # (B, K, D)
+
+
+class _NamedScorers:
+    """forward(scorer, *args) runs the named scorer: the one entry DDP hooks, with one contract per name."""
+
+    def forward(self, scorer: str, *args: torch.Tensor):
+        if scorer not in SCORERS or not hasattr(self, scorer):
+            raise ValueError(f"{type(self).__name__} has no scorer {scorer!r} (scorers: {SCORERS})")
+        return getattr(self, scorer)(*args)
+
+
+class MacridVAE(_NamedScorers, nn.Module):
     # The M x D item tables. With `row_sparse` set (sampled softmax) a step reads only the rows of its
     # candidates and inputs, and their gradients are sparse (row ids + rows): see macrid/model/row_sparse.py.
     item_tables = ("h", "t")
     item_params = ("h", "t", "item_bias")  # every parameter indexed by item (a warm start remaps their rows)
     decoder_params = ("h", "m", "item_bias")  # what a decoder pass of optim.alternate updates; the rest: encoder
 
-    def __init__(self, n_items: int, K: int = 7, D: int = 100, tau: float = 0.1, sigma0: float = 0.1,
+    def __init__(self, n_items: int, *, K: int = 7, D: int = 100, tau: float = 0.1, sigma0: float = 0.1,
                  dropout: float = 0.5, gumbel: bool = True, sample: bool = True, row_sparse: bool = False,
                  similarity: str = "cosine", prior: str = "standard", encoder_layers: int = 0,
                  item_bias: bool = False, concept_tau: float = 0.0):
@@ -99,13 +124,33 @@ class MacridVAE(nn.Module):
         # fp32 from here on even under bf16 autocast: sigma = sigma0 * exp(-b/2) and the KL exponentiate b
         return F.normalize(a.float(), dim=-1), -b.float()
 
-    def forward(self, indices: torch.Tensor, offsets: torch.Tensor, candidates: torch.Tensor | None = None,
-                negatives: torch.Tensor | None = None) -> Output:
-        """Scores over all M items, or over `candidates` (C,) sorted item ids that include every input item.
+    def score_all(self, indices: torch.Tensor, offsets: torch.Tensor) -> Output:
+        """log A_ui (+ b_i) over all M items: log_scores (B, M)."""
+        return self.score_candidates(indices, offsets, None)
 
-        With `negatives` (positions in `candidates`), every user is scored on the negatives only,
-        log_scores (B, S), plus its own items, log_pos (N,): cost B*S + N instead of B*C.
-        """
+    def score_candidates(self, indices: torch.Tensor, offsets: torch.Tensor, candidates: torch.Tensor | None) -> Output:
+        """log A_ui (+ b_i) over `candidates` (C,), sorted item ids that include every input item: (B, C)."""
+        p = self._posterior(indices, offsets, candidates)
+        log_scores = mixture_scores(p.zn, p.hn, p.c, self.tau).log()  # (B, M or C)
+        return Output(log_scores if p.bias is None else log_scores + p.bias, p.kl, p.mu)
+
+    def score_own_and_negatives(self, indices: torch.Tensor, offsets: torch.Tensor, candidates: torch.Tensor,
+                                negatives: torch.Tensor) -> OwnAndNegatives:
+        """Every user on the shared negatives (positions in `candidates`), log_neg (B, S), and on its own items
+        only, log_pos (N,): cost B*S + N instead of B*C."""
+        p = self._posterior(indices, offsets, candidates)
+        neg = mixture_scores(p.zn, p.hn[negatives], p.c[negatives], self.tau)  # (B, S)
+        rows, h_own = bag_rows(offsets, len(indices)), p.hn[p.pos]  # (N,), (N, D)
+        # (N, K) cosines of each user with its own items; one (N, D) slice per concept is 6x faster than
+        # gathering an (N, K, D) block for a batched matmul (`python benchmarks/scale.py parts`)
+        cos = torch.stack([(p.zn[:, k].index_select(0, rows) * h_own).sum(1) for k in range(self.K)], 1)
+        own = (p.c[p.pos] * torch.exp(cos / self.tau)).sum(1)  # (N,)
+        if p.bias is None:
+            return OwnAndNegatives(neg.log(), own.log(), p.kl, p.mu)
+        return OwnAndNegatives(neg.log() + p.bias[negatives], own.log() + p.bias[p.pos], p.kl, p.mu)
+
+    def _posterior(self, indices: torch.Tensor, offsets: torch.Tensor, candidates: torch.Tensor | None) -> "_Posterior":
+        """What every scorer starts from: the item rows and concepts (M or C), Eq. 7's posterior and its sample z."""
         h = self.item_rows(candidates)  # (M or C, D)
         c = self.concepts(h)  # (M or C, K)
         pos = indices if candidates is None else torch.searchsorted(candidates, indices)  # (N,)
@@ -118,19 +163,7 @@ class MacridVAE(nn.Module):
             kl = self._composite_kl(indices, offsets, z, mu, lnvar)  # (B,)
         else:  # the authors' KL against N(0, sigma0^2) drops the mu^2 term, because mu is normalised
             kl = 0.5 * (-lnvar + lnvar.exp() - 1.0).sum(dim=(1, 2))  # (B,)
-        b = self._bias(candidates)  # (M or C,) or None
-        if negatives is None:
-            log_scores = mixture_scores(zn, hn, c, self.tau).log()  # (B, M or C)
-            return Output(log_scores if b is None else log_scores + b, kl, mu)
-        neg = mixture_scores(zn, hn[negatives], c[negatives], self.tau)  # (B, S)
-        rows, h_own = bag_rows(offsets, len(indices)), hn[pos]  # (N,), (N, D)
-        # (N, K) cosines of each user with its own items; one (N, D) slice per concept is 6x faster than
-        # gathering an (N, K, D) block for a batched matmul (`python benchmarks/scale.py parts`)
-        cos = torch.stack([(zn[:, k].index_select(0, rows) * h_own).sum(1) for k in range(self.K)], 1)
-        own = (c[pos] * torch.exp(cos / self.tau)).sum(1)  # (N,)
-        if b is None:
-            return Output(neg.log(), kl, mu, log_pos=own.log())
-        return Output(neg.log() + b[negatives], kl, mu, log_pos=own.log() + b[pos])
+        return _Posterior(c=c, pos=pos, mu=mu, zn=zn, hn=hn, kl=kl, bias=self._bias(candidates))
 
     def _bias(self, items: torch.Tensor | None) -> torch.Tensor | None:
         """b_i of all items or of the given ones (C,), or None without model.item_bias."""
@@ -142,8 +175,8 @@ class MacridVAE(nn.Module):
     @torch.no_grad()
     def freeze_old_posterior(self) -> None:
         """model.prior = "composite": snapshot the encoder (and h, m for c_i) as q_old for the next epoch."""
-        old = MacridVAE(self.h.shape[0], self.K, self.D, self.tau, self.sigma0, 0.0, gumbel=False, sample=False,
-                        similarity=self.similarity, encoder_layers=len(self.deep),
+        old = MacridVAE(n_items=self.h.shape[0], K=self.K, D=self.D, tau=self.tau, sigma0=self.sigma0, dropout=0.0,
+                        gumbel=False, sample=False, similarity=self.similarity, encoder_layers=len(self.deep),
                         item_bias=self.item_bias is not None, concept_tau=self.concept_tau).to(self.h.device)
         old.load_state_dict({k: v.detach().clone() for k, v in self.state_dict().items()})
         self._old = [old.eval().requires_grad_(False)]
@@ -177,6 +210,17 @@ class MacridVAE(nn.Module):
         return log_scores if b is None else log_scores + b  # (B, C)
 
 
+@dataclass
+class _Posterior:
+    c: torch.Tensor  # (M or C, K) c_i of the scored items
+    pos: torch.Tensor  # (N,) each input item's row among them
+    mu: torch.Tensor  # (B, K, D) Eq. 7's mean, unit norm
+    zn: torch.Tensor  # (B, K, D) the (sampled in training) representation, unit norm
+    hn: torch.Tensor  # (M or C, D) the item rows, unit norm
+    kl: torch.Tensor  # (B,)
+    bias: torch.Tensor | None  # (M or C,) b_i, or None
+
+
 def item_concept(c: torch.Tensor) -> torch.Tensor:
     """An item's concept: the mode of p(C | i), argmax_k c_ik (Sec. 2.2: "we use the mode of p_theta(C) as C").
     c (..., K) -> (...). The one definition that steering, the export's `concept` columns and explanations share."""
@@ -188,7 +232,7 @@ def _log_normal(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch
     return -0.5 * (math.log(2 * math.pi) + var.log() + (x - mean).square() / var)
 
 
-class MultVAE(nn.Module):
+class MultVAE(_NamedScorers, nn.Module):
     """beta-MultVAE (variational=True) or MultDAE (False) with the paper's ~2*M*D parameter budget.
 
     Encoder: L2-normalised bag -> dropout -> M x hidden table -> tanh -> (mu, logvar) or a code.
@@ -199,7 +243,7 @@ class MultVAE(nn.Module):
     item_params = ("t", "h", "h_bias")
     decoder_params = ("h", "h_bias")
 
-    def __init__(self, n_items: int, D: int = 100, hidden: int = 100, dropout: float = 0.5, variational: bool = True,
+    def __init__(self, n_items: int, *, D: int = 100, hidden: int = 100, dropout: float = 0.5, variational: bool = True,
                  sample: bool = True):
         super().__init__()
         self.D, self.dropout, self.variational, self.sample = D, dropout, variational, sample
@@ -227,7 +271,12 @@ class MultVAE(nn.Module):
             kl = out.new_zeros(B)
         return z, mu, kl
 
-    def forward(self, indices: torch.Tensor, offsets: torch.Tensor, candidates: torch.Tensor | None = None) -> Output:
+    def score_all(self, indices: torch.Tensor, offsets: torch.Tensor) -> Output:
+        """h_i . z_u + b_i over all M items: log_scores (B, M)."""
+        return self.score_candidates(indices, offsets, None)
+
+    def score_candidates(self, indices: torch.Tensor, offsets: torch.Tensor, candidates: torch.Tensor | None) -> Output:
+        """h_i . z_u + b_i over `candidates` (C,): (B, C)."""
         z, mu, kl = self.encode(indices, offsets)
         h, h_bias = (self.h, self.h_bias) if candidates is None else (self.h[candidates], self.h_bias[candidates])
         logits = wide_matmul(z, h)  # (B, M or C) fp32; under bf16 autocast from bf16 operands, never rounded
@@ -245,6 +294,9 @@ class MultVAE(nn.Module):
 def build_model(cfg: ModelConfig, n_items: int, row_sparse: bool = False) -> nn.Module:
     """row_sparse (MacridVAE with sampled softmax): sparse gradients for the item tables."""
     if cfg.name == "macridvae":
-        return MacridVAE(n_items, cfg.K, cfg.D, cfg.tau, cfg.sigma0, cfg.dropout, cfg.gumbel, cfg.sample, row_sparse,
-                         cfg.similarity, cfg.prior, cfg.encoder_layers, cfg.item_bias, concept_tau=cfg.concept_tau)
-    return MultVAE(n_items, cfg.D, cfg.hidden, cfg.dropout, variational=cfg.name == "multvae", sample=cfg.sample)
+        return MacridVAE(n_items=n_items, K=cfg.K, D=cfg.D, tau=cfg.tau, sigma0=cfg.sigma0, dropout=cfg.dropout,
+                         gumbel=cfg.gumbel, sample=cfg.sample, row_sparse=row_sparse, similarity=cfg.similarity,
+                         prior=cfg.prior, encoder_layers=cfg.encoder_layers, item_bias=cfg.item_bias,
+                         concept_tau=cfg.concept_tau)
+    return MultVAE(n_items=n_items, D=cfg.D, hidden=cfg.hidden, dropout=cfg.dropout, variational=cfg.name == "multvae",
+                   sample=cfg.sample)

@@ -22,7 +22,7 @@ from macrid.data.batches import snapshot_uri
 from macrid.errors import CheckpointError, ConfigError, DataError
 from macrid.output.published import published_run
 from macrid.model.vae import item_concept
-from macrid.output.traverse import steer, traverse
+from macrid.output.traverse import SteerItems, steer, traverse
 
 
 class Run:
@@ -199,8 +199,8 @@ def steering(run: Run, user: str, edits: list[tuple[int, int, float]], weights: 
     """A user's top-N before and after: edits (component k, dimension j, value), concept weights {k: w}."""
     items = run.user_items(user)
     mu = run.user_components(user, items)  # (K, D)
-    h = torch.as_tensor(run.h)
-    before = steer(h, run.c, run.tau, mu, items, top_n, bias=run.bias)
+    table = SteerItems.of(torch.as_tensor(run.h), run.c, run.bias)
+    before = steer(table, run.tau, mu, items, top_n)
     edited = mu.clone()
     for k, j, value in edits:
         run.check_component(k)
@@ -210,7 +210,7 @@ def steering(run: Run, user: str, edits: list[tuple[int, int, float]], weights: 
     for k, value in weights.items():
         run.check_component(k)
         w[k] = value
-    after = steer(h, run.c, run.tau, edited, items, top_n, w, run.bias)
+    after = steer(table, run.tau, edited, items, top_n, w)
 
     def listing(result):
         top, scores, concepts = result

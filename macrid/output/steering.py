@@ -26,9 +26,8 @@ import torch
 from macrid.data import lake, layout
 from macrid.data.batches import snapshot_uri
 from macrid.errors import ConfigError, DataError, MacridError
-from macrid.model.vae import item_concept
 from macrid.output.explain import Run, traversal
-from macrid.output.traverse import steer
+from macrid.output.traverse import SteerItems, steer
 from macrid.training.run_folder import MODEL_FILE
 
 MAX_TOP_N = 100  # larger asks are capped: a page shows tens, and the answer's size stays bounded
@@ -64,8 +63,8 @@ class Steering:
         self.view = Run(lake_root, run)
         self.model = self.view.model.eval()
         v = self.view
-        self.h = torch.as_tensor(v.h)  # (M, D)
-        self.concept = item_concept(v.c)  # (M,) each item's concept, the mode
+        self.items = SteerItems.of(torch.as_tensor(v.h), v.c, v.bias)  # unit rows, c_i, modes: once, not per request
+        self.concept = self.items.concept  # (M,) each item's concept, the mode
         # answers are formatted from plain lists: indexing a polars Series per item was half of an answer's time
         self.item_ids = [str(i) for i in v.vocab["item_id"].to_list()]  # (M,) by item_idx
         self.titles = v.vocab["title"].fill_null("").to_list()  # (M,)
@@ -160,7 +159,7 @@ class Steering:
         mu = self.view.components(own)  # (K, D) Eq. 7 from the items
         for k, j, value in edits:
             mu[k, j] = value
-        top, scores, concepts = steer(self.h, self.view.c, self.view.tau, mu, own, top_n, weights, self.view.bias)
+        top, scores, concepts = steer(self.items, self.view.tau, mu, own, top_n, weights)
         share = self.view.c[own].sum(0)  # (K,) the user's share of each concept
         share = share / share.sum().clamp_min(1e-12)
         return {

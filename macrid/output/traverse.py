@@ -120,26 +120,37 @@ def traverse(h_star: np.ndarray, j: int, h: np.ndarray, m: np.ndarray, tau: floa
     return Trajectory(nearest_prototype(h_star, m), j, (a, b), edges, items, [float(h[i, j]) for i in items], value)
 
 
+@dataclass(frozen=True)
+class SteerItems:
+    """The item side of steering, computed once per model (a service answers many requests from it)."""
+
+    hn: torch.Tensor  # (M, D) h_i at unit norm
+    c: torch.Tensor  # (M, K) c_i, Eq. 6 (the softmax)
+    concept: torch.Tensor  # (M,) each item's concept: the mode, `item_concept`
+    bias: torch.Tensor | None  # (M,) b_i (model.item_bias), or None for the paper's decoder
+
+    @classmethod
+    def of(cls, h: torch.Tensor, c: torch.Tensor, bias: torch.Tensor | None = None) -> SteerItems:
+        return cls(hn=F.normalize(h, dim=1), c=c, concept=item_concept(c), bias=bias)
+
+
 @torch.no_grad()
-def steer(h: torch.Tensor, c: torch.Tensor, tau: float, mu: torch.Tensor, own_items: torch.Tensor, top_n: int,
-          weights: torch.Tensor | None = None, bias: torch.Tensor | None = None
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def steer(items: SteerItems, tau: float, mu: torch.Tensor, own_items: torch.Tensor, top_n: int,
+          weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A user's top-N under edited components mu (K, D) and concept weights w (K,) (default all 1).
 
     The ranking score is log A_ui (+ b_i), A_ui = sum_k c_ik exp(cos(mu_k, h_i) / tau) (the decoder); a weight
     acts on the items whose concept (the mode, `item_concept`) is k: their A_ui is multiplied by w_k, so
     w_k = 0 removes every item of concept k from the list, and w_k = 2 doubles their A (adds log 2).
-    h (M, D) item vectors, c (M, K) their concepts (Eq. 6, the softmax), tau the model's temperature,
-    bias (M,) the items' b_i (model.item_bias), or None for the paper's decoder.
-    Returns (items (N,), log-scores (N,), each item's concept (N,)); own_items are never returned, nor removed ones
-    (so N may be below top_n)."""
-    w = torch.ones(c.shape[1], device=h.device) if weights is None else weights.to(h.device)
-    cos = F.normalize(h, dim=1) @ F.normalize(mu.to(h.device), dim=1).T  # (M, K)
-    concept = item_concept(c)  # (M,)
+    tau is the model's temperature. Returns (items (N,), log-scores (N,), each item's concept (N,)); own_items
+    are never returned, nor removed ones (so N may be below top_n)."""
+    hn, c, concept = items.hn, items.c, items.concept
+    w = torch.ones(c.shape[1], device=hn.device) if weights is None else weights.to(hn.device)
+    cos = hn @ F.normalize(mu.to(hn.device), dim=1).T  # (M, K)
     scores = (c * torch.exp(cos / tau)).sum(1).log() + w[concept].log()  # (M,) -inf where w = 0
-    if bias is not None:
-        scores = scores + bias.to(h.device)
-    scores[own_items.to(h.device)] = -torch.inf
+    if items.bias is not None:
+        scores = scores + items.bias.to(hn.device)
+    scores[own_items.to(hn.device)] = -torch.inf
     # only items still in the list: past them topk would return the user's own or the removed (-inf) ones
     available = int(torch.isfinite(scores).sum())
     top = torch.topk(scores, max(0, min(top_n, available))).indices  # (N,)

@@ -16,22 +16,72 @@ from collections.abc import Callable
 
 import torch
 
-from macrid.model.loss import elbo_loss
+from macrid.model.loss import elbo_loss, multinomial_nll, own_items_nll
 from macrid.model.row_sparse import Optimizers
 from macrid.training.row_exchange import allreduce_rows
 from macrid.model.sampling import NegativeSampler
 
+Autocast = Callable[[], contextlib.AbstractContextManager]  # run.precision's context for the forward pass
 
-def train_step(model: torch.nn.Module, opt: Optimizers, tables: list[torch.nn.Parameter],
-               sampler: NegativeSampler | None, idx: torch.Tensor, off: torch.Tensor, beta: float,
-               world: int, per_user: bool = False,
-               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-               kl_by_items: bool = False, frozen: tuple[torch.nn.Parameter, ...] = ()
-               ) -> tuple[torch.Tensor, dict, int]:
-    """One optimizer step on a batch already on the model's device: full or sampled softmax, row-wise
-    exchange of the item tables.
 
-    per_user: sampled softmax with per-user candidates (optim.candidates = "user").
+class FullSoftmax:
+    """optim.negatives = 0: the multinomial likelihood over all M items."""
+
+    def __call__(self, model: torch.nn.Module, idx: torch.Tensor, off: torch.Tensor, autocast: Autocast
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast():
+            out = model("score_all", idx, off)
+        return multinomial_nll(out.log_scores, idx, off), out.kl
+
+
+class SharedCandidates:
+    """optim.negatives > 0, candidates "batch": every user scored on the batch's items plus S shared negatives,
+    with the sampled-softmax correction log pi."""
+
+    def __init__(self, sampler: NegativeSampler):
+        self.sampler = sampler
+
+    def __call__(self, model: torch.nn.Module, idx: torch.Tensor, off: torch.Tensor, autocast: Autocast
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        cand = self.sampler.candidates(idx)
+        with autocast():
+            out = model("score_candidates", idx, off, cand.items)
+        return multinomial_nll(out.log_scores, cand.positions(idx), off, cand.log_pi), out.kl
+
+
+class OwnItemsAndNegatives:
+    """optim.negatives > 0, candidates "user": every user scored on its own items plus S shared negatives."""
+
+    def __init__(self, sampler: NegativeSampler):
+        self.sampler = sampler
+
+    def __call__(self, model: torch.nn.Module, idx: torch.Tensor, off: torch.Tensor, autocast: Autocast
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        cand = self.sampler.candidates(idx)
+        with autocast():
+            out = model("score_own_and_negatives", idx, off, cand.items, cand.negatives)
+        nll = own_items_nll(out.log_pos, out.log_neg, cand.items[cand.negatives], cand.log_pi_negatives, idx, off)
+        return nll, out.kl
+
+
+Objective = FullSoftmax | SharedCandidates | OwnItemsAndNegatives
+
+
+def objective_for(candidates: str, sampler: NegativeSampler | None) -> Objective:
+    """The softmax mode's scorer and likelihood, chosen once per run: full (no sampler), or sampled with
+    optim.candidates "batch" or "user"."""
+    if sampler is None:
+        return FullSoftmax()
+    return OwnItemsAndNegatives(sampler) if candidates == "user" else SharedCandidates(sampler)
+
+
+def train_step(model: torch.nn.Module, opt: Optimizers, tables: list[torch.nn.Parameter], objective: Objective,
+               idx: torch.Tensor, off: torch.Tensor, beta: float, world: int,
+               autocast: Autocast = contextlib.nullcontext, kl_by_items: bool = False,
+               frozen: tuple[torch.nn.Parameter, ...] = ()) -> tuple[torch.Tensor, dict, int]:
+    """One optimizer step on a batch already on the model's device: the objective's forward pass and
+    likelihood (full or sampled softmax, `objective_for`), then the row-wise exchange of the item tables.
+
     autocast: the precision context of the forward pass (run.precision); the loss is fp32 in any case.
     kl_by_items: weight each user's KL by its item count (optim.kl_by_items, see elbo_loss).
     frozen: parameters this step leaves as they are (optim.alternate): their gradients are dropped after
@@ -39,21 +89,8 @@ def train_step(model: torch.nn.Module, opt: Optimizers, tables: list[torch.nn.Pa
 
     Returns the loss, its parts (detached tensors), and the bytes this rank received in the row exchange.
     """
-    cand = sampler.candidates(idx) if sampler is not None else None
-    with autocast():
-        if cand is None:
-            out = model(idx, off)
-        elif per_user:
-            out = model(idx, off, cand.items, cand.negatives)
-        else:
-            out = model(idx, off, cand.items)
-    if cand is None:
-        loss, parts = elbo_loss(out, idx, off, beta, kl_by_items=kl_by_items)
-    elif per_user:
-        loss, parts = elbo_loss(out, idx, off, beta, negatives=(cand.items[cand.negatives], cand.log_pi_negatives),
-                                kl_by_items=kl_by_items)
-    else:
-        loss, parts = elbo_loss(out, cand.positions(idx), off, beta, cand.log_pi, kl_by_items=kl_by_items)
+    nll, kl = objective(model, idx, off, autocast)
+    loss, parts = elbo_loss(nll, kl, off, beta, kl_by_items=kl_by_items)
     opt.zero_grad()
     loss.backward()
     received = 0
@@ -69,7 +106,7 @@ def train_step(model: torch.nn.Module, opt: Optimizers, tables: list[torch.nn.Pa
     return loss, parts, received
 
 
-def precision_context(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+def precision_context(precision: str, device: torch.device) -> Autocast:
     """run.precision -> the forward pass's autocast context (bf16), or none."""
     if precision == "bf16":
         return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)

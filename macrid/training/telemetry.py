@@ -47,7 +47,7 @@ class TrainMetrics:
         self.steps.inc()
         self.users.inc(users)
 
-    def on_epoch(self, row: dict, users: int) -> None:
+    def on_epoch(self, row: dict) -> None:
         self.epochs.inc()
         self.train_seconds.inc(row["seconds"])
         self.epoch_duration.observe(row["seconds"])

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +40,80 @@ from macrid.training.row_exchange import broadcast_tables, ignore_in_ddp
 from macrid.model.sampling import NegativeSampler
 from macrid.training.run_folder import METRICS_FILE, MODEL_FILE, RUN_FILE, has_run, pin_run, run_uri
 from macrid.training.session import SCORE, LocalSession
-from macrid.training.step import precision_context, tf32_scope, train_step
+from macrid.training.step import Autocast, Objective, objective_for, precision_context, tf32_scope, train_step
 
 log = logging.getLogger(__name__)
 # epoch -> this worker's batches of (indices (N,), offsets (B+1,)), on the host
 BatchSource = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+@dataclass(frozen=True)
+class ModelKind:
+    """What the loop does differently per model, decided once from the config (model.name, model.prior)."""
+
+    composite_prior: bool  # RecVAE's prior: q_old frozen from the encoder as each epoch starts
+    prototypes: bool  # MacridVAE's prototypes m_k: re-centred by k-means at model.proto_init_epoch
+
+    @classmethod
+    def of(cls, cfg: Config) -> ModelKind:
+        macrid = cfg.model.name == "macridvae"
+        return cls(composite_prior=macrid and cfg.model.prior == "composite", prototypes=macrid)
+
+
+@dataclass
+class Loop:
+    """Everything `fit` sets up once and every epoch uses."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    data: Dataset  # the held-out sets; the training bags come from `batches`
+    kind: ModelKind
+    model: torch.nn.Module
+    train_model: torch.nn.Module  # the model, wrapped by DDP on several workers
+    eval_model: torch.nn.Module  # the EMA average when optim.ema > 0, else the model
+    tables: list[torch.nn.Parameter]  # the item tables exchanged row-wise, outside DDP
+    opt: Optimizers
+    ema: WeightAverage | None
+    objective: Objective  # the softmax mode's scorer and likelihood
+    sampler: NegativeSampler | None
+    batches: BatchSource
+    passes: list[tuple[tuple, bool]]  # _passes
+    steps: int  # optimizer updates per epoch
+    lr: float
+    autocast: Autocast
+    metrics: object | None  # TrainMetrics, when run.metrics_port is set
+    ckpt_meta: dict
+
+
 def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[dict]:
-    """Train, reporting every epoch to `session`; returns the history (one row per epoch, all epochs)."""
+    """Train, reporting every epoch to `session`; returns the history (one row per epoch, all epochs).
+
+    Setup (`_set_up`: model, optimizer, resume or warm start, DDP, input, sampler), then per epoch
+    `run_epoch` -> `_validate` (rank 0) -> `_report` (the checkpoint), until the last epoch or patience."""
+    loop, state = _set_up(cfg, session, train_batches)
+    bar = _progress(cfg.optim.epochs, state["epoch"], enabled=cfg.run.progress and loop.rank == 0, desc=cfg.run.name)
+    if state["stopped"] and loop.rank == 0:  # a RayJob retry or a --resume of a run that had stopped on patience
+        log.info("%s stopped on patience at epoch %d: nothing to resume", cfg.run.name, state["epoch"])
+    last = state["epoch"] if state["stopped"] else cfg.optim.epochs
+    for epoch in range(state["epoch"] + 1, last + 1):
+        row = run_epoch(loop, state, epoch)
+        stop = _validate(cfg, loop.data, loop.eval_model, epoch, row, state) if loop.rank == 0 else False
+        _report(loop, session, state, row, stop)
+        bar.set_postfix_str(f"loss {row['loss']:.1f} val ndcg@100 {row.get('val_ndcg@100', float('nan')):.4f}"
+                            f" best {state['best']:.4f}@{state['best_epoch']}", refresh=False)
+        bar.update(1)  # one redraw per epoch: Ray forwards every redraw as a log line
+        if _agree(stop, loop.world, loop.device):
+            if loop.rank == 0:
+                log.info("no validation gain for %d evaluations: stopping at epoch %d", state["bad_evals"], epoch)
+            break
+    bar.close()
+    if loop.metrics is not None:
+        loop.metrics.close()
+    return state["history"]
+
+
+def _set_up(cfg: Config, session, train_batches: BatchSource | None) -> tuple[Loop, dict]:
+    """The loop's parts, and its state: fresh, resumed from the session's checkpoint, or a warm start's."""
     rank, world, device = session.rank, session.world, session.device
     torch.set_num_threads(cfg.run.threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count())
     torch.manual_seed(cfg.run.seed + rank)  # the initial weights (every rank's are replaced by rank 0's under DDP)
@@ -58,9 +126,7 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
     opt = Optimizers(model, tables, cfg.optim.optimizer, lr, cfg.optim.weight_decay)
     # EMA weight averaging: evaluation, selection and export use the averaged weights (row-lazy on the tables)
     ema = WeightAverage(model, cfg.optim.ema, tables, opt.parts) if cfg.optim.ema > 0 else None
-    eval_model = ema.module if ema is not None else model
     fingerprint = data.meta["vocabulary_fingerprint"]
-    ckpt_meta = dict(config=cfg.to_dict(), n_items=data.n_items, fingerprint=fingerprint)
 
     state = {"step": 0, "epoch": 0, "best": -1.0, "best_epoch": 0, "bad_evals": 0, "history": [], "stopped": False,
              "resumed_from": 0}
@@ -82,104 +148,121 @@ def fit(cfg: Config, session, train_batches: BatchSource | None = None) -> list[
         train_batches = memory_batches(share, data.meta["train"]["users"], cfg.optim.batch_size, cfg.run.seed,
                                        rank, world)
     metrics = _telemetry(cfg, rank)
-    sampler = None
-    if cfg.optim.negatives > 0:
-        counts = item_counts(cfg.data.lake, cfg.data.dataset, cfg.data.version)
-        if counts is None:  # a dataset from before train_count: count the bags (loads them on streamed workers)
-            train = load_dataset(cfg.data.lake, cfg.data.dataset, version=cfg.data.version).train
-            counts = train.item_counts(data.n_items)
-        sampler = NegativeSampler(counts, cfg.optim.negatives, cfg.optim.proposal_alpha, seed=cfg.run.seed + rank,
-                                  device=device)
-    autocast = precision_context(cfg.run.precision, device)
+    sampler = _sampler(cfg, data, rank, device) if cfg.optim.negatives > 0 else None
     passes = _passes(model, cfg.optim.alternate)
-    steps = steps_per_epoch(data.meta["train"]["users"], cfg.optim.batch_size, world) * len(passes)  # updates
-    bar = _progress(cfg.optim.epochs, state["epoch"], enabled=cfg.run.progress and rank == 0, desc=cfg.run.name)
-    if state["stopped"] and rank == 0:  # a RayJob retry or a --resume of a run that had stopped on patience
-        log.info("%s stopped on patience at epoch %d: nothing to resume", cfg.run.name, state["epoch"])
-    last = state["epoch"] if state["stopped"] else cfg.optim.epochs
-    for epoch in range(state["epoch"] + 1, last + 1):
-        t0 = time.perf_counter()
-        # dropout, Gumbel, z and negative draws seeded per epoch: a run resumed at epoch e draws what an
-        # uninterrupted one draws from e + 1 on, so a lost node or cluster does not change the result
-        seed = epoch_seed(cfg.run.seed, rank, epoch)
-        torch.manual_seed(seed)
-        if sampler is not None:
-            sampler.generator.manual_seed(seed)
-        if getattr(model, "prior", "standard") == "composite":
-            model.freeze_old_posterior()  # q_old of RecVAE's composite prior: the encoder as this epoch starts
-        model.train()
-        # running sums stay on the device: a .item() per step would stall the GPU on the host
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, kl
-        n_steps, n_users, exchanged, waited = 0, 0, 0, 0.0
-        beta = _beta(cfg, state["step"], steps)
-        for frozen, dropout in passes:
-            model.dropout = cfg.model.dropout if dropout else 0.0
-            batches = iter(train_batches(epoch))
-            if device.type == "cuda":  # page-lock the next batches off the training thread
-                batches = pinned_ahead(batches)
-            while True:
-                t_wait = time.perf_counter()
-                batch = next(batches, None)  # time blocked on the input pipeline: the profile's data share
-                waited += time.perf_counter() - t_wait
-                if batch is None:
-                    break
-                idx, off = batch
-                if state["step"] == cfg.run.fail_at_step and rank == cfg.run.fail_rank and _first_failure(cfg):
-                    print(f"[macrid] run.fail_at_step: killing rank {rank} at step {state['step']}", flush=True)
-                    os.kill(os.getpid(), signal.SIGKILL)  # a dead worker, as when a node is lost
-                idx, off = to_device(idx, device), to_device(off, device)
-                beta = _beta(cfg, state["step"], steps)
-                if cfg.optim.lr_schedule != "constant":
-                    opt.set_lr(lr_at(state["step"], steps * cfg.optim.epochs, lr, cfg.optim.lr_schedule))
-                with tf32_scope(cfg.run.precision, device):
-                    loss, parts, received = train_step(train_model, opt, tables, sampler, idx, off, beta, world,
-                                                       per_user=cfg.optim.candidates == "user", autocast=autocast,
-                                                       kl_by_items=cfg.optim.kl_by_items, frozen=frozen)
-                exchanged += received
-                if ema is not None:
-                    ema.update(model)
-                state["step"] += 1
-                n_steps, n_users = n_steps + 1, n_users + len(off) - 1
-                sums += torch.stack([loss.detach(), parts["nll"], parts["kl"]]).double()
-                if metrics is not None:
-                    metrics.on_step(len(off) - 1)
-        model.dropout = cfg.model.dropout
-        if ema is not None:
-            ema.flush()  # the table rows no step touched lately, brought up to date for evaluation and the checkpoint
-        recentre = epoch == cfg.model.proto_init_epoch or (cfg.model.proto_refine and 0 < cfg.model.proto_init_epoch < epoch)
-        if hasattr(model, "m") and recentre and not warm_start.keeps_prototypes(cfg):
-            _recentre_prototypes(model, cfg.run.seed, refine_only=epoch > cfg.model.proto_init_epoch, world=world)
-        mean_loss, mean_nll, mean_kl = (sums / max(n_steps, 1)).tolist()  # one sync per epoch
-        row = {"epoch": epoch, "step": state["step"], "beta": beta, "seconds": time.perf_counter() - t0,
-               "users": n_users * world // len(passes), "workers": world, "resumed_from": state["resumed_from"],
-               "loss": mean_loss, "nll": mean_nll, "kl": mean_kl, "input_seconds": waited}
-        if tables and world > 1:
-            row["row_exchange_mb_per_step"] = exchanged / max(n_steps, 1) / 1e6
-        stop = _validate(cfg, data, eval_model, epoch, row, state) if rank == 0 else False
-        if metrics is not None:
-            metrics.on_epoch(row, n_users)
-        row[SCORE] = row.get("val_ndcg@100", -1.0)
-        state["epoch"] = epoch
-        state["history"].append(row)
-        ckpt = None
-        if rank == 0:
-            session.settle(row)  # Ray Train: the previous checkpoint registered, so a restart redoes one epoch at most
-            ckpt = checkpoint.to_bytes(
-                model=model, optimizer=opt, step=state["step"], epoch=epoch,
-                extra={k: state[k] for k in ("best", "best_epoch", "bad_evals", "history")}
-                | {"ema": ema.state_dict() if ema is not None else None, "stopped": stop}, **ckpt_meta)
-        session.report(row, ckpt, state["history"], ended=stop or epoch == cfg.optim.epochs)
-        bar.set_postfix_str(f"loss {row['loss']:.1f} val ndcg@100 {row.get('val_ndcg@100', float('nan')):.4f}"
-                            f" best {state['best']:.4f}@{state['best_epoch']}", refresh=False)
-        bar.update(1)  # one redraw per epoch: Ray forwards every redraw as a log line
-        if _agree(stop, world, device):
-            if rank == 0:
-                log.info("no validation gain for %d evaluations: stopping at epoch %d", state["bad_evals"], epoch)
-            break
-    bar.close()
-    if metrics is not None:
-        metrics.close()
-    return state["history"]
+    loop = Loop(cfg=cfg, rank=rank, world=world, device=device, data=data, kind=ModelKind.of(cfg), model=model,
+                train_model=train_model, eval_model=ema.module if ema is not None else model, tables=tables, opt=opt,
+                ema=ema, objective=objective_for(cfg.optim.candidates, sampler), sampler=sampler,
+                batches=train_batches, passes=passes,
+                steps=steps_per_epoch(data.meta["train"]["users"], cfg.optim.batch_size, world) * len(passes),
+                lr=lr, autocast=precision_context(cfg.run.precision, device), metrics=metrics,
+                ckpt_meta=dict(config=cfg.to_dict(), n_items=data.n_items, fingerprint=fingerprint))
+    return loop, state
+
+
+def _sampler(cfg: Config, data: Dataset, rank: int, device: torch.device) -> NegativeSampler:
+    """optim.negatives > 0: the negatives' proposal, from the items' training counts."""
+    counts = item_counts(cfg.data.lake, cfg.data.dataset, cfg.data.version)
+    if counts is None:  # a dataset from before train_count: count the bags (loads them on streamed workers)
+        train = load_dataset(cfg.data.lake, cfg.data.dataset, version=cfg.data.version).train
+        counts = train.item_counts(data.n_items)
+    return NegativeSampler(counts, cfg.optim.negatives, cfg.optim.proposal_alpha, seed=cfg.run.seed + rank,
+                           device=device)
+
+
+def run_epoch(loop: Loop, state: dict, epoch: int) -> dict:
+    """One epoch of updates (every pass of `loop.passes`), then the epoch's end: EMA flush, prototype
+    re-centring. Advances state["step"]; returns the epoch's row (loss, timing, users) before validation."""
+    cfg, model, device = loop.cfg, loop.model, loop.device
+    t0 = time.perf_counter()
+    # dropout, Gumbel, z and negative draws seeded per epoch: a run resumed at epoch e draws what an
+    # uninterrupted one draws from e + 1 on, so a lost node or cluster does not change the result
+    seed = epoch_seed(cfg.run.seed, loop.rank, epoch)
+    torch.manual_seed(seed)
+    if loop.sampler is not None:
+        loop.sampler.generator.manual_seed(seed)
+    if loop.kind.composite_prior:
+        model.freeze_old_posterior()  # q_old of RecVAE's composite prior: the encoder as this epoch starts
+    model.train()
+    # running sums stay on the device: a .item() per step would stall the GPU on the host
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, nll, kl
+    n_steps, n_users, exchanged, waited = 0, 0, 0, 0.0
+    beta = _beta(cfg, state["step"], loop.steps)
+    for frozen, dropout in loop.passes:
+        model.dropout = cfg.model.dropout if dropout else 0.0
+        batches = iter(loop.batches(epoch))
+        if device.type == "cuda":  # page-lock the next batches off the training thread
+            batches = pinned_ahead(batches)
+        batches = _with_fault_injection(cfg, loop.rank, state, batches)
+        while True:
+            t_wait = time.perf_counter()
+            batch = next(batches, None)  # time blocked on the input pipeline: the profile's data share
+            waited += time.perf_counter() - t_wait
+            if batch is None:
+                break
+            idx, off = to_device(batch[0], device), to_device(batch[1], device)
+            beta = _beta(cfg, state["step"], loop.steps)
+            if cfg.optim.lr_schedule != "constant":
+                loop.opt.set_lr(lr_at(state["step"], loop.steps * cfg.optim.epochs, loop.lr, cfg.optim.lr_schedule))
+            with tf32_scope(cfg.run.precision, device):
+                loss, parts, received = train_step(loop.train_model, loop.opt, loop.tables, loop.objective, idx, off,
+                                                   beta, loop.world, autocast=loop.autocast,
+                                                   kl_by_items=cfg.optim.kl_by_items, frozen=frozen)
+            exchanged += received
+            if loop.ema is not None:
+                loop.ema.update(model)
+            state["step"] += 1
+            n_steps, n_users = n_steps + 1, n_users + len(off) - 1
+            sums += torch.stack([loss.detach(), parts["nll"], parts["kl"]]).double()
+            if loop.metrics is not None:
+                loop.metrics.on_step(len(off) - 1)
+    model.dropout = cfg.model.dropout
+    if loop.ema is not None:
+        loop.ema.flush()  # the table rows no step touched lately, brought up to date for evaluation and the checkpoint
+    recentre = epoch == cfg.model.proto_init_epoch or (cfg.model.proto_refine and 0 < cfg.model.proto_init_epoch < epoch)
+    if loop.kind.prototypes and recentre and not warm_start.keeps_prototypes(cfg):
+        _recentre_prototypes(model, cfg.run.seed, refine_only=epoch > cfg.model.proto_init_epoch, world=loop.world)
+    mean_loss, mean_nll, mean_kl = (sums / max(n_steps, 1)).tolist()  # one sync per epoch
+    row = {"epoch": epoch, "step": state["step"], "beta": beta, "seconds": time.perf_counter() - t0,
+           "users": n_users * loop.world // len(loop.passes), "workers": loop.world,
+           "resumed_from": state["resumed_from"], "loss": mean_loss, "nll": mean_nll, "kl": mean_kl,
+           "input_seconds": waited}
+    if loop.tables and loop.world > 1:
+        row["row_exchange_mb_per_step"] = exchanged / max(n_steps, 1) / 1e6
+    return row
+
+
+def _report(loop: Loop, session, state: dict, row: dict, stop: bool) -> None:
+    """The epoch's row into the history and to the session, with rank 0's checkpoint."""
+    if loop.metrics is not None:
+        loop.metrics.on_epoch(row)
+    row[SCORE] = row.get("val_ndcg@100", -1.0)
+    epoch = row["epoch"]
+    state["epoch"] = epoch
+    state["history"].append(row)
+    ckpt = None
+    if loop.rank == 0:
+        session.settle(row)  # Ray Train: the previous checkpoint registered, so a restart redoes one epoch at most
+        ckpt = checkpoint.to_bytes(
+            model=loop.model, optimizer=loop.opt, step=state["step"], epoch=epoch,
+            extra={k: state[k] for k in ("best", "best_epoch", "bad_evals", "history")}
+            | {"ema": loop.ema.state_dict() if loop.ema is not None else None, "stopped": stop}, **loop.ckpt_meta)
+    session.report(row, ckpt, state["history"], ended=stop or epoch == loop.cfg.optim.epochs)
+
+
+def _with_fault_injection(cfg: Config, rank: int, state: dict, batches: Iterator) -> Iterator:
+    """run.fail_at_step (fault tests): SIGKILL rank run.fail_rank when it is about to take that step, as when
+    a node is lost, the first time only. Otherwise the batches pass through untouched."""
+    if cfg.run.fail_at_step < 0 or rank != cfg.run.fail_rank:
+        return batches
+
+    def watched():
+        for batch in batches:
+            if state["step"] == cfg.run.fail_at_step and _first_failure(cfg):
+                print(f"[macrid] run.fail_at_step: killing rank {rank} at step {state['step']}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)  # a dead worker, as when a node is lost
+            yield batch
+    return watched()
 
 
 def _beta(cfg: Config, step: int, steps_per_epoch: int) -> float:
