@@ -30,7 +30,7 @@ import time
 
 from macrid.errors import MacridError, user_error
 from macrid.output.export import ExportSpec, export
-from macrid.data.readers import FORMATS
+from macrid.data.formats import FORMATS
 
 
 def parser() -> argparse.ArgumentParser:

@@ -68,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    from macrid.data.layout import check_name
+    from macrid.names import check_name
     from macrid.errors import MacridError
     from macrid.nightly import NightlySpec, run_night
     from macrid.training.promote import GateRule

@@ -29,7 +29,8 @@ from macrid.cluster import connect
 from macrid.errors import ConfigError, MacridError, user_error
 from macrid.data.prepare import prepare
 from macrid.data.raw_input import sources_of
-from macrid.data.readers import FORMATS, read_items
+from macrid.data.formats import FORMATS
+from macrid.data.readers import read_items
 from macrid.data.split import Protocol
 from macrid.data.synthetic import SyntheticSpec, generate
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "Netflix training_set/, LightGCN train.txt/test.txt, or any .parquet/.csv); "
                                      "repeat it to prepare the union of several sources, ids prefixed by folder name")
     src.add_argument("--synthetic", action="store_true", help="generate planted-structure data instead")
-    p.add_argument("--format", default="auto", choices=FORMATS + ("delta",),
+    p.add_argument("--format", default="auto", choices=FORMATS,
                    help="raw format (default: from the file name; a folder with _delta_log/ is a Delta table)")
     p.add_argument("--user-col", default="user_id", help="user column of a generic table")
     p.add_argument("--item-col", default="item_id", help="item column of a generic table")

@@ -25,7 +25,7 @@ import os
 import sys
 
 from macrid.config import load_config
-from macrid.data.layout import check_name
+from macrid.names import check_name
 from macrid.errors import MacridError, user_error
 from macrid.training.search_space import load_space
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from macrid.errors import ConfigError
+from macrid.names import check_name, check_version
 
 MODELS = ("macridvae", "multvae", "multdae")
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -150,8 +151,6 @@ class DataConfig:
     version: str = ""
 
     def __post_init__(self) -> None:
-        from macrid.data.layout import check_name, check_version
-
         check_name("dataset", self.dataset)
         if self.version:
             check_version(self.version)
@@ -237,13 +236,10 @@ class RunConfig:
                               f"{self.num_workers} workers would pass 65535; pick a lower port")
         if not (math.isfinite(self.warm_start_lr_scale) and self.warm_start_lr_scale > 0):
             raise ConfigError(f"run.warm_start_lr_scale={self.warm_start_lr_scale} must be > 0 (1 = optim.lr as it is)")
-        if self.name or self.warm_start:
-            from macrid.data.layout import check_name
-
-            if self.name:
-                check_name("run", self.name)
-            if self.warm_start:
-                check_name("run.warm_start", self.warm_start)
+        if self.name:
+            check_name("run", self.name)
+        if self.warm_start:
+            check_name("run.warm_start", self.warm_start)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"run.device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if self.placement not in ("PACK", "SPREAD"):

@@ -90,7 +90,7 @@ def test_prune_touches_only_version_folders(tmp_path):
     import polars as pl
 
     from macrid.data.prepare import KEEP_VERSIONS, prepare
-    from macrid.data.readers import RawData
+    from macrid.data.formats import RawData
     from macrid.data.split import Protocol
 
     df = pl.DataFrame({"user_id": [u for u in range(40) for _ in range(6)],

@@ -389,7 +389,7 @@ def test_of_two_prepares_of_one_name_only_one_publishes(where, tmp_path, s3_endp
 
 
 def read_raw_frame(rng):
-    from macrid.data.readers import RawData
+    from macrid.data.formats import RawData
 
     df = pl.DataFrame({"user_id": rng.integers(0, 60, 900), "item_id": rng.integers(0, 80, 900),
                        "rating": pl.Series([None] * 900, dtype=pl.Float64)})

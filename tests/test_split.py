@@ -6,7 +6,8 @@ import pytest
 from conftest import real_data
 from macrid.data.batches import snapshot_uri
 from macrid.data.prepare import prepare
-from macrid.data.readers import RawData, read_raw
+from macrid.data.formats import RawData
+from macrid.data.readers import read_raw
 from macrid.data.split import Protocol
 
 

@@ -16,34 +16,11 @@ file names, shell commands, Prometheus labels and plot titles. A version name is
 
 from __future__ import annotations
 
-import re
-
 from macrid.data import lake
-from macrid.errors import ConfigError, DataError
+from macrid.errors import DataError
+from macrid.names import NAME, check_name, check_version
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-VERSION = re.compile(r"\d{8}T\d{12}Z-[0-9a-f]{8}")
 KEEP_VERSIONS = 3  # a run outlives at most KEEP_VERSIONS - 1 later prepares of its dataset
-
-
-def check_name(kind: str, name: str) -> str:
-    """name, or a ConfigError that names the value and the rule. kind: 'dataset', 'run', 'export', ..."""
-    if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
-        raise ConfigError(
-            f"{kind} name {name!r} is not allowed: use 1 to 128 letters, digits, '.', '_' and '-', starting "
-            f"with a letter or a digit and without '..' (it names a folder of the lake)")
-    return name
-
-
-def check_version(version: str) -> str:
-    if not VERSION.fullmatch(version):
-        raise ConfigError(f"dataset version {version!r} is not one prepare writes (e.g. "
-                          "20261202T201500123456Z-0a1b2c3d); copy it from the dataset's _meta.json")
-    return version
-
-
-def is_version(name: str) -> bool:
-    return VERSION.fullmatch(name) is not None
 
 
 def dataset_uri(lake_root: str, name: str, version: str = "") -> str:

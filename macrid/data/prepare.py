@@ -44,12 +44,13 @@ import pyarrow.dataset as pds
 import pyarrow.fs as pafs
 
 from macrid.data import lake
-from macrid.data.layout import KEEP_VERSIONS, dataset_uri, is_version, load_meta  # noqa: F401  (KEEP_VERSIONS re-exported)
+from macrid.data.layout import KEEP_VERSIONS, dataset_uri, load_meta  # noqa: F401  (KEEP_VERSIONS re-exported)
 from macrid.data.by_user import read_by_user
 from macrid.data.raw_input import Fragment, Source
-from macrid.data.readers import RawData
+from macrid.data.formats import SMALL_FORMATS, RawData, read_item_metadata
 from macrid.data.split import (Protocol, foldin_split, group_users, item_firsts, merge_item_firsts, order_users,
                                to_item_idx, vocabulary)
+from macrid.names import is_version
 from macrid.data.stages import Scratch, Stages, partition_of, read_frame, remove_dead_scratch
 from macrid.errors import DataError
 
@@ -237,9 +238,6 @@ def _write_task(spec: dict) -> dict:
 
 def _small_format_items(sources: list[Source], frags: list[Fragment], read: list[dict]) -> pl.DataFrame | None:
     """The item metadata (titles, genres) of MovieLens/Netflix inputs, read on the driver (O(items))."""
-    from macrid.data.raw_input import SMALL_FORMATS
-    from macrid.data.readers import read_item_metadata
-
     parts = []
     for f in frags:
         if f.kind not in SMALL_FORMATS:

@@ -1,7 +1,7 @@
 """Raw interaction sources -> fragments, and one fragment -> clean (user_id, item_id, pos) rows.
 
 A source is what `--input` names: a Parquet/CSV file or folder (local or s3://), a Delta table, one
-of the small single-file formats that `readers.py` parses (MovieLens, Netflix, adjacency lists), or
+of the small single-file formats that `formats.py` parses (MovieLens, Netflix, adjacency lists), or
 an in-memory frame. `fragments` lists its files on the driver (names and sizes only: no file is
 opened there); `read_fragment` runs where the rows are, in a Ray task, and streams one file in
 record batches, so a task's memory is one batch whatever the file's size.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
@@ -30,12 +31,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from macrid.data import lake
+from macrid.data.formats import SMALL_FORMATS, STREAMED_FORMATS, detect_format, local_disk_only, parse_small
 from macrid.errors import DataError
 
 POS_SHIFT = 36  # rows per fragment < 2^36; fragments < 2^27
 BATCH_ROWS = 1 << 20  # rows per record batch read at a time
 TABLE_SUFFIXES = (".parquet", ".csv", ".csv.gz")
-SMALL_FORMATS = ("ml-100k", "ml-1m", "ml-20m", "netflix", "adjacency")
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,7 @@ def fragments(sources: list[Source]) -> list[Fragment]:
 def _files(src: Source) -> list[tuple[str, str, int]]:
     fmt = src.format
     if fmt in SMALL_FORMATS and lake.is_s3(src.uri):
-        raise DataError(f"{src.uri}: the {fmt} format is read from local disk only (its files are small and "
-                        "parsed whole); copy them down first, or store the interactions as Parquet or CSV, "
-                        "which prepare reads in place from S3")
+        raise local_disk_only(src.uri, fmt)
     if fmt == "auto" and not lake.is_s3(src.uri):
         fmt = _small_format(src.uri) or "auto"
     if fmt in SMALL_FORMATS:
@@ -122,10 +121,6 @@ def _files(src: Source) -> list[tuple[str, str, int]]:
 
 
 def _small_format(uri: str) -> str | None:
-    from pathlib import Path
-
-    from macrid.data.readers import detect_format
-
     path = Path(uri)
     if not path.exists():
         raise DataError(f"{path} does not exist; check the --input path")
@@ -149,7 +144,7 @@ def _table_kind(path: str) -> str:
     if name.endswith((".csv", ".csv.gz")):
         return "csv"
     raise DataError(f"{path}: cannot tell its format from the name; pass --format with one of "
-                    f"{('table', 'delta') + SMALL_FORMATS}")
+                    f"{STREAMED_FORMATS + SMALL_FORMATS}")
 
 
 def _delta_files(uri: str) -> list[tuple[str, int]]:
@@ -226,9 +221,7 @@ def _batches(frag: Fragment) -> Iterator[pl.DataFrame]:
     """The fragment's rows in file order: user, item, rating (raw types), BATCH_ROWS at a time."""
     wanted = [frag.user_col, frag.item_col] + ([frag.rating_col] if frag.rating_col else [])
     if frag.kind in SMALL_FORMATS:
-        from macrid.data.readers import read_raw
-
-        df = read_raw(frag.uri, frag.kind).interactions  # small files, parsed whole: user_id, item_id, rating
+        df = parse_small(Path(frag.uri), frag.kind).interactions  # small files, parsed whole: user_id, item_id, rating
         df = df.rename({"user_id": frag.user_col, "item_id": frag.item_col, "rating": "__rating"})
         yield df if df["__rating"].null_count() < df.height else df.drop("__rating")  # implicit formats
         return

@@ -27,7 +27,7 @@ import numpy as np
 import polars as pl
 
 from macrid.data import lake
-from macrid.data.readers import RawData
+from macrid.data.formats import RawData
 
 
 @dataclass(frozen=True)

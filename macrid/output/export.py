@@ -13,6 +13,7 @@ model, the item-ID and user-ID lookups and one batch; the driver only collects f
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -33,14 +34,15 @@ from macrid.output import delta, manifest
 from macrid.data import lake, layout
 from macrid.data.batches import snapshot_uri
 from macrid.errors import ClusterError, ConfigError, DataError, lost_to_the_cluster
+from macrid.output.export_commit import Transaction, vacuum
 from macrid.output.export_input import Source, is_dataset, merge_heldout, prepared, raw
+from macrid.output.export_tables import (SCHEMA_VERSION, TABLES, components_table, item_concepts_table,
+                                         prototypes_table, recommendations_table, schemas_of)
 from macrid.model.vae import MacridVAE, item_concept
 from macrid.output.published import published_run
 from macrid.training.run_folder import MODEL_FILE
 from macrid.training.checkpoint import load_model
 
-SCHEMA_VERSION = 2  # 2: recommendations.rank is int32 (1: int16; such tables are widened on the next export)
-TABLES = ("user_components", "recommendations", "item_concepts", "prototypes")
 ITEM_CHUNK = 65_536
 
 
@@ -81,7 +83,7 @@ def export(spec: ExportSpec, progress: bool = True) -> dict:
     with Lease(export_uri(spec.lake, spec.name), owner=tag, what=f"export {spec.name}") as lease:
         summary = _export_held(spec, tag, model, saved, vocab, run_record, lease, progress)
     vacuumed = {table: removed for table in (*TABLES, manifest.TABLE)
-                if (removed := _vacuum(export_uri(spec.lake, spec.name, table), spec.retention_hours))}
+                if (removed := vacuum(export_uri(spec.lake, spec.name, table), spec.retention_hours))}
     if vacuumed:
         summary["vacuumed"] = vacuumed
     summary["seconds"]["total"] = round(time.time() - t0, 3)
@@ -95,7 +97,7 @@ def _export_held(spec: ExportSpec, tag: str, model: MacridVAE, saved: dict, voca
     export's uncommitted files and no committed one."""
     t0 = time.time()
     stage = export_uri(spec.lake, spec.name, f"_staging/{tag}")
-    committed: list[str] = []
+    transaction = Transaction(lambda table: export_uri(spec.lake, spec.name, table), spec.date, tag, lease)
     try:
         source = _source(spec, saved["vocabulary_fingerprint"], vocab, run_record, stage)
         t_input = time.time()
@@ -115,73 +117,16 @@ def _export_held(spec: ExportSpec, tag: str, model: MacridVAE, saved: dict, voca
             "seconds": {"input": round(t_input - t0, 3), "users": round(t_users - t_input, 3),
                         "items": round(t_items - t_users, 3)},
         }
-        schemas = {}
-        for table in TABLES:
-            if table == "recommendations" and not spec.top_n:
-                continue
-            schema = SCHEMAS[table](vocab["item_id"].to_arrow().type, source.user_type)
-            if table == "item_concepts" and model.item_bias is not None:
-                schema = schema.append(pa.field("bias", pa.float32()))  # only then: older tables keep their columns
-            schemas[table] = schema
+        schemas = schemas_of(vocab["item_id"].to_arrow().type, source.user_type, spec.top_n,
+                             item_bias=model.item_bias is not None)
         schemas[manifest.TABLE] = manifest.SCHEMA
-        for table, schema in schemas.items():  # every table before any commit
-            delta.check_schema(export_uri(spec.lake, spec.name, table), schema)
-        versions: dict[str, int] = {}
-        for table, schema in schemas.items():  # one commit per table; the summary's timings cover what came before
-            if table == manifest.TABLE:
-                continue
-            uri = export_uri(spec.lake, spec.name, table)
-            lease.check()  # a writer that lost its lease (it stalled past the expiry) must not commit
-            versions[table] = delta.commit(uri, schema, files[table], spec.date, summary)
-            committed.append(table)
-            removed = delta.remove_unheld(uri, spec.date, tag)  # this export's files its commit lacks (a lost actor's)
-            if removed:
-                summary.setdefault("unheld_removed", {})[table] = len(removed)
-        summary["versions"] = dict(versions)
-        # last: the manifest that makes the date's tables one export for readers (docs/export-schema.md)
-        uri = export_uri(spec.lake, spec.name, manifest.TABLE)
-        listing = manifest.rows(versions, {t: sum(f["rows"] for f in files[t]) for t in versions}, summary)
-        lease.check()
-        summary["versions"][manifest.TABLE] = delta.commit(
-            uri, manifest.SCHEMA, [delta.write_file(uri, spec.date, listing, tag)], spec.date, summary)
-        committed.append(manifest.TABLE)
+        transaction.commit(schemas, files, summary)
     except BaseException:
-        for table in (*TABLES, manifest.TABLE):
-            uri = export_uri(spec.lake, spec.name, table)
-            # a table whose commit reached its log (even if what followed it raised) keeps its files
-            if table not in committed and not _committed_anyway(uri, tag):
-                delta.delete_uncommitted(uri, spec.date, tag)
+        transaction.roll_back((*TABLES, manifest.TABLE))
         raise
     finally:
         _remove(stage)
     return summary
-
-
-def _vacuum(uri: str, retention_hours: int) -> int:
-    """Delete the files no version of the last `retention_hours` uses (a killed export's, older versions' that
-    time travel no longer reaches); returns how many. A failure is logged, not raised: the export has
-    committed, and the next export's vacuum removes what this one could not."""
-    table = delta.open_table(uri)
-    if table is None:
-        return 0
-    try:
-        with lake.explained(uri):
-            if not table.vacuum(retention_hours, dry_run=True, enforce_retention_duration=False, full=True):
-                return 0  # a vacuum that deletes nothing would still add two commits to the log
-            return len(table.vacuum(retention_hours, dry_run=False, enforce_retention_duration=False, full=True))
-    except Exception as e:  # noqa: BLE001 - the export's outcome stands either way
-        logging.getLogger(__name__).warning("%s: vacuum failed (%s); the export is committed, and the next export "
-                                            "vacuums again", uri, str(e).splitlines()[0][:200])
-        return 0
-
-
-def _committed_anyway(uri: str, tag: str) -> bool:
-    """Whether export `tag`'s commit is in the table's log; when the log cannot be read, assume it is (leaving a
-    stray file to the next export's leftover removal is safe; deleting a committed version's files is not)."""
-    try:
-        return delta.committed_by(uri, tag)
-    except Exception:  # noqa: BLE001 - any failure to read the log means "do not delete"
-        return True
 
 
 def _checked(spec: ExportSpec) -> ExportSpec:
@@ -231,19 +176,42 @@ def _users(spec: ExportSpec, source: Source, run_record: dict, tag: str, progres
     """Ray Data over the user rows; actors compute and write. Returns each table's file records."""
     if spec.local:
         return _users_here(spec, source, run_record, tag, progress)
-    import ray.data
-    from tqdm import tqdm
-
     from macrid.cluster import connect
 
     connect()
-    fs, _ = lake.resolve(spec.lake)
+    with _ray_data_settings():
+        return _users_on_ray(spec, source, run_record, tag, progress)
+
+
+@contextlib.contextmanager
+def _ray_data_settings():
+    """Ray Data's process-wide settings and log levels for the export, put back as they were afterwards (the
+    export runs inside jobs/nightly.py, whose other stages keep theirs)."""
+    import ray.data
+
     ctx = ray.data.DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.use_datasource_v2, ctx.enable_progress_bars)
+    loggers = [logging.getLogger(n) for n in ("ray.data", "ray.data._internal.progress")]
+    levels = [g.level for g in loggers]
     ctx.execution_options.preserve_order = True  # same batches on a re-run: identical content
     ctx.use_datasource_v2 = False  # (see ray_data.train_dataset)
     ctx.enable_progress_bars = False  # ours counts users; Ray Data's would print a status block every few seconds
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": ours
+    loggers[0].setLevel(logging.WARNING)
+    loggers[1].setLevel(logging.ERROR)  # "progress bars disabled": ours
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order, ctx.use_datasource_v2, ctx.enable_progress_bars = saved
+        for g, level in zip(loggers, levels):
+            g.setLevel(level)
+
+
+def _users_on_ray(spec: ExportSpec, source: Source, run_record: dict, tag: str, progress: bool
+                  ) -> dict[str, list[dict]]:
+    import ray.data
+    from tqdm import tqdm
+
+    fs, _ = lake.resolve(spec.lake)
     # one block per file: the shards are already sized for a task (100,000 users), and splitting them into
     # hundreds of blocks only adds scheduling
     parts = [ray.data.read_parquet(source.files["bags"], filesystem=fs, num_cpus=0.25,
@@ -362,34 +330,6 @@ class ExportWorker:
         return pa.Table.from_pylist(records)
 
 
-def components_table(user_ids: pa.Array, mu: torch.Tensor, share: torch.Tensor) -> pa.Table:
-    """One row per (user, component): user_id, component, weight, dominant, mu."""
-    B, K, D = mu.shape
-    share_np = share.float().cpu().numpy()  # (B, K)
-    dominant = share_np.argmax(1)  # (B,)
-    flat = mu.float().cpu().numpy().reshape(-1)  # (B*K*D,)
-    return pa.table({
-        "user_id": pa.array(user_ids).take(pa.array(np.repeat(np.arange(B), K))),
-        "component": pa.array(np.tile(np.arange(K, dtype=np.int16), B)),
-        "weight": pa.array(share_np.reshape(-1)),
-        "dominant": pa.array(np.tile(np.arange(K), B) == np.repeat(dominant, K)),
-        "mu": pa.ListArray.from_arrays(pa.array(np.arange(0, B * K * D + 1, D, dtype=np.int32)), pa.array(flat)),
-    })
-
-
-def recommendations_table(user_ids: pa.Array, item_ids: pa.Array, out) -> pa.Table:
-    """One row per (user, rank): user_id, rank (1 = best), item_id, score (log A_ui), concept."""
-    B, N = out.top_items.shape
-    keep = out.top_valid.cpu().numpy().reshape(-1)  # (B*N,) a user's own items are never recommended
-    return pa.table({
-        "user_id": pa.array(user_ids).take(pa.array(np.repeat(np.arange(B), N)[keep])),
-        "rank": pa.array(np.tile(np.arange(1, N + 1, dtype=np.int32), B)[keep]),
-        "item_id": item_ids.take(pa.array(out.top_items.cpu().numpy().reshape(-1)[keep])),
-        "score": pa.array(out.top_scores.float().cpu().numpy().reshape(-1)[keep]),
-        "concept": pa.array(out.top_concepts.cpu().numpy().reshape(-1).astype(np.int16)[keep]),
-    })
-
-
 def _items(spec: ExportSpec, model: MacridVAE, vocab: pl.DataFrame, tag: str) -> tuple[list[dict], list[dict]]:
     """Item concepts chunk by chunk, and the prototypes; written, not committed."""
     from macrid.output import represent
@@ -404,24 +344,11 @@ def _items(spec: ExportSpec, model: MacridVAE, vocab: pl.DataFrame, tag: str) ->
         concept = item_concept(c).cpu().numpy()  # (C,) the mode, as steering and recommendations have it
         c, h = c.float().cpu().numpy(), h.float().cpu().numpy()
         per_concept += np.bincount(concept, minlength=model.K)
-        table = pa.table({
-            "item_id": ids.slice(lo, hi - lo), "title": titles.slice(lo, hi - lo),
-            "concept": pa.array(concept.astype(np.int16)), "probability": pa.array(c.max(1)),
-            "probabilities": _lists(c), "h": _lists(h)})
-        if bias is not None:
-            table = table.append_column("bias", pa.array(bias.float().cpu().numpy()))
+        table = item_concepts_table(ids.slice(lo, hi - lo), titles.slice(lo, hi - lo), concept, c, h,
+                                    None if bias is None else bias.float().cpu().numpy())
         files.append(delta.write_file(uri, spec.date, table, tag))
-    m = model.m.detach().float().cpu().numpy()  # (K, D)
-    prototypes = pa.table({"concept": pa.array(np.arange(model.K, dtype=np.int16)), "m": _lists(m),
-                           "items": pa.array(per_concept)})
+    prototypes = prototypes_table(model.m.detach().float().cpu().numpy(), per_concept)  # (K, D), (K,)
     return files, [delta.write_file(export_uri(spec.lake, spec.name, "prototypes"), spec.date, prototypes, tag)]
-
-
-def _lists(x: np.ndarray) -> pa.ListArray:
-    """(R, C) float32 -> list<float32> column of R rows."""
-    R, C = x.shape
-    return pa.ListArray.from_arrays(pa.array(np.arange(0, R * C + 1, C, dtype=np.int32)),
-                                    pa.array(np.ascontiguousarray(x, dtype=np.float32).reshape(-1)))
 
 
 def _remove(uri: str) -> None:
@@ -430,22 +357,3 @@ def _remove(uri: str) -> None:
         fs.delete_dir(path)
     except (OSError, FileNotFoundError):
         pass
-
-
-def _list(t: pa.DataType) -> pa.DataType:
-    return pa.list_(t)
-
-
-SCHEMAS = {
-    "user_components": lambda item_t, user_t: pa.schema([
-        ("user_id", user_t), ("component", pa.int16()), ("weight", pa.float32()), ("dominant", pa.bool_()),
-        ("mu", _list(pa.float32()))]),
-    "recommendations": lambda item_t, user_t: pa.schema([
-        ("user_id", user_t), ("rank", pa.int32()), ("item_id", item_t), ("score", pa.float32()),
-        ("concept", pa.int16())]),
-    "item_concepts": lambda item_t, user_t: pa.schema([
-        ("item_id", item_t), ("title", pa.string()), ("concept", pa.int16()), ("probability", pa.float32()),
-        ("probabilities", _list(pa.float32())), ("h", _list(pa.float32()))]),
-    "prototypes": lambda item_t, user_t: pa.schema([
-        ("concept", pa.int16()), ("m", _list(pa.float32())), ("items", pa.int64())]),
-}
