@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
+# ray: imported inside the functions that use them. Importing them is a start-up cost (Ray about 1.2 s on the
+# development VM) that the paths without them (--help, in-process runs, tests) need not pay.
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
 log = logging.getLogger(__name__)
@@ -76,8 +79,6 @@ def exit_now(status: int) -> None:
     """End a job's process with its own status, skipping the interpreter's teardown, where pyarrow and deltalake can
     abort the process after a successful commit (apache/arrow#34314, delta-io/delta-rs#2184), which a CronJob
     would report as a failure. Ray is shut down first, output flushed."""
-    import sys
-
     import ray
 
     if ray.is_initialized():

@@ -7,16 +7,16 @@ against the dataclass fields before it is built.
 from __future__ import annotations
 
 import dataclasses
-import math
 import inspect
 import io
+import math
 import tokenize
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from macrid.errors import ConfigError
+from macrid.errors import ConfigError, from_os_error
 from macrid.names import check_name, check_version
 
 MODELS = ("macridvae", "multvae", "multdae")
@@ -326,7 +326,6 @@ def read_toml(path: str | Path, what: str, examples: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); TOML files are UTF-8: save it "
                           "as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
     except OSError as e:  # a folder, no permission, ...
-        from macrid.errors import from_os_error
 
         problem = from_os_error(e, str(path))
         if problem is None:

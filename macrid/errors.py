@@ -4,6 +4,8 @@ Messages never carry credentials: a URL's `user:password@` (an S3 endpoint, a Pu
 `user:***@` in every MacridError and wherever `redact` is applied."""
 
 import re
+# ray: imported inside the functions that use them. Importing them is a start-up cost (Ray about 1.2 s on the
+# development VM) that the paths without them (--help, in-process runs, tests) need not pay.
 
 _USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*):[^@\s/]*@")
 

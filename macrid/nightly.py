@@ -14,11 +14,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
 
+from macrid.cluster import connect
+from macrid.config import load_config
+from macrid.data.prepare import prepare
+from macrid.data.raw_input import sources_of
+from macrid.data.readers import read_items
+from macrid.data.split import Protocol
 from macrid.errors import MacridError, user_error
+from macrid.output.export import ExportSpec, export
+from macrid.training import registry
+from macrid.training.launch import launch, prepare_config
+from macrid.training.promote import GateRule, promote
+from macrid.training.registry import current_run
+from macrid.training.train import run_in_process
 
 log = logging.getLogger(__name__)
 STAGES = ("prepare", "train", "promote", "export")
@@ -94,15 +107,9 @@ def run_night(spec: NightlySpec) -> Night:
 
 
 def _prepare(spec: NightlySpec) -> dict:
-    from macrid.data.prepare import prepare
-    from macrid.data.raw_input import sources_of
-    from macrid.data.readers import read_items
-    from macrid.data.split import Protocol
-
     sources = sources_of(list(spec.inputs), "auto", spec.user_col, spec.item_col, spec.rating_col)
     items = read_items(spec.items, spec.item_col) if spec.items else None
     if not spec.local:
-        from macrid.cluster import connect
 
         connect(dashboard=not spec.in_process)
     return prepare(sources, spec.lake, spec.dataset, Protocol(min_rating=spec.min_rating, heldout=spec.heldout),
@@ -111,9 +118,6 @@ def _prepare(spec: NightlySpec) -> dict:
 
 def _train(spec: NightlySpec, run_name: str) -> str | None:
     """Train tonight's candidate; returns its parent run (None: from scratch)."""
-    from macrid.config import load_config
-    from macrid.training import registry
-
     parent = None
     if not spec.from_scratch:
         pointer = registry.current(spec.lake, spec.model)
@@ -126,32 +130,22 @@ def _train(spec: NightlySpec, run_name: str) -> str | None:
         overrides.append(f"run.warm_start={json.dumps(parent)}")
     cfg = load_config(spec.config or _default_config(), overrides)
     if spec.in_process:
-        from macrid.training.launch import prepare_config
-        from macrid.training.train import run_in_process
 
         run_in_process(prepare_config(cfg))
     else:
-        from macrid.training.launch import launch
 
         launch(cfg)
     return parent
 
 
 def _promote(spec: NightlySpec, run: str):
-    from macrid.training.promote import GateRule, promote
-
     return promote(spec.lake, spec.model, run, spec.gate or GateRule(), spec.gate_users)
 
 
 def _export(spec: NightlySpec) -> dict:
-    from macrid.output.export import ExportSpec, export
-    from macrid.training.registry import current_run
-
     return export(ExportSpec(lake=spec.lake, run=current_run(spec.lake, spec.model), input=spec.dataset,
                              name=spec.export, date=spec.date, top_n=spec.top_n, local=spec.local), progress=False)
 
 
 def _default_config() -> str:
-    import os
-
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "synthetic.toml")

@@ -6,6 +6,8 @@ A batch of B users is `indices (N,)` item ids and `offsets (B+1,)`, the layout o
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -39,9 +41,6 @@ def pinned_ahead(batches: Iterator[tuple[torch.Tensor, ...]], pin: bool = True,
     """The same batches, in order, made (and page-locked, with pin) by a background thread up to `depth`
     ahead: pinning a batch costs a host copy, which then overlaps the GPU's work instead of delaying the
     next step. An error in the producer is raised here, at the batch where it happened."""
-    import queue
-    import threading
-
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
     stop = threading.Event()

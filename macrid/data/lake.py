@@ -8,6 +8,7 @@ reader never sees a half-written dataset or table.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -16,6 +17,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import boto3
+import botocore.exceptions
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -185,7 +188,6 @@ def _token(uri: str) -> str | None:
     if not exists(uri):  # through pyarrow first: its errors name what to check (endpoint, bucket, credentials)
         return None
     if is_s3(uri):
-        import botocore.exceptions
 
         bucket, key = _bucket_key(uri)
         with _boto_explained(uri):
@@ -204,7 +206,6 @@ def switch_pointer(uri: str, obj: Any, expected: str | None) -> None:
     S3: a conditional PUT (If-Match / If-None-Match); locally: under an exclusive lock beside the file."""
     data = json.dumps(obj, indent=2, sort_keys=True).encode()
     if is_s3(uri):
-        import botocore.exceptions
 
         bucket, key = _bucket_key(uri)
         condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
@@ -216,7 +217,6 @@ def switch_pointer(uri: str, obj: Any, expected: str | None) -> None:
                     raise PointerMoved(uri) from None
                 raise
         return
-    import fcntl
 
     fs, path = resolve(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
@@ -229,7 +229,6 @@ def switch_pointer(uri: str, obj: Any, expected: str | None) -> None:
 
 class PointerMoved(DataError):
     """Another job switched the pointer since this one read it."""
-
     def __init__(self, uri: str):
         super().__init__(f"{uri}: another job changed it while this one ran")
 
@@ -243,8 +242,6 @@ def _bucket_key(uri: str) -> tuple[str, str]:
 def _boto_explained(uri: str) -> Iterator[None]:
     """boto3's errors (no endpoint, no credentials, a refused request) as a DataError that names the URI; a
     MacridError's text hides the credentials an endpoint URL may carry."""
-    import botocore.exceptions
-
     try:
         yield
     except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
@@ -254,8 +251,6 @@ def _boto_explained(uri: str) -> Iterator[None]:
 
 
 def _s3_client():
-    import boto3
-
     # the standard variables (AWS_ENDPOINT_URL, credentials, region), as pyarrow's S3 file system reads them
     return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
                         or None)

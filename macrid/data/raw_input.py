@@ -23,12 +23,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import unquote
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from deltalake import DeltaTable
 
 from macrid.data import lake
 from macrid.data.formats import SMALL_FORMATS, STREAMED_FORMATS, detect_format, local_disk_only, parse_small
@@ -42,7 +44,6 @@ TABLE_SUFFIXES = (".parquet", ".csv", ".csv.gz")
 @dataclass(frozen=True)
 class Source:
     """One --input: where it is, how to read it, and the prefix that keeps a union's IDs apart."""
-
     uri: str
     format: str = "auto"  # auto | table | delta | ml-100k | ml-1m | ml-20m | netflix | adjacency
     user_col: str = "user_id"
@@ -54,7 +55,6 @@ class Source:
 @dataclass(frozen=True)
 class Fragment:
     """One unit of reading: a file of a source (a small format's whole input is one fragment)."""
-
     index: int
     uri: str  # a file ("s3://..." or a local path)
     kind: str  # parquet | csv | <small format>
@@ -151,10 +151,6 @@ def _delta_files(uri: str) -> list[tuple[str, int]]:
     """The data files of a Delta table's current version and their sizes, from its log (`get_add_actions`: what
     ray.data.read_delta reads), so that its partitions follow the real sizes on S3 as on local disk. A table whose
     current version deletes rows through deletion vectors is refused: its files still hold those rows."""
-    from urllib.parse import unquote
-
-    from deltalake import DeltaTable
-
     try:
         table = DeltaTable(uri, storage_options=lake.delta_storage_options(uri))
         actions = pa.table(table.get_add_actions(flatten=True))

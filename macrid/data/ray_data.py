@@ -31,6 +31,8 @@ import torch
 from macrid.data import lake
 from macrid.data.batches import CSR, snapshot_uri, unreadable_shard
 from macrid.errors import DataError
+# ray: imported inside the functions that use them. Importing them is a start-up cost (Ray about 1.2 s on the
+# development VM) that the paths without them (--help, in-process runs, tests) need not pay.
 
 RAY_DATA_MODES = ("stream", "cache")  # the run.data values whose input goes through Ray Data
 DATA_TASK_CPUS = 0.25

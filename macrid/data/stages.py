@@ -26,10 +26,13 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from macrid.data import lake, layout
 from macrid.data.lease import process_alive
 from macrid.errors import DataError
+# ray: imported inside the functions that use them. Importing them is a start-up cost (Ray about 1.2 s on the
+# development VM) that the paths without them (--help, in-process runs, tests) need not pay.
 
 log = logging.getLogger(__name__)
 HASH_SEED = 0x5EED  # the partition of a key: polars' hash is stable within one polars version (one job)
@@ -54,7 +57,6 @@ def read_frame(uri: str, columns: list[str] | None = None, filters=None) -> pl.D
 
 class Scratch:
     """A job's private folder in the lake, deleted when the job ends (`<lake>/_scratch/<job>-<id>/`)."""
-
     def __init__(self, lake_root: str, job: str) -> None:
         self.root = layout.scratch_uri(lake_root, f"{job}-{uuid.uuid4().hex[:12]}")
         self._claimed = False
@@ -129,7 +131,6 @@ def remove_dead_scratch(lake_root: str, job: str) -> list[str]:
 
 class Stages:
     """Runs stages with one runner ("ray": Ray Data tasks on the cluster; "local": this process)."""
-
     def __init__(self, runner: str, job: str) -> None:
         if runner not in ("ray", "local"):
             raise ValueError(f"runner {runner!r}")
@@ -158,7 +159,6 @@ class Stages:
             return []
         task = _Task(fn, f"{self.job}:{name}")
         if self.runner == "local":
-            from tqdm import tqdm
 
             results = [task.call(s) for s in tqdm(specs, desc=f"{self.job} {name}", unit="task", leave=False)]
         else:
@@ -184,7 +184,6 @@ class Stages:
 
 class _Task:
     """A stage's function as Ray Data's row mapper: spec row -> result row; DataErrors become results."""
-
     def __init__(self, fn: Callable[[dict], dict], name: str) -> None:
         self.fn, self.__name__ = fn, name
 

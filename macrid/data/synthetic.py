@@ -25,9 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+from tqdm import tqdm
 
 from macrid.data import lake
 from macrid.data.formats import RawData
+from macrid.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,6 @@ class SyntheticSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from macrid.errors import ConfigError
-
         for key in ("n_users", "n_items", "K", "factors", "min_items", "max_items", "max_user_categories"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"synthetic {key}={getattr(self, key)} must be at least 1")
@@ -180,8 +180,6 @@ def write_shards(spec: SyntheticSpec, uri: str, chunk_users: int = CHUNK_USERS, 
     complete. Returns the manifest. The raw layout is what
     `jobs/prepare.py --input <uri>/interactions --items <uri>/items` reads.
     """
-    from tqdm import tqdm
-
     n_inter, cat = 0, None
     bar = tqdm(total=spec.n_users, unit="user", unit_scale=True, disable=not progress, desc="generate")
     with lake.staged_dir(uri, overwrite=overwrite, marker="_manifest.json") as stage:

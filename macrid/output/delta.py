@@ -28,7 +28,10 @@ import time
 import uuid
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable, Schema, write_deltalake
+from deltalake.transaction import AddAction, create_table_with_add_actions
 
 from macrid.data import lake
 from macrid.errors import DataError
@@ -43,8 +46,6 @@ def table_uri(uri: str) -> str:
 
 def open_table(uri: str, version: int | None = None):
     """The Delta table at uri (at a version), or None when there is none yet."""
-    from deltalake import DeltaTable
-
     if not DeltaTable.is_deltatable(table_uri(uri), lake.delta_storage_options(uri)):
         return None
     return DeltaTable(table_uri(uri), version=version, storage_options=lake.delta_storage_options(uri))
@@ -70,9 +71,6 @@ def commit(uri: str, schema: pa.Schema, files: list[dict], date: str, metadata: 
     """Make `files` the whole `dt=date` partition in one transaction (creating the table if needed).
 
     schema: the data columns; the table's schema is it plus `dt: string`. Returns the new version."""
-    from deltalake import CommitProperties, Schema
-    from deltalake.transaction import AddAction, create_table_with_add_actions
-
     full = schema.append(pa.field(PARTITION, pa.string()))
     now = int(time.time() * 1000)
     actions = [AddAction(f["path"], f["size"], {PARTITION: date}, now, True, json.dumps({"numRecords": f["rows"]}))
@@ -147,15 +145,11 @@ def last_commit(uri: str) -> dict:
 
 def _delta_arrow(schema: pa.Schema) -> pa.Schema:
     """What deltalake reports back for an Arrow schema we commit (its own type mapping)."""
-    from deltalake import Schema
-
     return Schema.from_arrow(schema).to_arrow()
 
 
 def delete_uncommitted(uri: str, date: str, tag: str) -> None:
     """Remove the files a failed export (`tag`) wrote into the `dt=date` partition before its commit."""
-    import pyarrow.fs as pafs
-
     fs, root = lake.resolve(uri)
     try:
         infos = fs.get_file_info(pafs.FileSelector(f"{root}/{PARTITION}={date}", allow_not_found=True))
@@ -181,8 +175,6 @@ def widens(current: pa.Schema, target: pa.Schema) -> bool:
 def widen(uri: str, full: pa.Schema, metadata: dict) -> int:
     """Rewrite the whole table with `full`'s (wider) column types, in one overwrite commit; streamed batch by
     batch. Readers see the old version or the new one; time travel to the old versions keeps working."""
-    from deltalake import CommitProperties, write_deltalake
-
     table = open_table(uri)
     old = pa.schema(table.schema().to_arrow())
     target = pa.schema(_delta_arrow(full))
@@ -202,8 +194,6 @@ def remove_unheld(uri: str, date: str, tag: str) -> list[str]:
     actor died with its node is computed again by another, and the dead one's files were never committed. Call
     it after `tag`'s commit. Only this export's own files are touched: another export's files, in flight or
     left by a killed one, are the vacuum's (by age), never this cleanup's. Returns the removed paths."""
-    import pyarrow.fs as pafs
-
     table = open_table(uri)
     if table is None:
         return []

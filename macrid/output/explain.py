@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import torch
 
 from macrid.data import lake, layout
 from macrid.data.batches import snapshot_uri
 from macrid.errors import CheckpointError, ConfigError, DataError
-from macrid.output.published import published_run
 from macrid.model.vae import item_concept
+from macrid.output import delta
+from macrid.output.export import export_uri
+from macrid.output.published import published_run
 from macrid.output.traverse import SteerItems, steer, traverse
 
 
@@ -78,11 +82,7 @@ class Run:
 
 class ExportedRun(Run):
     """The same view from an export's tables (<lake>/exports/<name>/, one date), without the checkpoint."""
-
     def __init__(self, lake_root: str, name: str, date: str | None = None):
-        from macrid.output import delta
-        from macrid.output.export import export_uri
-
         self.lake, self.run = lake_root, f"export {name}"
         items_uri = export_uri(lake_root, name, "item_concepts")
         table = delta.open_table(items_uri)
@@ -108,9 +108,7 @@ class ExportedRun(Run):
 
     def user_components(self, user_id: str, items: torch.Tensor | None = None) -> torch.Tensor:
         """mu (K, D) as exported for the user on this date (items are not needed)."""
-        import pyarrow.dataset as pads
 
-        from macrid.output import delta
 
         data = delta.open_table(self._users_uri).to_pyarrow_dataset()
         key = pl.Series([user_id]).cast(pl.from_arrow(data.schema.empty_table())["user_id"].dtype, strict=False)[0]
@@ -134,8 +132,6 @@ class ExportedRun(Run):
 
 
 def _partition(table, date: str, uri: str) -> pl.DataFrame:
-    import pyarrow.dataset as pads
-
     rows = pl.from_arrow(table.to_pyarrow_dataset().to_table(filter=pads.field("dt") == date))
     if rows.height == 0:
         dates = sorted(set(pl.from_arrow(table.to_pyarrow_dataset().to_table(columns=["dt"]))["dt"].to_list()))
@@ -146,10 +142,7 @@ def _partition(table, date: str, uri: str) -> pl.DataFrame:
 def dataset_user_items(lake_root: str, dataset: str, version: str, user_id: str, what: str,
                        ids: bool = False) -> torch.Tensor | list:
     """A user's items in a dataset version: train items, or fold-in + held-out. Item indices, or IDs."""
-    import pyarrow.dataset as pads
-
     snap = snapshot_uri(lake_root, dataset, version)
-    import pyarrow.parquet as pq
 
     fs, _ = lake.resolve(snap)
     files = lake.list_parquet(lake.join(snap, "users"))

@@ -28,20 +28,32 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from tqdm import tqdm
 
-from macrid.data.lease import Lease
-from macrid.output import delta, manifest
+from macrid.cluster import connect
 from macrid.data import lake, layout
 from macrid.data.batches import snapshot_uri
+from macrid.data.lease import Lease
+from macrid.data.ray_data import lists_to_batch
 from macrid.errors import ClusterError, ConfigError, DataError, lost_to_the_cluster
+from macrid.model.vae import MacridVAE, item_concept
+from macrid.output import delta, manifest, represent
 from macrid.output.export_commit import Transaction, vacuum
 from macrid.output.export_input import Source, is_dataset, merge_heldout, prepared, raw
-from macrid.output.export_tables import (SCHEMA_VERSION, TABLES, components_table, item_concepts_table,
-                                         prototypes_table, recommendations_table, schemas_of)
-from macrid.model.vae import MacridVAE, item_concept
+from macrid.output.export_tables import (
+    SCHEMA_VERSION,
+    TABLES,
+    components_table,
+    item_concepts_table,
+    prototypes_table,
+    recommendations_table,
+    schemas_of,
+)
 from macrid.output.published import published_run
-from macrid.training.run_folder import MODEL_FILE
 from macrid.training.checkpoint import load_model
+from macrid.training.run_folder import MODEL_FILE
+# ray: imported inside the functions that use them. Importing them is a start-up cost (Ray about 1.2 s on the
+# development VM) that the paths without them (--help, in-process runs, tests) need not pay.
 
 ITEM_CHUNK = 65_536
 
@@ -164,7 +176,6 @@ def _source(spec: ExportSpec, fingerprint: str, vocab: pl.DataFrame, run_record:
                         f"{lake.join(spec.lake, 'datasets')}) nor a file or folder of raw interactions")
     # rows without a rating column (implicit data, or no --rating-col) are kept; rated ones below min_rating,
     # and rows whose rating is missing, are not
-    from macrid.cluster import connect
 
     if not spec.local:
         connect()
@@ -176,7 +187,6 @@ def _users(spec: ExportSpec, source: Source, run_record: dict, tag: str, progres
     """Ray Data over the user rows; actors compute and write. Returns each table's file records."""
     if spec.local:
         return _users_here(spec, source, run_record, tag, progress)
-    from macrid.cluster import connect
 
     connect()
     with _ray_data_settings():
@@ -209,7 +219,6 @@ def _ray_data_settings():
 def _users_on_ray(spec: ExportSpec, source: Source, run_record: dict, tag: str, progress: bool
                   ) -> dict[str, list[dict]]:
     import ray.data
-    from tqdm import tqdm
 
     fs, _ = lake.resolve(spec.lake)
     # one block per file: the shards are already sized for a task (100,000 users), and splitting them into
@@ -254,8 +263,6 @@ def _users_on_ray(spec: ExportSpec, source: Source, run_record: dict, tag: str, 
 
 def _users_here(spec: ExportSpec, source: Source, run_record: dict, tag: str, progress: bool) -> dict[str, list[dict]]:
     """The same worker, in this process, over the same files in the same order (`local`)."""
-    from tqdm import tqdm
-
     snap = snapshot_uri(spec.lake, run_record["dataset"], run_record["version"])
     worker = ExportWorker(**_worker_kwargs(spec, source, snap, tag))
     files: dict[str, list[dict]] = {"user_components": [], "recommendations": []}
@@ -296,7 +303,6 @@ def _map_users(ds, spec: ExportSpec, source: Source, snap: str, tag: str):
 
 class ExportWorker:
     """One Ray Data actor: loads the model once, then turns batches of user rows into written data files."""
-
     def __init__(self, run: str, items_uri: str, users_uri: str | None, tables: str, date: str, tag: str,
                  top_n: int, threads: int, fail_after: int):
         torch.set_num_threads(threads)
@@ -309,9 +315,6 @@ class ExportWorker:
         self.fail_after = fail_after
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from macrid.data.ray_data import lists_to_batch
-        from macrid.output import represent
-
         self.calls += 1
         if self.fail_after and self.calls > self.fail_after:
             raise RuntimeError(f"injected failure after {self.fail_after} batches (fail_after_batches)")
@@ -332,8 +335,6 @@ class ExportWorker:
 
 def _items(spec: ExportSpec, model: MacridVAE, vocab: pl.DataFrame, tag: str) -> tuple[list[dict], list[dict]]:
     """Item concepts chunk by chunk, and the prototypes; written, not committed."""
-    from macrid.output import represent
-
     uri = export_uri(spec.lake, spec.name, "item_concepts")
     ids = vocab["item_id"].to_arrow()
     titles = vocab["title"].to_arrow()

@@ -19,11 +19,14 @@ import numpy as np
 import polars as pl
 
 from macrid.data import lake, layout
-from macrid.data.batches import snapshot_uri
-from macrid.output.explain import Run, traversal
-from macrid.output.alignment import genre_alignment
+from macrid.data.batches import load_dataset, snapshot_uri
 from macrid.model.vae import item_concept
+from macrid.output.alignment import genre_alignment
+from macrid.output.explain import Run, traversal
+from macrid.training.metrics import independence
 from macrid.training.run_folder import METRICS_FILE
+# matplotlib: imported inside the functions that use it. Importing it is a start-up cost (matplotlib.pyplot
+# about 1.7 s on the development VM) that the paths without plots need not pay.
 
 TOP_ITEMS = 8
 
@@ -134,8 +137,6 @@ def _micro(run: Run) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from macrid.data.batches import load_dataset
-    from macrid.training.metrics import independence
 
     test = load_dataset(run.lake, run.record["dataset"], with_train=False, version=run.record["version"]).test
     rows = np.arange(min(REPORT_USERS, len(test.user_idx)))

@@ -28,6 +28,7 @@ from macrid.data.batches import snapshot_uri
 from macrid.errors import ConfigError, DataError, MacridError
 from macrid.output.explain import Run, traversal
 from macrid.output.traverse import SteerItems, steer
+from macrid.training.registry import current_run
 from macrid.training.run_folder import MODEL_FILE
 
 MAX_TOP_N = 100  # larger asks are capped: a page shows tens, and the answer's size stays bounded
@@ -39,7 +40,6 @@ TYPICAL = 8  # items listed per concept
 
 class BadRequest(Exception):
     """A request the service refuses: `status` (4xx, or 503 when the lake is needed and unreachable) and why."""
-
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
@@ -57,7 +57,6 @@ class ModelInfo:
 
 class Steering:
     """One published run, loaded once (the checks of `explain`: weights only, the vocabulary fingerprint)."""
-
     def __init__(self, lake_root: str, run: str):
         self.lake = lake_root
         self.view = Run(lake_root, run)
@@ -278,7 +277,6 @@ def load(lake_root: str, run: str | None, model: str | None) -> Steering:
     if (run is None) == (model is None):
         raise ConfigError("pass exactly one of --run or --model")
     if model is not None:
-        from macrid.training.registry import current_run
 
         run = current_run(lake_root, model)
     return Steering(lake_root, run)

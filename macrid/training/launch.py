@@ -14,17 +14,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import socket
 import time
 
+import torch
+
 from macrid.cluster import connect
-from macrid.data import lake, layout
 from macrid.config import Config
+from macrid.data import lake, layout
+from macrid.data.batches import snapshot_uri
+from macrid.data.ray_data import DATA_RESERVE_CPUS, RAY_DATA_MODES, CachedShard, stream_batches, train_dataset
 from macrid.errors import ConfigError, DataError, MacridError
+from macrid.training import checkpoint
+from macrid.training.run_folder import RAY_SNAPSHOT, has_run, pin_run, run_uri
 from macrid.training.session import SCORE, STATE_FILE, RaySession
-from macrid.training.run_folder import has_run, pin_run, run_uri
 from macrid.training.train import finish, fit
 from macrid.training.warm_start import prepare_warm_start
+# ray: imported inside the functions that use them. Importing them is a start-up cost (Ray about 1.2 s on the
+# development VM) that the paths without them (--help, in-process runs, tests) need not pay.
 
 DEFAULT_CLUSTER_CPUS_PER_WORKER = 1.0
 CACHED_BYTES_PER_INTERACTION = 11  # peak RSS of a cached share over a streamed one, measured (throughput.md)
@@ -33,8 +42,6 @@ CACHED_BYTES_PER_INTERACTION = 11  # peak RSS of a cached share over a streamed 
 def _record_worker(cfg: Config, rank: int, world: int) -> None:
     """<run>/_workers/rank-<r>.json: where this rank runs (Ray node, host, pid), rewritten on every (re)start,
     so a run on several nodes says which node held which rank."""
-    import socket
-
     import ray
 
     lake.write_json(lake.join(run_uri(cfg), "_workers", f"rank-{rank}.json"),
@@ -46,8 +53,6 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: rebuild the typed config once, then train on this worker's shard."""
     import ray.train
 
-    from macrid.data.batches import snapshot_uri
-    from macrid.data.ray_data import CachedShard, stream_batches
 
     cfg = Config.from_dict(config, source="train_loop_config")
     session = RaySession()
@@ -102,7 +107,6 @@ def worker_resources(cfg: Config, local: bool) -> Config:
     """Fill in run.cpus_per_worker and run.threads; refuse sizes that would deadlock a local Ray."""
     import ray
 
-    from macrid.data.ray_data import DATA_RESERVE_CPUS, RAY_DATA_MODES
 
     W, run = cfg.run.num_workers, cfg.run
     local_cpus = float(ray.cluster_resources().get("CPU", 1)) if local else 0.0
@@ -127,8 +131,6 @@ def launch(cfg: Config, callbacks: list | None = None) -> dict:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from macrid.training import checkpoint
-    from macrid.data.ray_data import RAY_DATA_MODES, train_dataset
 
     cfg = prepare_config(cfg)
     cfg, meta = pin_run(cfg, "ray")  # fail here, with the cause, before starting workers
@@ -179,10 +181,7 @@ def finish_on_the_training_device(cfg: Config, best: dict, history: list[dict]) 
     """Score validation and test where the run trained. A CPU run: on the driver's CPU. A GPU run: on the
     driver's GPU when it has one (a GPU head, a single-node job), else in a Ray task holding one GPU (a CPU-only
     head: the workers' GPUs are free again once fit has returned)."""
-    import logging
-
     import ray
-    import torch
 
     if not cfg.run.use_gpu:
         return finish(cfg, best, history, "cpu")
@@ -194,7 +193,6 @@ def finish_on_the_training_device(cfg: Config, best: dict, history: list[dict]) 
 
 def _finish_in_a_gpu_task(cfg: Config, best: dict, history: list[dict]) -> dict:
     import ray
-    import torch
 
     # Ray points CUDA_VISIBLE_DEVICES at this task's GPU; a logical GPU without CUDA (a test's) scores on the CPU
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -213,7 +211,6 @@ def stored_progress(run: str) -> StoredProgress | None:
     """Read back, with ray.train.Result.from_path, how far the run's training got; None without a checkpoint."""
     import ray.train
 
-    from macrid.training.run_folder import RAY_SNAPSHOT
 
     if not lake.exists(lake.join(run, RAY_SNAPSHOT)):
         return None
@@ -236,7 +233,6 @@ def finish_stored(run: str) -> dict | None:
     or its training did not end (a trial its scheduler stopped early)."""
     import ray.train
 
-    from macrid.training import checkpoint
 
     progress = stored_progress(run)
     if progress is None or not progress.ended:  # none, or stopped midway (a sweep's scheduler stopped it)

@@ -10,8 +10,11 @@ before the pointer moves, and listing the folder in name order gives them in tim
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import uuid
+
+import pyarrow.fs as pafs
 
 from macrid.data import lake, layout
 from macrid.errors import ConfigError
@@ -51,8 +54,6 @@ def resolve(lake_root: str, ref: str) -> str:
 def with_parent(cfg, ref: str):
     """The config with run.warm_start set to the run `ref` names now (a run, or what a model alias points to),
     resolved once, so that a resumed run keeps its parent when the alias moves on."""
-    import dataclasses
-
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, warm_start=resolve(cfg.data.lake, ref)))
 
 
@@ -72,8 +73,6 @@ def _now() -> str:
 
 def history(lake_root: str, name: str) -> list[dict]:
     """Every record, oldest first."""
-    import pyarrow.fs as pafs
-
     fs, path = lake.resolve(lake.join(layout.model_uri(lake_root, name), "history"))
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     folder = lake.join(layout.model_uri(lake_root, name), "history")

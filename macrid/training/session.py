@@ -16,6 +16,7 @@ report per epoch (metrics from every rank, the checkpoint from rank 0).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -24,9 +25,11 @@ from collections.abc import Callable
 
 import torch
 
-from macrid.training import checkpoint
 from macrid.data import lake
 from macrid.errors import ConfigError
+from macrid.training import checkpoint
+# ray: imported inside the functions that use them. Importing them is a start-up cost (Ray about 1.2 s on the
+# development VM) that the paths without them (--help, in-process runs, tests) need not pay.
 
 SCORE = "selection_score"  # validation NDCG@100 on evaluated epochs, -1 (below any NDCG) on the others
 STATE_FILE = "train_state.json"  # epoch, step and history beside the checkpoint, readable without the weights
@@ -45,7 +48,6 @@ def resolve_device(name: str) -> torch.device:
 
 class LocalSession:
     """Rank 0 of 1 in this process; checkpoints in <run>/checkpoints/{latest,best}.pt."""
-
     rank, world = 0, 1
 
     def __init__(self, run_uri: str, device: str = "auto", on_report: Callable[[dict], None] | None = None):
@@ -67,7 +69,6 @@ class LocalSession:
 
     def settle(self, row: dict) -> None:
         """Checkpoints are written synchronously here: nothing to wait for."""
-
     def report(self, row: dict, ckpt: bytes | None, history: list[dict], ended: bool = False) -> None:
         lake.write_bytes(f"{self.dir}/latest.pt", ckpt)
         if row[SCORE] > self.best_score:
@@ -82,7 +83,6 @@ class LocalSession:
 
 class RaySession:
     """A Ray Train worker: rank, world and device from Ray; reports and checkpoints go to Ray."""
-
     def __init__(self):
         import ray.train
         import ray.train.torch
@@ -146,8 +146,6 @@ class RaySession:
 def _quiet_report_log() -> None:
     """Ray Train logs every report at INFO ("Reporting training result N: TrainingReport(...)" per rank and
     epoch), which repeats what our own epoch line says; keep its warnings and errors only."""
-    import logging
-
     try:
         from ray.train.v2._internal.execution import context as ray_context  # the logger is named by the file
     except ImportError:  # another Ray layout: nothing to quieten

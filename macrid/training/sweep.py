@@ -23,15 +23,26 @@ timing out on worker start-up. On a cluster, workers keep the cluster default an
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import tempfile
 import time
 
-from macrid.data import lake, layout
+import polars as pl
+
+from macrid.cluster import connect
 from macrid.config import Config, to_toml
+from macrid.data import lake, layout
+from macrid.data.batches import load_meta
+from macrid.data.ray_data import DATA_RESERVE_CPUS, RAY_DATA_MODES
 from macrid.errors import ConfigError
+from macrid.training.launch import finish_stored, input_mode, launch, stored_progress
+from macrid.training.run_folder import METRICS_FILE, MODEL_FILE, RAY_SNAPSHOT, run_uri
 from macrid.training.search_space import apply
 from macrid.training.signed_state import signing_filesystem, state_key, verify_experiment
+# ray, hyperopt, matplotlib: imported inside the functions that use them. Importing them is a start-up cost
+# (Ray about 1.2 s, matplotlib.pyplot about 1.7 s on the development VM) that the paths without them (--help,
+# in-process runs, tests) need not pay.
 
 METRIC = "val_ndcg@100"
 INITIAL_POINTS = 5  # random trials before TPE models the results (hyperopt's default of 20 is most of a sweep)
@@ -42,8 +53,6 @@ MIN_LOCAL_WORKER_CPUS = 0.25  # below this, a local trial's workers would crawl;
 def local_trial_cpus(node_cpus: float, concurrent: int, num_workers: int, streams: bool) -> float:
     """CPUs per worker so that `concurrent` trials of `num_workers` workers, their trial actors and, for
     streamed input, each trial's Ray Data reserve all fit on one node of `node_cpus` CPUs at once."""
-    from macrid.data.ray_data import DATA_RESERVE_CPUS
-
     share = (node_cpus - concurrent * TRIAL_CPUS) / concurrent  # one trial's part of the machine
     cpus = (share - (DATA_RESERVE_CPUS if streams else 0.0)) / num_workers
     if cpus < MIN_LOCAL_WORKER_CPUS:
@@ -58,9 +67,6 @@ def size_local_trials(cfg: Config, concurrent: int) -> Config:
     """The base config with run.cpus_per_worker (and run.threads) for `concurrent` trials on this local Ray."""
     import ray
 
-    from macrid.data.batches import load_meta
-    from macrid.data.ray_data import RAY_DATA_MODES
-    from macrid.training.launch import input_mode
 
     if cfg.run.cpus_per_worker:
         return cfg
@@ -79,8 +85,6 @@ def trial(params: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from macrid.training.launch import launch
-    from macrid.training.run_folder import RAY_SNAPSHOT, run_uri
 
     base = Config.from_dict(params.pop("base"), source="sweep base")
     sweep = params.pop("sweep")
@@ -100,7 +104,6 @@ def run_sweep(cfg: Config, space: dict, name: str, samples: int, concurrent: int
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.hyperopt import HyperOptSearch
 
-    from macrid.cluster import connect
 
     # checked before Ray starts and before anything is written, so a typo neither waits on Ray nor takes the name
     for flag, value in (("--samples", samples), ("--concurrent", concurrent), ("--grace-epochs", grace_epochs)):
@@ -160,10 +163,7 @@ def _finish_orphaned_trials(cfg: Config, name: str, results) -> list[str]:
     its run from its checkpoints, as for one whose controller had already ended. A trial the scheduler stopped
     early (nothing stored past its last report) has nothing to finish. Any other is returned, and logged with
     what to do: never skipped in silence."""
-    import logging
 
-    from macrid.training.launch import finish_stored, stored_progress
-    from macrid.training.run_folder import METRICS_FILE, MODEL_FILE
 
     log = logging.getLogger(__name__)
     unfinished = []
@@ -199,8 +199,6 @@ def _finish_orphaned_trials(cfg: Config, name: str, results) -> list[str]:
 def _wait_for_stored_training(run: str, progress, done):
     """Poll the run's stored progress until its training ends, its run is finished, or no new epoch comes for
     max(ORPHAN_MIN_STALL_S, 3 epochs)."""
-    from macrid.training.launch import stored_progress
-
     stall_s = max(ORPHAN_MIN_STALL_S, 3 * progress.seconds_per_epoch)
     last_change = time.monotonic()
     while not progress.ended and not done() and time.monotonic() - last_change < stall_s:
@@ -214,8 +212,6 @@ def _wait_for_stored_training(run: str, progress, done):
 
 def _outputs(cfg: Config, name: str, results, samples: int) -> dict:
     """trials.parquet, best.toml and sweep.png in the sweep's folder."""
-    import polars as pl
-
     root = sweep_uri(cfg, name)
     frame = results.get_dataframe()
     keep = [c for c in frame.columns if c.startswith("config/") and c not in ("config/base", "config/sweep")]

@@ -13,10 +13,12 @@ are listed in docs/distributed.md.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, start_http_server
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, pushadd_to_gateway, start_http_server
 
 from macrid.errors import ConfigError
-
 
 PORT_TRIES = 16  # a taken port moves the endpoint up to this many ports higher (logged)
 
@@ -65,8 +67,6 @@ class TrainMetrics:
 
 def _serve(port: int, host: str, registry: CollectorRegistry, rank: int):
     """Serve on host:port, or the next free port when it is taken (logged, so the scrape config can follow)."""
-    import logging
-
     for candidate in range(port, min(port + PORT_TRIES, 65536)):
         try:
             server, thread = start_http_server(candidate, addr=host, registry=registry)
@@ -92,9 +92,7 @@ def push_export(gateway: str, name: str, summary: dict | None, duration: float) 
     summary None means the run failed: only the failure time and the duration are pushed. pushadd
     (POST) replaces only the series it sends, so a failure leaves the last success time as it was,
     which is what the staleness alert in infra/prometheus/alerts.yaml watches."""
-    import time
 
-    from prometheus_client import pushadd_to_gateway
 
     registry = CollectorRegistry()
 
@@ -125,9 +123,7 @@ def push_nightly(gateway: str, model: str, night) -> None:
 
     Every stage that ran gets its duration and whether it succeeded; the gate its decision (1 promoted,
     0 refused) and z; the night its success or failure time (pushadd keeps the other one, as for the export)."""
-    import time
 
-    from prometheus_client import pushadd_to_gateway
 
     registry = CollectorRegistry()
     seconds = Gauge("macrid_nightly_stage_seconds", "wall time of the stage in the last night", ["stage"],

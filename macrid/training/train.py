@@ -24,23 +24,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from macrid.training import checkpoint, warm_start
+from macrid.config import Config
 from macrid.data import lake
 from macrid.data.bags import pinned_ahead, to_device
 from macrid.data.batches import CSR, Dataset, item_counts, load_dataset, load_train_share
-from macrid.config import Config
+from macrid.model import prototypes
+from macrid.model.loss import beta_at, lr_at
+from macrid.model.row_sparse import Optimizers, tables_of
+from macrid.model.sampling import NegativeSampler
+from macrid.model.vae import build_model
+from macrid.training import checkpoint, warm_start
 from macrid.training.averaging import WeightAverage
 from macrid.training.evaluate import evaluate, model_ranker
-from macrid.model.loss import beta_at, lr_at
-from macrid.model.vae import build_model
 from macrid.training.report import format_metrics, plot_learning_curve
-from macrid.model.row_sparse import Optimizers, tables_of
 from macrid.training.row_exchange import broadcast_tables, ignore_in_ddp
-from macrid.model.sampling import NegativeSampler
 from macrid.training.run_folder import METRICS_FILE, MODEL_FILE, RUN_FILE, has_run, pin_run, run_uri
 from macrid.training.session import SCORE, LocalSession
 from macrid.training.step import Autocast, Objective, objective_for, precision_context, tf32_scope, train_step
+from macrid.training.telemetry import TrainMetrics
 
 log = logging.getLogger(__name__)
 # epoch -> this worker's batches of (indices (N,), offsets (B+1,)), on the host
@@ -48,7 +51,6 @@ BatchSource = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 @dataclass(frozen=True)
 class ModelKind:
     """What the loop does differently per model, decided once from the config (model.name, model.prior)."""
-
     composite_prior: bool  # RecVAE's prior: q_old frozen from the encoder as each epoch starts
     prototypes: bool  # MacridVAE's prototypes m_k: re-centred by k-means at model.proto_init_epoch
 
@@ -61,7 +63,6 @@ class ModelKind:
 @dataclass
 class Loop:
     """Everything `fit` sets up once and every epoch uses."""
-
     cfg: Config
     rank: int
     world: int
@@ -401,8 +402,6 @@ def _recentre_prototypes(model, seed: int, refine_only: bool, world: int = 1) ->
 
     Computed on rank 0 and broadcast: on CUDA, k-means' index_add_ uses atomics, so ranks would get slightly
     different centres, and DDP never re-broadcasts parameters, so the replicas would drift apart."""
-    from macrid.model import prototypes
-
     if world == 1 or torch.distributed.get_rank() == 0:
         h = model.h.detach()
         # (K, D) unit norm; cosines ignore the scale
@@ -425,7 +424,6 @@ def _agree(stop: bool, world: int, device: torch.device) -> bool:
 def _telemetry(cfg: Config, rank: int):
     if not cfg.run.metrics_port:
         return None
-    from macrid.training.telemetry import TrainMetrics
 
     return TrainMetrics(cfg.run.metrics_port + rank, cfg.run.name, rank, cfg.run.metrics_host)
 
@@ -440,8 +438,6 @@ def _first_failure(cfg: Config) -> bool:
 
 
 def _progress(total: int, initial: int, enabled: bool, desc: str):
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, desc=desc, unit="epoch", disable=not enabled, file=sys.stdout,
                 ncols=110, mininterval=1.0)
 

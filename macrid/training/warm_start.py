@@ -41,7 +41,10 @@ from macrid.errors import CheckpointError, ConfigError
 from macrid.model.row_sparse import Optimizers, tables_of
 from macrid.model.vae import build_model
 from macrid.training import checkpoint
-from macrid.training.run_folder import RUN_FILE, holds_checkpoint, read_vocabulary, run_uri
+from macrid.training.run_folder import RAY_SNAPSHOT, RUN_FILE, holds_checkpoint, read_vocabulary, run_uri
+from macrid.training.session import SCORE
+# ray: imported inside the functions that use them. Importing them is a start-up cost (Ray about 1.2 s on the
+# development VM) that the paths without them (--help, in-process runs, tests) need not pay.
 
 log = logging.getLogger(__name__)
 INITIAL_FILE = "warm_start.pt"  # the child's initial checkpoint, built by the driver, read by every rank
@@ -50,7 +53,6 @@ INITIAL_FILE = "warm_start.pt"  # the child's initial checkpoint, built by the d
 @dataclasses.dataclass(frozen=True)
 class ItemMap:
     """Where each item of the child's vocabulary comes from in the parent's."""
-
     parent_row: np.ndarray  # (M_child,) int64: the parent's row of each child item, -1 for a new item
     n_parent: int
 
@@ -115,13 +117,10 @@ def fold_in_new_rows(table: torch.Tensor, sums: torch.Tensor, counts: torch.Tens
 def parent_checkpoint(lake_root: str, parent: str) -> dict:
     """The parent run's best full checkpoint (weights, optimizer, EMA): in-process runs keep it as
     checkpoints/best.pt, Ray Train runs among Ray's checkpoints (ray.train.Result.from_path)."""
-    from macrid.training.session import SCORE
-
     run = layout.run_uri(lake_root, parent)
     local = lake.join(run, "checkpoints", "best.pt")
     if lake.exists(local):
         return checkpoint.load(local)
-    from macrid.training.run_folder import RAY_SNAPSHOT
 
     if not lake.exists(lake.join(run, RAY_SNAPSHOT)):
         raise CheckpointError(f"{run}: no checkpoint to warm-start from (neither checkpoints/best.pt nor Ray "
