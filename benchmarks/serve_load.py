@@ -1,7 +1,7 @@
 """Load on the live steering service: latency and requests/s at 1, 8 and 32 clients, memory over a long run.
 
   python benchmarks/serve_load.py --lake /tmp/modebench/lake --run mode-ml-1m --label ml-1m \
-      --lake /tmp/servebench/lake --run planted --label planted-1e5 --soak 300
+      --lake /tmp/servebench/lake --run planted --label planted-1e5 --soak 300 --baseline
       (pairs: --lake L --run R --label NAME, one per model; raw output: serve.json, the table: serve.md)
 
 Per model, `jobs/serve.py` is started as users start it (one replica, 1 CPU, a Ray of its own under a fresh
@@ -16,6 +16,9 @@ The cost against the scoring's matmul bound, in the same run: `Steering.recommen
 answer: checks, Eq. 7, scores, top-N, titles) timed in this process on the same bodies with one thread,
 and `torch.mm` of the scoring's shape, (M x D) by (D x K), timed the same way: the bound is that matmul's
 time. The HTTP path adds Ray Serve's proxy and the JSON both ways.
+
+Baseline: with --baseline, the first model's levels are measured again under Ray Serve's own defaults
+(max_ongoing_requests 5, no RAY_SERVE_THROUGHPUT_OPTIMIZED) in the same run, for the ratio.
 
 Memory: with --soak S, the first model is also driven for S seconds at 8 clients with steered requests,
 and the replica's resident memory (VmRSS of the `ServeReplica` process, Linux /proc) is sampled every 5 s;
@@ -143,9 +146,11 @@ def in_process_cost(core: Steering, payloads: list[bytes]) -> dict:
             "flops_per_request": 2 * core.info.items * core.info.D * core.info.K}
 
 
-def start_service(lake: str, run: str, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
+def start_service(lake: str, run: str, port: int, log: Path, extra: list[str], env_extra: dict | None = None
+                  ) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own, never another job's
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="macrid-serve-bench-")
+    env.update(env_extra or {})
     proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "serve.py"), "--lake", lake, "--run", run,
                              "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=env,
                             start_new_session=True)
@@ -184,22 +189,41 @@ def stop_service(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def table(out: dict) -> str:
+    """serve.json as the markdown rows of benchmarks/serve.md."""
+    rows = ["| model | M | settings | weights | clients | requests/s | p50 ms | p99 ms | errors |",
+            "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for m in out["models"]:
+        for key, name in (("levels", "macrid's"), ("baseline_levels", "Serve's defaults")):
+            for lv in m.get(key, []):
+                rows.append(f"| {m['label']} | {m['items']:,} | {name} | {lv['weights']} | {lv['clients']} | "
+                            f"{lv['requests_per_s']:.0f} | {lv['p50_ms']:.1f} | {lv['p99_ms']:.1f} | {lv['errors']} |")
+    return "\n".join(rows)
+
+
 def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lake", action="append", required=True)
-    p.add_argument("--run", action="append", required=True)
-    p.add_argument("--label", action="append", required=True)
+    p.add_argument("--lake", action="append", default=[])
+    p.add_argument("--run", action="append", default=[])
+    p.add_argument("--label", action="append", default=[])
     p.add_argument("--requests", type=int, default=2000, help="requests per level (bounded)")
     p.add_argument("--soak", type=float, default=0, help="seconds of the memory run on the first model (0 = none)")
     p.add_argument("--port", type=int, default=8431)
     p.add_argument("--serve-arg", action="append", default=[], help="passed on to jobs/serve.py (repeatable)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also measure the first model under Ray Serve's defaults (max_ongoing_requests 5, without "
+                        "RAY_SERVE_THROUGHPUT_OPTIMIZED), in the same run")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "serve.json"))
+    p.add_argument("--table", action="store_true", help="print --out's figures as markdown rows, and nothing else")
     args = p.parse_args()
-    if not len(args.lake) == len(args.run) == len(args.label):
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())))
+        return
+    if not args.lake or not len(args.lake) == len(args.run) == len(args.label):
         p.error("pass --lake, --run and --label once per model")
     out = {"command": " ".join(sys.argv), "machine": f"{platform.processor() or platform.machine()}, "
            f"{os.cpu_count()} CPUs", "torch": torch.__version__, "models": []}
@@ -208,22 +232,27 @@ def main() -> None:
         entry = {"label": label, "run": run, "items": core.info.items, "K": core.info.K, "D": core.info.D, "levels": []}
         entry["cost"] = in_process_cost(core, bodies(core, 300, steered=True, seed=3))
         print(label, entry["cost"], flush=True)
-        proc = start_service(lake, run, args.port, Path(args.out).with_suffix(f".{label}.log"),
-                             args.serve_arg)
-        url = f"http://127.0.0.1:{args.port}/recommend"
-        try:
-            asyncio.run(drive(url, bodies(core, 200, False, seed=1), 8))  # warm-up, not reported
-            for steered in (False, True):
-                for clients in CLIENTS:
-                    level = asyncio.run(drive(url, bodies(core, args.requests, steered, seed=clients), clients))
-                    level["weights"] = "steered" if steered else "fixed"
-                    entry["levels"].append(level)
-                    print(label, level, flush=True)
-            if args.soak and n == 0:
-                entry["soak"] = asyncio.run(soak(url, core, args.soak, 8, replica_pid()))
-                print(label, {k: v for k, v in entry["soak"].items() if k != "samples"}, flush=True)
-        finally:
-            stop_service(proc)
+        settings = [("levels", args.serve_arg, {})]
+        if args.baseline and n == 0:  # the same levels under Ray Serve's own defaults, in the same run
+            settings.append(("baseline_levels", ["--max-ongoing-requests", "5"], {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}))
+        for key, serve_args, env_extra in settings:
+            entry[key] = []
+            proc = start_service(lake, run, args.port, Path(args.out).with_suffix(f".{label}.log"), serve_args,
+                                 env_extra)
+            url = f"http://127.0.0.1:{args.port}/recommend"
+            try:
+                asyncio.run(drive(url, bodies(core, 200, False, seed=1), 8))  # warm-up, not reported
+                for steered in (False, True):
+                    for clients in CLIENTS:
+                        level = asyncio.run(drive(url, bodies(core, args.requests, steered, seed=clients), clients))
+                        level["weights"] = "steered" if steered else "fixed"
+                        entry[key].append(level)
+                        print(label, key, level, flush=True)
+                if args.soak and n == 0 and key == "levels":
+                    entry["soak"] = asyncio.run(soak(url, core, args.soak, 8, replica_pid()))
+                    print(label, {k: v for k, v in entry["soak"].items() if k != "samples"}, flush=True)
+            finally:
+                stop_service(proc)
         out["models"].append(entry)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -14,6 +14,7 @@ DATA = Path(os.environ.get("MACRID_DATA", ROOT.parent / "shared" / "data"))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")  # as cluster.connect sets for a local Ray
 # Under pytest-xdist each worker process runs its own Ray clusters: a Ray folder of its own (sessions, sockets,
 # and the address file `ray start` writes, which a job would otherwise join) keeps them apart. Short: Ray's
 # socket paths must stay under the 107-byte limit.
