@@ -207,7 +207,6 @@ class RunConfig:
     fail_at_step: int = -1  # fault injection for recovery tests: SIGKILL rank fail_rank once at this step
     fail_rank: int = 0  # the rank that fail_at_step kills
 
-
     def __post_init__(self) -> None:
         if self.data not in DATA_MODES:
             raise ConfigError(f"run.data={self.data!r} must be one of {DATA_MODES}")

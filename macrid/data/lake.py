@@ -229,6 +229,7 @@ def switch_pointer(uri: str, obj: Any, expected: str | None) -> None:
 
 class PointerMoved(DataError):
     """Another job switched the pointer since this one read it."""
+
     def __init__(self, uri: str):
         super().__init__(f"{uri}: another job changed it while this one ran")
 

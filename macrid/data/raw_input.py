@@ -44,6 +44,7 @@ TABLE_SUFFIXES = (".parquet", ".csv", ".csv.gz")
 @dataclass(frozen=True)
 class Source:
     """One --input: where it is, how to read it, and the prefix that keeps a union's IDs apart."""
+
     uri: str
     format: str = "auto"  # auto | table | delta | ml-100k | ml-1m | ml-20m | netflix | adjacency
     user_col: str = "user_id"
@@ -55,6 +56,7 @@ class Source:
 @dataclass(frozen=True)
 class Fragment:
     """One unit of reading: a file of a source (a small format's whole input is one fragment)."""
+
     index: int
     uri: str  # a file ("s3://..." or a local path)
     kind: str  # parquet | csv | <small format>

@@ -57,6 +57,7 @@ def read_frame(uri: str, columns: list[str] | None = None, filters=None) -> pl.D
 
 class Scratch:
     """A job's private folder in the lake, deleted when the job ends (`<lake>/_scratch/<job>-<id>/`)."""
+
     def __init__(self, lake_root: str, job: str) -> None:
         self.root = layout.scratch_uri(lake_root, f"{job}-{uuid.uuid4().hex[:12]}")
         self._claimed = False
@@ -131,6 +132,7 @@ def remove_dead_scratch(lake_root: str, job: str) -> list[str]:
 
 class Stages:
     """Runs stages with one runner ("ray": Ray Data tasks on the cluster; "local": this process)."""
+
     def __init__(self, runner: str, job: str) -> None:
         if runner not in ("ray", "local"):
             raise ValueError(f"runner {runner!r}")
@@ -159,12 +161,12 @@ class Stages:
             return []
         task = _Task(fn, f"{self.job}:{name}")
         if self.runner == "local":
-
             results = [task.call(s) for s in tqdm(specs, desc=f"{self.job} {name}", unit="task", leave=False)]
         else:
             import ray.data
 
             ds = ray.data.from_items([{"spec": json.dumps(s)} for s in specs], override_num_blocks=len(specs))
+
             def mapper(row: dict) -> dict:
                 return task(row)
 
@@ -184,6 +186,7 @@ class Stages:
 
 class _Task:
     """A stage's function as Ray Data's row mapper: spec row -> result row; DataErrors become results."""
+
     def __init__(self, fn: Callable[[dict], dict], name: str) -> None:
         self.fn, self.__name__ = fn, name
 

@@ -171,7 +171,6 @@ class MacridVAE(_NamedScorers, nn.Module):
             return self.item_bias
         return self.item_bias[items]
 
-
     @torch.no_grad()
     def freeze_old_posterior(self) -> None:
         """model.prior = "composite": snapshot the encoder (and h, m for c_i) as q_old for the next epoch."""

@@ -82,6 +82,7 @@ class Run:
 
 class ExportedRun(Run):
     """The same view from an export's tables (<lake>/exports/<name>/, one date), without the checkpoint."""
+
     def __init__(self, lake_root: str, name: str, date: str | None = None):
         self.lake, self.run = lake_root, f"export {name}"
         items_uri = export_uri(lake_root, name, "item_concepts")
@@ -108,7 +109,6 @@ class ExportedRun(Run):
 
     def user_components(self, user_id: str, items: torch.Tensor | None = None) -> torch.Tensor:
         """mu (K, D) as exported for the user on this date (items are not needed)."""
-
 
         data = delta.open_table(self._users_uri).to_pyarrow_dataset()
         key = pl.Series([user_id]).cast(pl.from_arrow(data.schema.empty_table())["user_id"].dtype, strict=False)[0]

@@ -303,6 +303,7 @@ def _map_users(ds, spec: ExportSpec, source: Source, snap: str, tag: str):
 
 class ExportWorker:
     """One Ray Data actor: loads the model once, then turns batches of user rows into written data files."""
+
     def __init__(self, run: str, items_uri: str, users_uri: str | None, tables: str, date: str, tag: str,
                  top_n: int, threads: int, fail_after: int):
         torch.set_num_threads(threads)

@@ -30,7 +30,6 @@ from macrid.data.raw_input import Source as RawSource
 from macrid.data.stages import Scratch, Stages, read_frame
 
 
-
 @dataclass
 class Source:
     files: dict[str, list[str]]  # "bags" (user_idx | user_id, items) and/or "heldout" (user_idx, foldin, heldout)

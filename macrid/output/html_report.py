@@ -137,7 +137,6 @@ def _micro(run: Run) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     test = load_dataset(run.lake, run.record["dataset"], with_train=False, version=run.record["version"]).test
     rows = np.arange(min(REPORT_USERS, len(test.user_idx)))
     idx, off = test.foldin.take(rows)

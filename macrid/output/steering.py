@@ -40,6 +40,7 @@ TYPICAL = 8  # items listed per concept
 
 class BadRequest(Exception):
     """A request the service refuses: `status` (4xx, or 503 when the lake is needed and unreachable) and why."""
+
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
@@ -57,6 +58,7 @@ class ModelInfo:
 
 class Steering:
     """One published run, loaded once (the checks of `explain`: weights only, the vocabulary fingerprint)."""
+
     def __init__(self, lake_root: str, run: str):
         self.lake = lake_root
         self.view = Run(lake_root, run)

@@ -53,7 +53,6 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: rebuild the typed config once, then train on this worker's shard."""
     import ray.train
 
-
     cfg = Config.from_dict(config, source="train_loop_config")
     session = RaySession()
     _record_worker(cfg, session.rank, session.world)
@@ -107,7 +106,6 @@ def worker_resources(cfg: Config, local: bool) -> Config:
     """Fill in run.cpus_per_worker and run.threads; refuse sizes that would deadlock a local Ray."""
     import ray
 
-
     W, run = cfg.run.num_workers, cfg.run
     local_cpus = float(ray.cluster_resources().get("CPU", 1)) if local else 0.0
     streams = run.data in RAY_DATA_MODES
@@ -130,7 +128,6 @@ def launch(cfg: Config, callbacks: list | None = None) -> dict:
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
 
     cfg = prepare_config(cfg)
     cfg, meta = pin_run(cfg, "ray")  # fail here, with the cause, before starting workers
@@ -211,7 +208,6 @@ def stored_progress(run: str) -> StoredProgress | None:
     """Read back, with ray.train.Result.from_path, how far the run's training got; None without a checkpoint."""
     import ray.train
 
-
     if not lake.exists(lake.join(run, RAY_SNAPSHOT)):
         return None
     fs, path = lake.resolve(run)
@@ -232,7 +228,6 @@ def finish_stored(run: str) -> dict | None:
     node while its Ray Train controller went on. Returns metrics.json, or None when the folder holds no checkpoint
     or its training did not end (a trial its scheduler stopped early)."""
     import ray.train
-
 
     progress = stored_progress(run)
     if progress is None or not progress.ended:  # none, or stopped midway (a sweep's scheduler stopped it)

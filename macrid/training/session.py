@@ -48,6 +48,7 @@ def resolve_device(name: str) -> torch.device:
 
 class LocalSession:
     """Rank 0 of 1 in this process; checkpoints in <run>/checkpoints/{latest,best}.pt."""
+
     rank, world = 0, 1
 
     def __init__(self, run_uri: str, device: str = "auto", on_report: Callable[[dict], None] | None = None):
@@ -83,6 +84,7 @@ class LocalSession:
 
 class RaySession:
     """A Ray Train worker: rank, world and device from Ray; reports and checkpoints go to Ray."""
+
     def __init__(self):
         import ray.train
         import ray.train.torch

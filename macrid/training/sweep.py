@@ -67,7 +67,6 @@ def size_local_trials(cfg: Config, concurrent: int) -> Config:
     """The base config with run.cpus_per_worker (and run.threads) for `concurrent` trials on this local Ray."""
     import ray
 
-
     if cfg.run.cpus_per_worker:
         return cfg
     streams = input_mode(cfg, load_meta(cfg.data.lake, cfg.data.dataset, cfg.data.version)) in RAY_DATA_MODES
@@ -84,7 +83,6 @@ def trial(params: dict) -> None:
     """One trial: the base config with the sampled values, trained by Ray Train, reported to Tune every epoch."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
 
     base = Config.from_dict(params.pop("base"), source="sweep base")
     sweep = params.pop("sweep")
@@ -103,7 +101,6 @@ def run_sweep(cfg: Config, space: dict, name: str, samples: int, concurrent: int
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.hyperopt import HyperOptSearch
-
 
     # checked before Ray starts and before anything is written, so a typo neither waits on Ray nor takes the name
     for flag, value in (("--samples", samples), ("--concurrent", concurrent), ("--grace-epochs", grace_epochs)):
@@ -163,7 +160,6 @@ def _finish_orphaned_trials(cfg: Config, name: str, results) -> list[str]:
     its run from its checkpoints, as for one whose controller had already ended. A trial the scheduler stopped
     early (nothing stored past its last report) has nothing to finish. Any other is returned, and logged with
     what to do: never skipped in silence."""
-
 
     log = logging.getLogger(__name__)
     unfinished = []

@@ -93,7 +93,6 @@ def push_export(gateway: str, name: str, summary: dict | None, duration: float) 
     (POST) replaces only the series it sends, so a failure leaves the last success time as it was,
     which is what the staleness alert in infra/prometheus/alerts.yaml watches."""
 
-
     registry = CollectorRegistry()
 
     def gauge(metric: str, doc: str, value: float) -> None:
@@ -123,7 +122,6 @@ def push_nightly(gateway: str, model: str, night) -> None:
 
     Every stage that ran gets its duration and whether it succeeded; the gate its decision (1 promoted,
     0 refused) and z; the night its success or failure time (pushadd keeps the other one, as for the export)."""
-
 
     registry = CollectorRegistry()
     seconds = Gauge("macrid_nightly_stage_seconds", "wall time of the stage in the last night", ["stage"],

@@ -48,9 +48,12 @@ from macrid.training.telemetry import TrainMetrics
 log = logging.getLogger(__name__)
 # epoch -> this worker's batches of (indices (N,), offsets (B+1,)), on the host
 BatchSource = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
 @dataclass(frozen=True)
 class ModelKind:
     """What the loop does differently per model, decided once from the config (model.name, model.prior)."""
+
     composite_prior: bool  # RecVAE's prior: q_old frozen from the encoder as each epoch starts
     prototypes: bool  # MacridVAE's prototypes m_k: re-centred by k-means at model.proto_init_epoch
 
@@ -63,6 +66,7 @@ class ModelKind:
 @dataclass
 class Loop:
     """Everything `fit` sets up once and every epoch uses."""
+
     cfg: Config
     rank: int
     world: int

@@ -53,6 +53,7 @@ INITIAL_FILE = "warm_start.pt"  # the child's initial checkpoint, built by the d
 @dataclasses.dataclass(frozen=True)
 class ItemMap:
     """Where each item of the child's vocabulary comes from in the parent's."""
+
     parent_row: np.ndarray  # (M_child,) int64: the parent's row of each child item, -1 for a new item
     n_parent: int
 
