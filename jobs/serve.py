@@ -18,6 +18,8 @@ It joins the Ray cluster it is pointed at (RAY_ADDRESS, `ray start`) or starts a
 once the service answers, and runs until interrupted (Ctrl-C, SIGTERM). It binds 127.0.0.1 unless --host
 says otherwise: on a cluster, put an authenticating proxy with TLS in front of it (docs/serving.md).
 On a cluster you may prefer `serve deploy infra/serve/macrid-serve.yaml` (replicas, autoscaling).
+Ray Serve runs in Ray's high-throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1, set here unless the
+environment says 0): about twice the requests/s of one replica (benchmarks/serve.md).
 Exit status: 0 stopped, 2 bad arguments or model, 1 anything else.
 """
 
