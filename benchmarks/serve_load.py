@@ -151,9 +151,10 @@ def start_service(lake: str, run: str, port: int, log: Path, extra: list[str], e
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own, never another job's
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="macrid-serve-bench-")
     env.update(env_extra or {})
-    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "serve.py"), "--lake", lake, "--run", run,
-                             "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=env,
-                            start_new_session=True)
+    with open(log, "w") as err:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "serve.py"), "--lake", lake, "--run", run,
+                                 "--port", str(port), *extra], stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+                                start_new_session=True)
     line = proc.stdout.readline()
     if "serving" not in line:
         proc.kill()

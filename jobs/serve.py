@@ -37,7 +37,7 @@ from macrid.errors import MacridError, user_error
 
 APP_NAME = "macrid"
 MAX_ONGOING_REQUESTS = 32  # Serve's default is 5: past it the proxy backs off and retries, which at 32 clients on
-# 2 cores cut the answers/s eightfold (benchmarks/serve.md)
+# 2 cores cut the answers/s from 118 to 10 (benchmarks/serve.md)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -60,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # Ray's documented high-throughput mode (direct ingress, no separate proxy hop): with it one replica answered
-    # 2.3x the requests/s on ML-1M (benchmarks/serve.md). Read when ray.serve is imported, by every Ray process
+    # 1.9-2.2x the requests/s at 8 clients on ML-1M (benchmarks/serve.md). Read when ray.serve is imported, by every Ray process
     # this job starts; set RAY_SERVE_THROUGHPUT_OPTIMIZED=0 to run without it, and set it on a cluster's pods.
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
